@@ -1,0 +1,262 @@
+"""
+Decoding: the AR baseline and single-forward TiDAR with its two samplers (../shared/docs/TIDAR.md sections 3-4).
+
+generate_ar    one token per forward on the static KV cache (zaya.KVCache).
+generate_tidar one forward per step verifies K drafts causally AND drafts the next block for every acceptance
+               length (K mask groups, or a subset `groups`), sharing one KV cache: accepted tokens' K/V and CCA
+               state are committed without recomputation, the rest is truncated.
+Samplers: "lossless" = speculative sampling against the model's own AR distribution (Leviathan et al. 2023;
+greedy: token-for-token the greedy AR output); "mix" = Zyphra's logit mixing, target w*AR + (1-w)*draft.
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from zaya import KVCache, causal_layout, tidar_step_layout
+
+# -----------------------------------------------------------------------------
+# statistics and shared pieces
+
+
+@dataclass
+class Stats:
+    forwards: int = 0                 # model calls after prefill
+    new_tokens: int = 0               # over all rows
+    tokens_per_forward: float = 0.0   # tokens produced by decode steps / decode steps, averaged over rows
+    histogram: dict = field(default_factory=dict)   # tokens committed per step -> count (row-steps)
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    groups: tuple = ()                # TiDAR levels drafted each step
+
+    def summary(self):
+        hist = " ".join(f"{k}:{v}" for k, v in sorted(self.histogram.items()))
+        return (f"{self.new_tokens} tokens in {self.forwards} forwards ({self.tokens_per_forward:.2f} tokens/forward), "
+                f"{self.seconds:.2f} s, {self.tokens_per_s:.1f} tokens/s; committed per step {{{hist}}}")
+
+
+def _prepare(model, idx, max_new_tokens, extra):
+    """Prompts as a padded [B,Tmax] tensor + lengths, and an empty cache with room for the run."""
+    ragged = isinstance(idx, (list, tuple))
+    rows = [torch.as_tensor(r, dtype=torch.long).flatten() for r in idx] if ragged else list(idx)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("empty prompt: give at least one token (e.g. the bos token)")
+    P = torch.tensor([len(r) for r in rows])
+    limit = model.config.max_position_embeddings
+    if int(P.max()) + max_new_tokens > limit:
+        raise ValueError(f"prompt ({int(P.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {limit} tokens; shorten the prompt or ask for fewer tokens")
+    dev = model.embed_tokens.weight.device
+    x = torch.zeros(len(rows), int(P.max()), dtype=torch.long)
+    for b, r in enumerate(rows):
+        x[b, :len(r)] = r
+    cache = KVCache(model.config, len(rows), int(P.max()) + max_new_tokens + extra,
+                    dtype=model.embed_tokens.weight.dtype, device=dev)
+    return ragged, rows, x.to(dev), P.to(dev), cache
+
+
+def _logits(model, h):
+    """Verify/sample logits in fp32 even for a bf16 model (near-ties would flip between AR and TiDAR otherwise)."""
+    return F.linear(h.float(), model.embed_tokens.weight.float())
+
+
+def _process(logits, temperature, top_k, mask_id):
+    """Temperature and top-k; the mask token is never emitted."""
+    if mask_id is not None:
+        logits = logits.clone()
+        logits[..., mask_id] = float("-inf")
+    if temperature > 0:
+        logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
+
+
+def _sample(logits, temperature, generator=None):
+    """argmax at temperature 0, else a draw from softmax(logits) (logits already processed). [..., V] -> [...]"""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+
+
+def _finish(ragged, rows, out, stats, t0, n_steps_row, made_row, stop_at_eos, eos):
+    """Assemble prompt + new tokens per row and fill in the statistics."""
+    seqs = []
+    for b, r in enumerate(rows):
+        new = out[b]
+        if stop_at_eos and eos is not None and eos in new:
+            new = new[:new.index(eos) + 1]
+        seqs.append(torch.cat([r.cpu(), torch.tensor(new, dtype=torch.long)]))
+    stats.new_tokens = sum(len(s) - len(r) for s, r in zip(seqs, rows))
+    rates = [m / s for m, s in zip(made_row, n_steps_row) if s > 0]
+    stats.tokens_per_forward = sum(rates) / len(rates) if rates else 0.0
+    stats.seconds = time.perf_counter() - t0
+    stats.tokens_per_s = stats.new_tokens / max(stats.seconds, 1e-9)
+    if not ragged and len({len(s) for s in seqs}) == 1:
+        return torch.stack(seqs), stats
+    return seqs, stats
+
+# -----------------------------------------------------------------------------
+# AR baseline
+
+
+@torch.no_grad()
+def generate_ar(model, idx, max_new_tokens, temperature=0.0, top_k=None, stop_at_eos=False, generator=None):
+    """Plain autoregressive decoding on the static cache. idx: LongTensor [B,T] or a list of 1-D prompts.
+    Returns (prompt + exactly max_new_tokens new tokens per row [B,T+N] or a list, Stats)."""
+    _check_args(temperature, top_k)
+    t0 = time.perf_counter()
+    c = model.config
+    ragged, rows, x, P, cache = _prepare(model, idx, max_new_tokens, 1)
+    B, dev = len(rows), x.device
+    pos, pred, mask = causal_layout(x.shape[1], dev)
+    h = model.forward_hidden(x, pos, pred, mask, cache)
+    cache.commit(P)
+    last = _process(_logits(model, h[torch.arange(B, device=dev), P - 1]), temperature, top_k, c.mask_token_id)
+    tok = _sample(last, temperature, generator)                        # [B]
+    out = [[int(t)] for t in tok]
+    stats, steps, made = Stats(), [0] * B, [0] * B
+    one = torch.ones(1, 1, dtype=torch.bool, device=dev)
+    while True:
+        active = [len(o) < max_new_tokens and not (stop_at_eos and c.eos_token_id in o) for o in out]
+        if not any(active):
+            break
+        h = model.forward_hidden(tok[:, None], cache.lengths[:, None], torch.ones_like(tok)[:, None], one, cache)
+        cache.commit(torch.tensor(active, device=dev, dtype=torch.long))
+        tok = _sample(_process(_logits(model, h[:, 0]), temperature, top_k, c.mask_token_id), temperature, generator)
+        stats.forwards += 1
+        for b in range(B):
+            if active[b]:
+                out[b].append(int(tok[b]))
+                steps[b], made[b] = steps[b] + 1, made[b] + 1
+                stats.histogram[1] = stats.histogram.get(1, 0) + 1
+    return _finish(ragged, rows, out, stats, t0, steps, made, stop_at_eos, c.eos_token_id)
+
+
+def _check_args(temperature, top_k, mix_weight=0.5, block_size=1, sampler="lossless"):
+    if sampler not in ("lossless", "mix"):
+        raise ValueError(f"sampler must be 'lossless' or 'mix', got {sampler!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if not 0.0 <= mix_weight <= 1.0:
+        raise ValueError(f"mix_weight must be in [0, 1], got {mix_weight}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+
+# -----------------------------------------------------------------------------
+# TiDAR
+
+
+def _verify(ar, drafts, draft_logits, valid, sampler, w, temperature, top_k, mask_id, generator):
+    """One verification (TIDAR.md section 4), vectorised over rows.
+    ar [B,K,V]: AR logits at d_0..d_{K-1} (fp32); drafts [B,K-1]: d_1..d_{K-1}; draft_logits [B,K-1,V] that
+    proposed them; valid [B,K-1] (False: no draft, always rejected). Returns k [B] (accepted drafts) and the
+    next token [B] (the correction at the first rejection, or the bonus from the AR logits)."""
+    B, K, V = ar.shape
+    target = ar[:, :-1]
+    if sampler == "mix":
+        target = torch.where(valid[..., None], w * target + (1 - w) * draft_logits, target)
+    target = _process(target, temperature, top_k, mask_id)                    # [B,K-1,V]
+    q_logits = _process(draft_logits, temperature, top_k, mask_id)
+    if temperature == 0:
+        ok = valid & (drafts == target.argmax(-1))
+    else:
+        p, q = target.softmax(-1), q_logits.softmax(-1)
+        pd, qd = p.gather(-1, drafts[..., None])[..., 0], q.gather(-1, drafts[..., None])[..., 0]
+        u = torch.rand(pd.shape, generator=generator, device=pd.device)
+        ok = valid & (u * qd < pd)                                           # accept with prob min(1, p/q)
+    k = ok.long().cumprod(-1).sum(-1)                                        # leading accepted drafts
+    rows = torch.arange(B, device=ar.device)
+    bonus = _sample(_process(ar[rows, -1], temperature, top_k, mask_id), temperature, generator)
+    kk = k.clamp(max=K - 2)
+    tk = target[rows, kk]
+    if temperature == 0:
+        corr = tk.argmax(-1)
+    else:                                                                    # residual max(0, p - q), renormalised
+        p, q = tk.softmax(-1), torch.where(valid[rows, kk, None], q_logits[rows, kk].softmax(-1), 0.0)
+        res = (p - q).clamp_min(0)
+        res = torch.where(res.sum(-1, keepdim=True) > 0, res, p)
+        corr = torch.multinomial(res, 1, generator=generator)[:, 0]
+    return k, torch.where(k == K - 1, bonus, corr)
+
+
+@torch.no_grad()
+def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.5, temperature=0.0, top_k=None,
+                   block_size=None, groups=None, stop_at_eos=False, generator=None):
+    """Single-forward TiDAR decoding. `groups`: the acceptance levels that get a draft each step (default all
+    0..K-1; 0 is always included); after accepting k drafts, the next drafts come from the closest level <= k.
+    Returns (tokens, Stats) like generate_ar."""
+    K = block_size or model.config.block_size
+    _check_args(temperature, top_k, mix_weight, K, sampler)
+    c = model.config
+    if c.mask_token_id is None:
+        raise ValueError("this model has no mask_token_id: it was not converted with TiDAR")
+    groups = sorted(set(range(K) if groups is None else groups) | {0})
+    if groups[-1] >= K:
+        raise ValueError(f"groups must lie in 0..{K - 1}, got {groups}")
+    t0 = time.perf_counter()
+    G = len(groups)
+    ragged, rows, x, P, cache = _prepare(model, idx, max_new_tokens, K * (1 + G) + K)
+    B, dev, Tp = len(rows), x.device, x.shape[1]
+    # prefill: [prompt (causal) | K masks at positions P..P+K-1, chain starting at the last prompt token]
+    j = torch.arange(K, device=dev)
+    t = torch.arange(Tp + K, device=dev)
+    pos = torch.where(t < Tp, t, P[:, None] + t - Tp)                        # [B, Tp+K]
+    pred = torch.where(t < Tp, t + 1, torch.where(t == Tp, P[:, None] + 1, t + 1))
+    qm, km = (t >= Tp)[:, None], (t >= Tp)[None, :]
+    mask = ((~qm & ~km & (t[None, :] <= t[:, None]))[None]
+            | (qm & ~km)[None] & (t[None, None, :] < P[:, None, None])
+            | (qm & km)[None])
+    xin = torch.cat([x, torch.full((B, K), c.mask_token_id, device=dev)], 1)
+    h = model.forward_hidden(xin, pos, pred, mask, cache)
+    cache.commit(P)
+    rows_i = torch.arange(B, device=dev)
+    d0 = _sample(_process(_logits(model, h[rows_i, P - 1]), temperature, top_k, c.mask_token_id), temperature, generator)
+    dlog = _logits(model, h[:, Tp + 1:])                                     # [B,K-1,V] drafts for d_1..d_{K-1}
+    valid = torch.ones(B, K - 1, dtype=torch.bool, device=dev)
+    out = [[int(v)] for v in d0]
+    # one decode step = [d_0..d_{K-1} | K masks per level in `groups`]
+    offs, spred, smask = tidar_step_layout(K, groups, dev)
+    level_of = torch.tensor([max(g for g in groups if g <= k) for k in range(K)], device=dev)
+    stats, steps, made = Stats(groups=tuple(groups)), [0] * B, [0] * B
+    while True:
+        active = torch.tensor([len(o) < max_new_tokens and not (stop_at_eos and c.eos_token_id in o) for o in out],
+                              device=dev)
+        if not active.any():
+            break
+        drafts = _sample(_process(dlog, temperature, top_k, c.mask_token_id), temperature, generator)
+        drafts = torch.where(valid, drafts, 0)
+        q_in = torch.cat([d0[:, None], drafts, torch.full((B, K * G), c.mask_token_id, device=dev)], 1)
+        h = model.forward_hidden(q_in, cache.lengths[:, None] + offs, spred, smask, cache)
+        stats.forwards += 1
+        ar = _logits(model, h[:, :K])                                        # [B,K,V]
+        k, nxt = _verify(ar, drafts, dlog, valid, sampler, mix_weight, temperature, top_k, c.mask_token_id, generator)
+        cache.commit(torch.where(active, k + 1, 0))                         # keep d_0..d_k
+        # next drafts: the group at level g = level_of[k]; its slot s predicts position L+g+1+s, we need L+k+1+s'
+        g = level_of[k]
+        gi = torch.searchsorted(torch.tensor(groups, device=dev), g)
+        shift = k - g                                                         # slots already behind us
+        src = shift[:, None] + 1 + torch.arange(K - 1, device=dev)[None]      # [B,K-1] slot index in the group
+        valid_new = src < K
+        qidx = K + gi[:, None] * K + src.clamp(max=K - 1)
+        dlog_new = _logits(model, h[rows_i[:, None], qidx])                   # [B,K-1,V]
+        for b in range(B):
+            if active[b]:
+                n = int(k[b]) + 1
+                acc = drafts[b, :n - 1].tolist() + [int(nxt[b])]
+                out[b].extend(acc)
+                steps[b], made[b] = steps[b] + 1, made[b] + n
+                stats.histogram[n] = stats.histogram.get(n, 0) + 1
+        d0 = torch.where(active, nxt, d0)
+        dlog = torch.where(active[:, None, None], dlog_new, dlog)
+        valid = torch.where(active[:, None], valid_new, valid)
+    for b in range(B):
+        out[b] = out[b][:max_new_tokens]
+    return _finish(ragged, rows, out, stats, t0, steps, made, stop_at_eos, c.eos_token_id)

@@ -1,0 +1,264 @@
+"""
+Tests for zaya.py, train.py, sample.py and kernels.py. Run: python -m pytest -q test_zaya.py
+
+What they prove, with small random models and data made here:
+- the model computes exactly what transformers' ZayaForCausalLM (the reference, v5.24.0) computes, with every
+  parameter randomised; checkpoints round-trip in the native and legacy layouts; the exact 8B builds on meta;
+- the TiDAR layouts are the masks and predecessor chains of ../shared/docs/TIDAR.md, and the training layout
+  computes the same function as the inference layout;
+- greedy TiDAR decoding is token-for-token greedy AR decoding, and the lossless sampler at temperature 1 draws
+  from the AR distribution (chi-square test, false-failure probability written there);
+- bad input gets one clear line and a non-zero exit.
+Tolerances: fp32 comparisons against the reference use 1e-4 on logits of size ~1-10 (float32 rounding of
+different but equivalent op orders, ~1e-6 seen); float64 comparisons of the same math use 1e-10.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zaya import (CheckpointError, KVCache, Zaya, ZayaConfig, causal_layout, tidar_step_layout)
+from sample import generate_ar, generate_tidar
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def small_config(**kw):
+    base = dict(vocab_size=97, hidden_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, num_experts=4, moe_intermediate_size=32, router_hidden_size=24,
+                max_position_embeddings=512, rope_theta=1000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                mask_token_id=3, block_size=4)
+    return ZayaConfig(**{**base, **kw})
+
+
+def randomised(config, seed=0, std=0.2, dtype=torch.float32):
+    """A model with EVERY parameter random: weights N(0, std); 1-D scales/norms/temps 1 + N(0, 0.3); biases,
+    residual biases and balancing biases random too (the skip class stays at -1: the reference forces it)."""
+    torch.manual_seed(seed)
+    m = Zaya(config)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.normal_(0, 0.3 if p.dim() < 2 else std)
+            if n.endswith(("scale", "temp")) or (n.endswith("weight") and p.dim() == 1):
+                p.add_(1.0)
+        for layer in m.layers:
+            layer.mlp.gate.balancing_biases.copy_(torch.cat([torch.randn(config.num_experts) * 0.05, torch.tensor([-1.0])]))
+    return m.to(dtype).eval()
+
+
+def reference(path, dtype=torch.float32):
+    transformers = pytest.importorskip("transformers") if not os.environ.get("CI") else __import__("transformers")
+    return transformers.ZayaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+# -----------------------------------------------------------------------------
+# the model against the reference
+
+
+CONFIGS = {"gqa2": {}, "gqa3-odd-rope": dict(num_attention_heads=6, num_key_value_heads=3, head_dim=8,
+                                               partial_rotary_factor=0.75, num_hidden_layers=2, num_experts=3)}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_reference(tmp_path, name):
+    m = randomised(small_config(**CONFIGS[name]), std=0.5)
+    m.save_pretrained(tmp_path)
+    ref = reference(tmp_path)
+    idx = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = m(idx)[0], ref(idx).logits
+    assert ours.abs().max() > 1.0                                  # not a degenerate, all-zero model
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    # the routing is exercised: several experts chosen in every layer, and the skip class somewhere
+    assert all(int((l.mlp.load[:-1] > 0).sum()) >= 2 for l in m.layers)
+    assert sum(int(l.mlp.load[-1]) for l in m.layers) > 0
+
+
+def test_greedy_generation_matches_reference(tmp_path):
+    m = randomised(small_config(), std=0.5)
+    m.save_pretrained(tmp_path)
+    ref = reference(tmp_path)
+    idx = torch.randint(5, 97, (2, 10), generator=torch.Generator().manual_seed(2))
+    ours, stats = generate_ar(m, idx, 32)
+    theirs = ref.generate(idx, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert ours.shape == (2, 42) and stats.forwards == 31 and stats.tokens_per_forward == 1.0
+    assert len(set(ours[0, 10:].tolist())) > 3                    # a non-trivial continuation
+    assert torch.equal(ours, theirs)
+
+
+def test_cached_decode_equals_full_forward():
+    m = randomised(small_config())
+    idx = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = m(idx)[0]
+        cache = KVCache(m.config, 2, 64)
+        pos, pred, mask = causal_layout(12)
+        parts = [m.forward_hidden(idx[:, :12], pos, pred, mask, cache)]
+        cache.commit(torch.tensor([12, 12]))
+        one = torch.ones(1, 1, dtype=torch.bool)
+        for t in range(12, 30):
+            parts.append(m.forward_hidden(idx[:, t:t + 1], cache.lengths[:, None], torch.ones(2, 1, dtype=torch.long), one, cache))
+            cache.commit(torch.tensor([1, 1]))
+    torch.testing.assert_close(m.lm_head(torch.cat(parts, 1)), full, atol=1e-4, rtol=0)
+    assert cache.lengths.tolist() == [30, 30]
+
+
+def test_cache_commit_truncates_rejected_tokens():
+    """A forward over 5 tokens that commits only 2 leaves the cache exactly as a 2-token forward would."""
+    m = randomised(small_config(), dtype=torch.float64)
+    idx = torch.randint(0, 97, (1, 13), generator=torch.Generator().manual_seed(4))
+    a, b = KVCache(m.config, 1, 32, torch.float64), KVCache(m.config, 1, 32, torch.float64)
+    with torch.no_grad():
+        for cache, extra in ((a, 5), (b, 2)):
+            pos, pred, mask = causal_layout(8)
+            m.forward_hidden(idx[:, :8], pos, pred, mask, cache)
+            cache.commit(torch.tensor([8]))
+            pos, pred, mask = causal_layout(extra)
+            m.forward_hidden(idx[:, 8:8 + extra], pos + 8, pred, mask, cache)
+            cache.commit(torch.tensor([2]))
+    assert a.lengths.item() == b.lengths.item() == 10
+    torch.testing.assert_close(a.k[..., :10, :], b.k[..., :10, :], atol=1e-12, rtol=0)
+    torch.testing.assert_close(a.conv, b.conv, atol=1e-12, rtol=0)
+    torch.testing.assert_close(a.vdel, b.vdel, atol=1e-12, rtol=0)
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def _to_legacy(m):
+    """Our state dict written by hand in the legacy Megatron layout of ZAYA1.md section 3.2 (80 sub-layers)."""
+    out, L = {}, len(m.layers)
+    attn = {"qkv_proj.q_proj": "qkv.linear_q", "qkv_proj.k_proj": "qkv.linear_k", "qkv_proj.v_proj_current": "qkv.val_proj1",
+            "qkv_proj.v_proj_delayed": "qkv.val_proj2", "qkv_proj.conv_qk_depthwise": "qkv.conv_qk.0",
+            "qkv_proj.conv_qk_grouped": "qkv.conv_qk.1", "qk_norm.temp": "qkv.temp", "o_proj": "o_proj"}
+    router = {"router_mlp.norm": "rmsnorm_eda", "router_mlp.fc1": "router_mlp.0", "router_mlp.fc2": "router_mlp.2",
+              "router_mlp.out_proj": "router_mlp.4"}
+    for k, v in m.state_dict().items():
+        if k.startswith("input_hidden_states_"):
+            out[f"model.layers.0.res_scale.{k[len('input_'):]}"] = v
+        elif k == "embed_tokens.weight":
+            out["model.embed_tokens.weight"] = v
+        elif k.startswith("norm."):
+            out["model.final_norm." + k[5:]] = v
+        else:
+            _, i, rest = k.split(".", 2)
+            i = int(i)
+            if rest.startswith("input_layernorm."):
+                out[f"model.layers.{2 * i}.input_norm.{rest.split('.', 1)[1]}"] = v
+            elif rest.startswith("post_attention_layernorm."):
+                out[f"model.layers.{2 * i + 1}.input_norm.{rest.split('.', 1)[1]}"] = v
+            elif rest.startswith("self_attn."):
+                r = rest[len("self_attn."):]
+                a = next(a for a in attn if (r + ".").startswith(a + "."))
+                out[f"model.layers.{2 * i}.self_attn.{attn[a]}{r[len(a):]}"] = v
+            elif rest.startswith("mlp.gate."):
+                r = rest[len("mlp.gate."):]
+                a = next((a for a in router if r.startswith(a + ".")), None)
+                out[f"model.layers.{2 * i + 1}.zaya_block.router.{router[a] + r[len(a):] if a else r}"] = v
+            elif rest.startswith("mlp.experts."):
+                fc = "linear_fc1" if rest.endswith("gate_up_proj") else "linear_fc2"
+                for e in range(v.shape[0]):
+                    out[f"model.layers.{2 * i + 1}.zaya_block.experts.local_experts.{e}.{fc}.weight"] = v[e].clone()
+            elif rest.startswith("post_attention_residual_scale."):
+                out[f"model.layers.{2 * i + 1}.res_scale.{rest.split('.', 1)[1]}"] = v
+            elif rest.startswith("post_mlp_residual_scale."):
+                s = rest.split(".", 1)[1]
+                out[f"model.res_scale.{s}" if i == L - 1 else f"model.layers.{2 * i + 2}.res_scale.{s}"] = v
+    return out
+
+
+def test_legacy_checkpoint_loads_to_same_logits(tmp_path):
+    from safetensors.torch import save_file
+    m = randomised(small_config())
+    c = m.config
+    sd = {k: v.contiguous() for k, v in _to_legacy(m).items()}
+    assert not any(".mlp." in k for k in sd)                       # really the other layout
+    half = len(sd) // 2
+    keys = sorted(sd)
+    save_file({k: sd[k] for k in keys[:half]}, tmp_path / "a.safetensors")
+    save_file({k: sd[k] for k in keys[half:]}, tmp_path / "b.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: ("a.safetensors" if i < half else "b.safetensors") for i, k in enumerate(keys)}}))
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        num_hidden_layers=2 * c.num_hidden_layers, ffn_hidden_size=2 * c.moe_intermediate_size,
+        zaya_mlp_expansion=c.router_hidden_size, num_query_groups=c.num_key_value_heads, norm_epsilon=c.rms_norm_eps,
+        hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads, kv_channels=c.head_dim,
+        num_experts=c.num_experts, vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings,
+        rotary_base=c.rope_theta, rotary_percent=c.partial_rotary_factor, moe_router_topk=1, zaya_use_eda=True,
+        zaya_use_mod=True, cca=True, scale_residual_merge=True, residual_in_fp32=True)))
+    loaded = Zaya.from_pretrained(str(tmp_path))
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx)[0], m(idx)[0], atol=1e-6, rtol=0)
+
+
+def test_sharded_save_loads_in_reference_and_back(tmp_path):
+    m = randomised(small_config())
+    m.save_pretrained(tmp_path, max_shard_bytes=60_000)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    assert not list(tmp_path.glob(".tmp-*"))                        # no temp files left behind
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        want = m(idx)[0]
+        torch.testing.assert_close(reference(tmp_path)(idx).logits, want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(Zaya.from_pretrained(str(tmp_path))(idx)[0], want, atol=1e-6, rtol=0)
+
+
+def test_8b_on_meta_has_the_reference_parameter_count():
+    transformers = __import__("transformers")
+    c = ZayaConfig.from_name("zaya1-8b")
+    assert (c.hidden_size, c.num_hidden_layers, c.vocab_size, c.mask_token_id, c.eos_token_id) == (2048, 40, 262272, 4, 106)
+    with torch.device("meta"):
+        m = Zaya(c)
+        ref = transformers.ZayaForCausalLM(transformers.ZayaConfig())
+        logits, _ = m(torch.zeros(1, 8, dtype=torch.long))
+    n, active = m.num_params(), m.num_params(active=True)
+    n_ref = sum(p.numel() for p in ref.parameters())
+    print(f"\nZAYA1-8B: {n:,} parameters ({n - m.embed_tokens.weight.numel():,} without the tied embedding), "
+          f"{active / 1e6:.1f}M active per token")
+    assert logits.shape == (1, 8, 262272)
+    assert n == n_ref == 8_840_488_784
+    # ZAYA1.md's 8,840,479,224 counts the 17 balancing biases of each layer (a buffer) and leaves out each
+    # layer's router RMSNorm weight (256): the same model, counted differently.
+    n_buffers = sum(l.mlp.gate.balancing_biases.numel() for l in m.layers)
+    assert n + n_buffers - 40 * 256 == 8_840_479_224
+    assert 753.5e6 < active < 753.7e6
+
+
+def test_checkpoint_mismatch_names_every_problem(tmp_path):
+    from safetensors.torch import load_file, save_file
+    m = randomised(small_config())
+    m.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["model.layers.1.self_attn.o_proj.weight"]                              # missing
+    sd["model.layers.0.mlp.gate.extra_thing"] = torch.zeros(3)                    # unexpected
+    sd["model.layers.2.mlp.experts.down_proj"] = torch.zeros(4, 48, 31)           # wrong shape
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        Zaya.from_pretrained(str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg
+    for name in ("layers.1.self_attn.o_proj.weight", "layers.0.mlp.gate.extra_thing", "layers.2.mlp.experts.down_proj"):
+        assert name in msg
+
+
+def test_input_longer_than_context_raises():
+    m = randomised(small_config(max_position_embeddings=64))
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        m(torch.zeros(1, 65, dtype=torch.long))
+    m(torch.zeros(1, 64, dtype=torch.long))                                       # the limit itself is fine
+    with pytest.raises(ValueError, match="64 tokens"):
+        generate_ar(m, torch.zeros(1, 60, dtype=torch.long), 5)
+
+
+def test_config_defaults_and_presets():
+    c = ZayaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                   head_dim=8, num_experts=2, moe_intermediate_size=8, router_hidden_size=8)
+    Zaya(c)(torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown preset"):
+        ZayaConfig.from_name("gpt5")
+    with pytest.raises(ValueError, match="mask_token_id"):
+        ZayaConfig(vocab_size=10, mask_token_id=10)

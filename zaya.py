@@ -1,0 +1,703 @@
+"""
+ZAYA1 in one file: the model, its inference cache, the TiDAR layouts, and Hugging Face checkpoints.
+
+ZAYA1 (Zyphra, 2025) is a decoder-only MoE transformer. Each layer is
+  Compressed Convolutional Attention (CCA, arXiv 2510.04476): q/k from two kernel-2 convolutions over
+    time plus a "qk-mean" residual, values half from the current token and half from the previous one,
+    L2 qk-norm with a learned per-KV-head key temperature, partial NeoX RoPE, GQA;
+  a top-1 MoE whose router is a small MLP fed by a state carried across layers (EDA), with balancing
+    biases that steer only the choice, and a 17th "skip" class that computes nothing;
+and learned residual scaling around both, with the residual stream kept in fp32.
+Facts: ../shared/docs/ZAYA1.md. The parity oracle is transformers' ZayaForCausalLM (v5.24.0).
+
+TiDAR (arXiv 2511.08923) needs attention masks and CCA time-mixing other than "causal over a flat
+sequence". So there is ONE general forward, `forward_hidden(idx, pos, pred, mask, cache)`: every token has
+a position id, a predecessor (the token CCA's convolutions and delayed value read as "t-1", see
+../shared/docs/TIDAR.md section 2), and a boolean attention mask. The plain causal forward, the TiDAR
+training layout and the single-forward TiDAR decode step are just different (pos, pred, mask) built
+by the layout functions below, which are the only place the mask predicates live.
+"""
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as grad_checkpoint
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ZayaConfig:
+    """Field names follow transformers' ZayaConfig; the defaults are the ZAYA1-8B shape."""
+    vocab_size: int = 262272
+    hidden_size: int = 2048
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    num_experts: int = 16
+    moe_intermediate_size: int = 2048
+    router_hidden_size: int = 256
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+    rope_theta: float = 5_000_000.0
+    partial_rotary_factor: float = 0.5
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    mask_token_id: int | None = None   # TiDAR's [M]; the diffusion checkpoint uses id 4
+    block_size: int = 16               # TiDAR draft block K
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.num_key_value_heads * self.head_dim % 2:
+            raise ValueError("num_key_value_heads * head_dim must be even (half the values are delayed)")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v < self.vocab_size:
+                raise ValueError(f"{name}={v} is outside the vocabulary (vocab_size={self.vocab_size})")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+    @property
+    def rotary_dim(self):
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def from_name(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# The byte-level tokenizer of train.py has 256 bytes + <|endoftext|> 256 + <|mask|> 257 (+ pad 258).
+_BYTES = dict(vocab_size=320, pad_token_id=258, bos_token_id=256, eos_token_id=256, mask_token_id=257,
+              max_position_embeddings=2048, rope_theta=10_000.0)
+PRESETS = {
+    "zaya1-8b": dict(pad_token_id=0, bos_token_id=2, eos_token_id=106, mask_token_id=4),
+    "tiny": dict(_BYTES, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, num_experts=4, moe_intermediate_size=64, router_hidden_size=32),
+    "small": dict(_BYTES, hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+                  head_dim=32, num_experts=8, moe_intermediate_size=256, router_hidden_size=64),
+    "medium": dict(_BYTES, hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
+                   head_dim=64, num_experts=16, moe_intermediate_size=512, router_hidden_size=128),
+}
+
+# -----------------------------------------------------------------------------
+# layouts: (pos, pred, mask) for every way the model is run. pred indexes the "extended" sequence
+# [cached token L-2, cached token L-1, current token 0, ..., current token T-1]; so pred = 1 means "the last
+# cached token" (zeros when there is no cache: the reference's left zero padding), pred = j + 2 means
+# current token j. mask[q, k] = True where current query q may attend to current key k; every query also
+# sees the whole cached prefix.
+
+
+def causal_layout(T, device=None):
+    """Plain AR: positions 0..T-1, predecessor t-1, causal mask. Shapes: [T], [T], [T, T]."""
+    t = torch.arange(T, device=device)
+    return t, t + 1, t[:, None] >= t[None, :]
+
+
+def tidar_train_layout(S, K, device=None):
+    """TiDAR training layout over [clean x_0..x_{S-1} | S masks] (TIDAR.md sections 1-2). Shapes [2S], [2S], [2S, 2S].
+
+    clean->clean causal; mask->clean only strictly before the mask's own block; mask->mask within its block.
+    Predecessors: clean t -> clean t-1; first mask of block b -> clean bK-1; other masks -> the mask before.
+    """
+    if K < 1 or S % K:
+        raise ValueError(f"seq_len {S} must be a positive multiple of block_size {K}")
+    t = torch.arange(S, device=device)
+    pos = torch.cat([t, t])
+    is_mask = torch.arange(2 * S, device=device) >= S
+    blk = pos // K
+    qm, km = is_mask[:, None], is_mask[None, :]
+    mask = ((~qm & ~km & (pos[None, :] <= pos[:, None]))              # clean -> clean: causal
+            | (qm & ~km & (pos[None, :] < blk[:, None] * K))          # mask -> clean: before own block
+            | (qm & km & (blk[None, :] == blk[:, None])))             # mask -> mask: own block
+    pred_clean = t + 1                                                # ext index of clean t-1 is (t-1)+2
+    pred_mask = torch.where(t % K == 0, t + 1, S + t + 1)            # clean bK-1, or mask t-1
+    return pos, torch.cat([pred_clean, pred_mask]), mask
+
+
+def tidar_step_layout(K, groups=None, device=None):
+    """Single-forward TiDAR decode step (TIDAR.md section 3), relative to the committed length L.
+
+    Query = [d_0..d_{K-1} | group g_0 | group g_1 | ...], each group K masks; `groups` (default all 0..K-1)
+    says which acceptance levels get a draft. Returns offsets (position - L), pred, mask for K + K*len(groups)
+    tokens: drafts are causal among themselves; group g sees d_0..d_g and itself (bidirectionally), its
+    predecessor chain starts at d_g.
+    """
+    groups = list(range(K)) if groups is None else list(groups)
+    j = torch.arange(K, device=device)
+    offs, preds = [j], [j + 1]                                       # d_j at L+j, predecessor d_{j-1}/cache
+    for i, g in enumerate(groups):
+        base = K + i * K                                             # query index of the group's first slot
+        offs.append(g + 1 + j)
+        preds.append(torch.where(j == 0, torch.full_like(j, g + 2), base + j + 1))
+    N = K + K * len(groups)
+    owner = torch.full((N,), -1, device=device)                      # -1 for drafts, else the group's level
+    for i, g in enumerate(groups):
+        owner[K + i * K:K + (i + 1) * K] = g
+    q, k = torch.arange(N, device=device)[:, None], torch.arange(N, device=device)[None, :]
+    grp_q, grp_k = (q - K) // K, (k - K) // K
+    mask = ((q < K) & (k <= q)                                       # drafts: causal
+            | (q >= K) & (k < K) & (k <= owner[:, None])             # group g -> d_0..d_g
+            | (q >= K) & (k >= K) & (grp_q == grp_k))                # group -> itself
+    return torch.cat(offs), torch.cat(preds), mask
+
+# -----------------------------------------------------------------------------
+# inference cache
+
+
+class KVCache:
+    """Static-shape cache: per layer K/V [B, n_kv, capacity, hd] plus the CCA state, and per-row lengths.
+
+    A forward writes every query token's K/V at slots L_b.. and keeps its raw conv inputs aside; `commit(n)`
+    then keeps only the first n_b of them per row (the rest, e.g. TiDAR's rejected drafts and mask groups,
+    are truncated away) and sets the CCA state to that of the last kept token, without recomputation.
+    CCA state per layer: raw conv inputs [q|k] of the last two committed tokens [B, 2, C] and the last
+    token's delayed-value projection [B, hv], kept in fp32 as the reference does for serving.
+    """
+
+    def __init__(self, config, batch_size, capacity, dtype=torch.float32, device=None):
+        c, L = config, config.num_hidden_layers
+        C = (c.num_attention_heads + c.num_key_value_heads) * c.head_dim
+        self.k = torch.zeros(L, batch_size, c.num_key_value_heads, capacity, c.head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.conv = torch.zeros(L, batch_size, 2, C, device=device)
+        self.vdel = torch.zeros(L, batch_size, c.num_key_value_heads * c.head_dim // 2, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.capacity = capacity
+        self.pending = [None] * L                      # per layer: (c_ext, vdel_ext) of the last forward
+
+    def commit(self, n):
+        """Keep the first n[b] tokens of the last forward in row b (n: LongTensor [B], 0 keeps nothing)."""
+        n = n.to(self.lengths.device)
+        rows = torch.arange(len(n), device=n.device)
+        for i, (c_ext, v_ext) in enumerate(self.pending):   # ext index of the last kept token is n + 1
+            cols = torch.stack([n, n + 1], 1)                # [B, 2]: tokens L+n-2, L+n-1 in ext indexing
+            self.conv[i] = c_ext[rows[:, None], cols].float()
+            self.vdel[i] = v_ext[rows, n + 1].float()
+        self.lengths += n
+        self.pending = [None] * len(self.pending)
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):  # w * normalise(x in fp32), cast back before the weight (not 1 + w)
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class ResidualScale(nn.Module):
+    """h_new = (branch + b_h) * s_h + (residual + b_r) * s_r; the residual stays fp32."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.hidden_states_scale, self.hidden_states_bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        self.residual_scale, self.residual_bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+
+    def forward(self, branch, residual):
+        return ((branch + self.hidden_states_bias) * self.hidden_states_scale
+                + (residual + self.residual_bias) * self.residual_scale)
+
+
+def apply_rope(x, cos, sin):
+    """Partial NeoX RoPE: rotate_half on the first rotary_dim channels of each head. x [B,T,H,hd], cos [B,T,1,r]."""
+    r = cos.shape[-1]
+    xr, xp = x[..., :r], x[..., r:]
+    x1, x2 = xr[..., :r // 2], xr[..., r // 2:]
+    return torch.cat([xr * cos + torch.cat([-x2, x1], -1) * sin, xp], -1)
+
+
+class CCAProjection(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        C = (nq + nkv) * hd
+        self.q_proj = nn.Linear(c.hidden_size, nq * hd, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, nkv * hd, bias=False)
+        self.v_proj_current = nn.Linear(c.hidden_size, nkv * hd // 2, bias=False)
+        self.v_proj_delayed = nn.Linear(c.hidden_size, nkv * hd // 2, bias=False)
+        self.conv_qk_depthwise = nn.Conv1d(C, C, 2, groups=C)           # weights only; applied by hand below
+        self.conv_qk_grouped = nn.Conv1d(C, C, 2, groups=nq + nkv)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.temp = nn.Parameter(torch.zeros(c.num_key_value_heads))   # per-KV-head key temperature
+
+
+class CCA(nn.Module):
+    """Compressed Convolutional Attention in its GQA form (ZAYA1.md section 2.1)."""
+
+    def __init__(self, c, layer_idx):
+        super().__init__()
+        self.c, self.layer_idx = c, layer_idx
+        self.qkv_proj, self.qk_norm = CCAProjection(c), QKNorm(c)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, pred, mask, cache):
+        c, p = self.c, self.qkv_proj
+        B, T, _ = x.shape
+        nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        G = nq // nkv
+        q0, k0 = p.q_proj(x), p.k_proj(x)                              # [B,T,nq*hd], [B,T,nkv*hd]
+        # qk-mean residual: each query head averaged with its KV head, keys = mean over the group
+        q_res = (q0.view(B, T, nq, hd) + k0.view(B, T, nkv, 1, hd).expand(B, T, nkv, G, hd).reshape(B, T, nq, hd)) / 2
+        k_res = q_res.view(B, T, nkv, G, hd).mean(3)                   # [B,T,nkv,hd]
+        # two kernel-2 convolutions on the raw [q|k] channels, along the predecessor chain (tap 0 = older token)
+        raw = torch.cat([q0, k0], -1)                                  # [B,T,C]
+        prev = cache.conv[self.layer_idx].to(raw.dtype) if cache is not None else raw.new_zeros(B, 2, raw.shape[-1])
+        c_ext = torch.cat([prev, raw], 1)                              # [B,2+T,C]
+        pred_ext = torch.cat([pred.new_zeros(B, 2), pred], 1)          # pred of "L-1" is "L-2"
+        p2 = pred_ext.gather(1, pred)                                  # 2nd predecessor [B,T]
+        take = lambda idx: c_ext.gather(1, idx[..., None].expand(-1, -1, c_ext.shape[-1]))
+        c1, c2 = take(pred), take(p2)
+        w1, b1 = p.conv_qk_depthwise.weight[:, 0, :], p.conv_qk_depthwise.bias  # [C,2], [C]
+        h_t = c1 * w1[:, 0] + raw * w1[:, 1] + b1                     # 1st conv at t
+        h_p = c2 * w1[:, 0] + c1 * w1[:, 1] + b1                      # 1st conv at pred(t) (= bias if none)
+        w2 = p.conv_qk_grouped.weight.view(nq + nkv, hd, hd, 2)        # [group, out, in, tap]
+        qk = (torch.einsum("btgi,goi->btgo", h_p.view(B, T, nq + nkv, hd), w2[..., 0])
+              + torch.einsum("btgi,goi->btgo", h_t.view(B, T, nq + nkv, hd), w2[..., 1])
+              + p.conv_qk_grouped.bias.view(nq + nkv, hd))
+        q, k = qk[:, :, :nq] + q_res, qk[:, :, nq:] + k_res            # [B,T,nq,hd], [B,T,nkv,hd]
+        # values: first half of the channels from this token, second half the predecessor's delayed projection
+        vd = p.v_proj_delayed(x)                                       # [B,T,hv]
+        prev_v = cache.vdel[self.layer_idx].to(vd.dtype)[:, None] if cache is not None else vd.new_zeros(B, 1, vd.shape[-1])
+        v_ext = torch.cat([torch.zeros_like(prev_v), prev_v, vd], 1)   # [B,2+T,hv]
+        v_prev = v_ext.gather(1, pred[..., None].expand(-1, -1, vd.shape[-1]))
+        v = torch.cat([p.v_proj_current(x), v_prev], -1).view(B, T, nkv, hd)
+        # L2 qk-norm to sqrt(hd), key temperature per KV head, partial RoPE
+        eps = torch.finfo(q.dtype).eps
+        q = q * (hd ** 0.5 / q.norm(dim=-1, keepdim=True).clamp_min(eps))
+        k = k * (hd ** 0.5 / k.norm(dim=-1, keepdim=True).clamp_min(eps)) * self.qk_norm.temp[:, None]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
+        if cache is not None:
+            cache.pending[self.layer_idx] = (c_ext, v_ext)
+            k, v, mask = self._attend_cache(cache, k, v, mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None] if mask.dim() == 3 else mask,
+                                           enable_gqa=True)           # (B, nq, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nq * hd))
+
+    def _attend_cache(self, cache, k, v, mask):
+        """Write k/v at slots L_b..L_b+T-1; return keys over slots [0, max L + T) and the mask over them."""
+        B, _, T, _ = k.shape
+        L = cache.lengths
+        if int(L.max()) + T > cache.capacity:
+            raise ValueError(f"KV cache full: {int(L.max())} + {T} tokens > capacity {cache.capacity}")
+        rows, slots = torch.arange(B, device=L.device)[:, None], L[:, None] + torch.arange(T, device=L.device)
+        ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        ck[rows, :, slots], cv[rows, :, slots] = k.transpose(1, 2).to(ck.dtype), v.transpose(1, 2).to(cv.dtype)
+        Lk = int(L.max()) + T
+        rel = torch.arange(Lk, device=L.device)[None, :] - L[:, None]        # [B,Lk] key slot - L_b
+        mask = mask.expand(B, T, T) if mask.dim() == 2 else mask
+        cur = mask.gather(2, rel.clamp(0, T - 1)[:, None, :].expand(B, T, Lk)) & (rel < T)[:, None, :]
+        return ck[:, :, :Lk].to(k.dtype), cv[:, :, :Lk].to(v.dtype), (rel < 0)[:, None, :] | cur
+
+
+class Router(nn.Module):
+    """ZAYA1 router: down-proj + EDA state, RMSNorm -> fc1 -> GELU -> fc2 -> GELU -> out_proj (E+1 classes)."""
+
+    def __init__(self, c, layer_idx):
+        super().__init__()
+        E, R = c.num_experts, c.router_hidden_size
+        self.down_proj = nn.Linear(c.hidden_size, R)
+        if layer_idx > 0:
+            self.router_states_scale = nn.Parameter(torch.ones(R))
+        self.router_mlp = nn.Module()
+        self.router_mlp.norm = RMSNorm(R, c.rms_norm_eps)
+        self.router_mlp.fc1, self.router_mlp.fc2 = nn.Linear(R, R), nn.Linear(R, R)
+        self.router_mlp.out_proj = nn.Linear(R, E + 1, bias=False)
+        self.register_buffer("balancing_biases", torch.tensor([0.0] * E + [-1.0]))  # steer the argmax only
+
+    def forward(self, x, r):
+        z = self.down_proj(x)
+        if r is not None and hasattr(self, "router_states_scale"):
+            z = z + r * self.router_states_scale                        # EDA: carry the previous layer's state
+        m = self.router_mlp
+        logits = m.out_proj(F.gelu(m.fc2(F.gelu(m.fc1(m.norm(z))))))
+        probs = logits.softmax(-1)                                     # [B,T,E+1]
+        choice = (probs.detach().float() + self.balancing_biases).argmax(-1)   # [B,T]
+        weight = probs.gather(-1, choice[..., None])                   # top-1 prob, NOT renormalised
+        return choice, weight, z
+
+
+class Experts(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        E, I, d = c.num_experts, c.moe_intermediate_size, c.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, d))      # rows 0..I-1 gate, I..2I-1 up
+        self.down_proj = nn.Parameter(torch.empty(E, d, I))
+
+    def forward(self, x, choice, weight):
+        """Reference dispatch (as DeepSeek-V3's): loop over the experts that received tokens, index_add back.
+        x [N,d], choice [N] (E = skip: contributes zero), weight [N,1]."""
+        y = torch.zeros_like(x)
+        if x.is_meta:                                                  # shapes only (e.g. the 8B on meta)
+            return y
+        counts = torch.bincount(choice, minlength=self.gate_up_proj.shape[0] + 1).tolist()
+        for e, n in enumerate(counts[:-1]):
+            if n == 0:
+                continue
+            idx = (choice == e).nonzero()[:, 0]
+            gate, up = F.linear(x[idx], self.gate_up_proj[e]).chunk(2, -1)
+            y.index_add_(0, idx, (F.linear(F.silu(gate) * up, self.down_proj[e]) * weight[idx]).to(x.dtype))
+        return y
+
+
+class MoE(nn.Module):
+    def __init__(self, c, layer_idx):
+        super().__init__()
+        self.gate, self.experts = Router(c, layer_idx), Experts(c)
+        self.load = None                                               # tokens per class of the last forward
+
+    def forward(self, x, r):
+        B, T, d = x.shape
+        choice, weight, r = self.gate(x, r)
+        if not x.is_meta:
+            self.load = torch.bincount(choice.flatten().detach(), minlength=self.experts.gate_up_proj.shape[0] + 1)
+        return self.experts(x.reshape(B * T, d), choice.flatten(), weight.reshape(B * T, 1)).view(B, T, d), r
+
+
+class Block(nn.Module):
+    def __init__(self, c, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = CCA(c, layer_idx)
+        self.post_attention_residual_scale = ResidualScale(c.hidden_size)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MoE(c, layer_idx)
+        self.post_mlp_residual_scale = ResidualScale(c.hidden_size)
+
+    def forward(self, h, r, cos, sin, pred, mask, cache):
+        dt = self.input_layernorm.weight.dtype                         # h is the fp32 residual stream
+        h = self.post_attention_residual_scale(self.self_attn(self.input_layernorm(h.to(dt)), cos, sin, pred, mask, cache), h)
+        m, r = self.mlp(self.post_attention_layernorm(h.to(dt)), r)
+        return self.post_mlp_residual_scale(m, h), r
+
+
+class Zaya(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.input_hidden_states_scale = nn.Parameter(torch.ones(c.hidden_size))
+        self.input_hidden_states_bias = nn.Parameter(torch.zeros(c.hidden_size))
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.grad_checkpointing = False
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Init for training from scratch. Linear/embedding/expert weights N(0, 0.02), output projections
+        (o_proj, expert down_proj) N(0, 0.02/sqrt(2L)) as GPT-2; conv weights N(0, 0.02) with zero biases (so
+        q, k start close to the qk-mean residual); key temperature 1 (the reference's 0 zeroes every key);
+        norms and residual scales 1, residual biases 0; router state scale 1; balancing biases 0 with the
+        skip class at -1 (never chosen)."""
+        std, out_std = self.config.initializer_range, self.config.initializer_range / math.sqrt(2 * len(self.layers))
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "experts.down_proj")):
+                nn.init.normal_(p, 0.0, out_std)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith(("temp", "scale", "norm.weight", "layernorm.weight")):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+        for layer in self.layers:
+            layer.mlp.gate.balancing_biases.copy_(torch.tensor([0.0] * self.config.num_experts + [-1.0]))
+
+    def num_params(self, active=False):
+        """All parameters (tied embedding counted once), or those used per token: no embedding, one expert."""
+        n = sum(p.numel() for p in self.parameters())
+        if active:
+            E = self.config.num_experts
+            n -= self.embed_tokens.weight.numel() + sum(
+                (E - 1) * (l.mlp.experts.gate_up_proj.numel() + l.mlp.experts.down_proj.numel()) // E for l in self.layers)
+        return n
+
+    def rope(self, pos, dtype):
+        """cos, sin [B,T,1,rotary_dim] for position ids pos [B,T] (NeoX layout: frequencies repeated twice)."""
+        r = self.config.rotary_dim
+        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, r, 2, device=pos.device, dtype=torch.float) / r))
+        f = pos[..., None].float() * inv_freq
+        emb = torch.cat([f, f], -1)[:, :, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward_hidden(self, idx, pos, pred, mask, cache=None):
+        """The one general forward. idx, pos, pred [B,T] (or [T], broadcast); mask [T,T] or [B,T,T] bool.
+        With a cache, pos is absolute and every query also sees the cached prefix. Returns the final-normed
+        hidden states [B,T,d] in the model's dtype."""
+        B, T = idx.shape
+        pos, pred = pos.expand(B, T), pred.expand(B, T)
+        if not pos.is_meta and int(pos.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"the input reaches position {int(pos.max())} but the model's context is "
+                             f"max_position_embeddings={self.config.max_position_embeddings} tokens; shorten it")
+        dt = self.embed_tokens.weight.dtype
+        h = ((self.embed_tokens(idx) + self.input_hidden_states_bias) * self.input_hidden_states_scale).float()
+        cos, sin = self.rope(pos, dt)
+        r = None
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training:
+                h, r = grad_checkpoint(layer, h, r, cos, sin, pred, mask, cache, use_reentrant=False)
+            else:
+                h, r = layer(h, r, cos, sin, pred, mask, cache)
+        return self.norm(h.to(dt))
+
+    def _check_length(self, T):
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"input of {T} tokens is longer than the model's context, max_position_embeddings="
+                             f"{self.config.max_position_embeddings}; shorten it")
+
+    def lm_head(self, h):
+        return F.linear(h, self.embed_tokens.weight)                   # tied embeddings
+
+    def forward(self, idx, targets=None):
+        """nanoGPT's interface: logits [B,T,V] and, given targets [B,T] (-1 = ignore), the mean cross-entropy."""
+        self._check_length(idx.shape[1])
+        pos, pred, mask = causal_layout(idx.shape[1], idx.device)
+        logits = self.lm_head(self.forward_hidden(idx, pos, pred, mask))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def forward_tidar(self, idx, block_size=None):
+        """One forward over [idx | all-mask] with the TiDAR training mask (TIDAR.md 1-2). idx [B,S] ->
+        (ar_logits, diff_logits), both [B,S,V]: ar_logits[:, i] predicts x_{i+1}, diff_logits[:, i] predicts x_i."""
+        B, S = idx.shape
+        self._check_length(S)
+        if self.config.mask_token_id is None:
+            raise ValueError("config.mask_token_id is not set: TiDAR needs a mask token")
+        pos, pred, mask = tidar_train_layout(S, block_size or self.config.block_size, idx.device)
+        x = torch.cat([idx, torch.full_like(idx, self.config.mask_token_id)], 1)
+        logits = self.lm_head(self.forward_hidden(x, pos, pred, mask))
+        return logits[:, :S], logits[:, S:]
+
+    # -------------------------------------------------------------------------
+    # checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """Load a local HF directory (native or legacy Megatron layout, single or sharded safetensors) or one
+        of this project's training checkpoints (a .pt file, or a directory holding ckpt.pt). The model is built
+        on the meta device and the loaded tensors are assigned, so a load needs one copy of the weights."""
+        config, sd = load_checkpoint(path)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        shapes = sorted(f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k].shape)})"
+                        for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+        if missing or unexpected or shapes:
+            parts = [f"{what}: {', '.join(items)}" for what, items in
+                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if items]
+            raise CheckpointError(f"checkpoint {path} does not match its config; " + "; ".join(parts))
+        dtype = dtype or next(iter(sd.values())).dtype
+        sd = {k: v.to(device=device, dtype=torch.float32 if k.endswith("balancing_biases") else dtype)
+              for k, v in sd.items()}
+        model.load_state_dict(sd, assign=True)
+        return model
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+        """Write the native HF layout (config.json + safetensors, sharded with an index above max_shard_bytes)
+        that transformers' ZayaForCausalLM loads. Each file is written to a temp name and renamed."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        sd = {"model." + k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        shards, cur, size = [], {}, 0
+        for k, v in sd.items():
+            if cur and size + v.numel() * v.element_size() > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k], size = v, size + v.numel() * v.element_size()
+        shards.append(cur)
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for name, shard in zip(names, shards):
+            _atomic_write(os.path.join(path, name), lambda f, s=shard: save_file(s, f, metadata={"format": "pt"}))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                     "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+            _atomic_write(os.path.join(path, "model.safetensors.index.json"), lambda f: _dump_json(index, f))
+        _atomic_write(os.path.join(path, "config.json"), lambda f: _dump_json(hf_config(self.config), f))
+
+# -----------------------------------------------------------------------------
+# checkpoint formats
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the path and every problem."""
+
+
+def _dump_json(obj, f):
+    with open(f, "w") as fh:
+        json.dump(obj, fh, indent=2)
+
+
+def _atomic_write(path, write):
+    """write(tmp_path) then rename over path, so a crash never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def hf_config(c):
+    """Our config as the native config.json of transformers' ZayaConfig (plus the TiDAR fields)."""
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta, "partial_rotary_factor": c.partial_rotary_factor}
+    d = {k: v for k, v in asdict(c).items() if k not in ("rope_theta", "partial_rotary_factor")}
+    return {"architectures": ["ZayaForCausalLM"], "model_type": "zaya", **d, "num_experts_per_tok": 1,
+            "cca_time0": 2, "cca_time1": 2, "tie_word_embeddings": True, "lm_head_bias": False,
+            "rope_parameters": {"hybrid": rope, "hybrid_sliding": dict(rope)}}
+
+
+# legacy (Megatron) config keys -> ours; values may need a transform (80 sub-layers -> 40 layers, etc.)
+_LEGACY_CONFIG = {"num_hidden_layers": ("num_hidden_layers", lambda n: n // 2),
+                  "ffn_hidden_size": ("moe_intermediate_size", lambda n: n // 2),
+                  "zaya_mlp_expansion": ("router_hidden_size", int), "num_query_groups": ("num_key_value_heads", int),
+                  "norm_epsilon": ("rms_norm_eps", float), "kv_channels": ("head_dim", int),
+                  "rotary_base": ("rope_theta", float), "rotary_percent": ("partial_rotary_factor", float)}
+
+
+def config_from_hf(d):
+    """ZayaConfig from a config.json dict, native or legacy."""
+    d = dict(d)
+    if is_legacy_config(d):
+        for old, (new, f) in _LEGACY_CONFIG.items():
+            if old in d:
+                d[new] = f(d.pop(old))
+    if d.get("num_experts_per_tok", 1) != 1 or d.get("moe_router_topk", 1) != 1:
+        raise CheckpointError("only top-1 routing (num_experts_per_tok=1) exists in ZAYA1")
+    if (d.get("cca_time0", 2), d.get("cca_time1", 2)) != (2, 2):
+        raise CheckpointError("only CCA kernel sizes cca_time0 = cca_time1 = 2 are supported")
+    rope = d.get("rope_parameters") or {}
+    rope = rope.get("hybrid", rope)
+    for k in ("rope_theta", "partial_rotary_factor"):
+        if k in rope and k not in d:
+            d[k] = rope[k]
+    eos = d.get("eos_token_id")
+    if isinstance(eos, list):
+        d["eos_token_id"] = eos[0]
+    names = {f.name for f in fields(ZayaConfig)}
+    return ZayaConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def is_legacy_config(d):
+    return "ffn_hidden_size" in d or "zaya_mlp_expansion" in d or "num_query_groups" in d
+
+
+def legacy_to_native(sd, n_layers):
+    """Rename a legacy Megatron-layout state dict (80 sub-layers) to ours (ZAYA1.md section 3.2)."""
+    out, experts = {}, {}
+    attn = {"qkv.linear_q": "qkv_proj.q_proj", "qkv.linear_k": "qkv_proj.k_proj", "qkv.val_proj1": "qkv_proj.v_proj_current",
+            "qkv.val_proj2": "qkv_proj.v_proj_delayed", "qkv.conv_qk.0": "qkv_proj.conv_qk_depthwise",
+            "qkv.conv_qk.1": "qkv_proj.conv_qk_grouped", "qkv.temp": "qk_norm.temp", "o_proj": "o_proj"}
+    router = {"rmsnorm_eda": "router_mlp.norm", "router_mlp.0": "router_mlp.fc1", "router_mlp.2": "router_mlp.fc2",
+              "router_mlp.4": "router_mlp.out_proj"}
+    for k, v in sd.items():
+        k = k.removeprefix("model.")
+        if k.startswith("res_scale."):
+            k = f"layers.{n_layers - 1}.post_mlp_residual_scale." + k[len("res_scale."):]
+        elif k.startswith("final_norm."):
+            k = "norm." + k[len("final_norm."):]
+        elif k.startswith("layers."):
+            _, j, rest = k.split(".", 2)
+            j = int(j)
+            i, odd = j // 2, j % 2
+            if rest.startswith("res_scale."):
+                s = rest[len("res_scale."):]
+                k = (f"input_{s}" if j == 0 else
+                     f"layers.{i}.post_attention_residual_scale.{s}" if odd else f"layers.{i - 1}.post_mlp_residual_scale.{s}")
+            elif rest.startswith("input_norm."):
+                k = f"layers.{i}.{'post_attention_layernorm' if odd else 'input_layernorm'}.{rest[len('input_norm.'):]}"
+            elif rest.startswith("self_attn."):
+                r = rest[len("self_attn."):]
+                for a, b in attn.items():
+                    if (r + ".").startswith(a + "."):
+                        r = b + r[len(a):]
+                        break
+                k = f"layers.{i}.self_attn.{r}"
+            elif rest.startswith("zaya_block.router."):
+                r = rest[len("zaya_block.router."):]
+                for a, b in router.items():
+                    if (r + ".").startswith(a + "."):
+                        r = b + r[len(a):]
+                        break
+                k = f"layers.{i}.mlp.gate.{r}"
+            elif rest.startswith("zaya_block.experts.local_experts."):
+                e, fc, _ = rest[len("zaya_block.experts.local_experts."):].split(".", 2)
+                experts.setdefault((i, fc), {})[int(e)] = v
+                continue
+            else:
+                k = f"layers.{i}.{rest}"
+        out[k] = v
+    for (i, fc), d in experts.items():
+        name = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}.get(fc, fc)
+        out[f"layers.{i}.mlp.experts.{name}"] = torch.stack([d[e] for e in sorted(d)])
+    return out
+
+
+def load_checkpoint(path):
+    """(ZayaConfig, state dict with our names) from any supported checkpoint; CheckpointError otherwise."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "ckpt.pt")):
+        path = os.path.join(path, "ckpt.pt")
+    if os.path.isfile(path):                                           # our own training checkpoint
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            return ZayaConfig(**ck["config"]), ck["model"]
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path} is neither a checkpoint file nor a directory with config.json or ckpt.pt")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+        config = config_from_hf(raw)
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"bad config {cfg_path}: {e}") from None
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has config.json but no *.safetensors weights")
+    sd = {}
+    for name in files:
+        try:
+            sd.update(load_file(os.path.join(path, name)))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {os.path.join(path, name)}: {str(e).splitlines()[0][:200]}") from None
+    if is_legacy_config(raw) or any("zaya_block" in k for k in sd):
+        sd = legacy_to_native(sd, config.num_hidden_layers)
+    else:
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    sd.pop("lm_head.weight", None)                                     # tied to the embedding
+    return config, sd
