@@ -29,6 +29,7 @@ class Stats:
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     groups: tuple = ()                # TiDAR levels drafted each step
+    cache: object = field(default=None, repr=False)   # the final KVCache, for inspection
 
     def summary(self):
         hist = " ".join(f"{k}:{v}" for k, v in sorted(self.histogram.items()))
@@ -84,22 +85,51 @@ def _sample(logits, temperature, generator=None):
     return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
 
 
-def _finish(ragged, rows, out, stats, t0, n_steps_row, made_row, stop_at_eos, eos):
-    """Assemble prompt + new tokens per row and fill in the statistics."""
-    seqs = []
-    for b, r in enumerate(rows):
-        new = out[b]
-        if stop_at_eos and eos is not None and eos in new:
-            new = new[:new.index(eos) + 1]
-        seqs.append(torch.cat([r.cpu(), torch.tensor(new, dtype=torch.long)]))
-    stats.new_tokens = sum(len(s) - len(r) for s, r in zip(seqs, rows))
-    rates = [m / s for m, s in zip(made_row, n_steps_row) if s > 0]
-    stats.tokens_per_forward = sum(rates) / len(rates) if rates else 0.0
-    stats.seconds = time.perf_counter() - t0
-    stats.tokens_per_s = stats.new_tokens / max(stats.seconds, 1e-9)
-    if not ragged and len({len(s) for s in seqs}) == 1:
-        return torch.stack(seqs), stats
-    return seqs, stats
+class _Outputs:
+    """New tokens per row in one tensor (no per-token Python work, so a 30,000-row batch stays fast)."""
+
+    def __init__(self, B, max_new, K, device, stop_at_eos, eos):
+        self.buf = torch.zeros(B, max_new + 2 * K + 1, dtype=torch.long, device=device)
+        self.n = torch.zeros(B, dtype=torch.long, device=device)        # tokens written per row
+        self.steps, self.made = torch.zeros_like(self.n), torch.zeros_like(self.n)
+        self.hist = torch.zeros(K + 1, dtype=torch.long, device=device)
+        self.max_new, self.eos = max_new, (eos if stop_at_eos else None)
+
+    def active(self):
+        done = self.n >= self.max_new
+        if self.eos is not None:
+            written = torch.arange(self.buf.shape[1], device=self.n.device)[None] < self.n[:, None]
+            done |= ((self.buf == self.eos) & written).any(1)
+        return ~done
+
+    def append(self, tokens, count, active, decode=True):
+        """Row b gets tokens[b, :count[b]] where active[b]. tokens [B,K'], count [B]."""
+        j = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        idx = self.n[:, None] + j
+        keep = (j < count[:, None]) & active[:, None]
+        self.buf.scatter_(1, idx, torch.where(keep, tokens, self.buf.gather(1, idx)))
+        self.n += torch.where(active, count, 0)
+        if decode:
+            self.steps += active.long()
+            self.made += torch.where(active, count, 0)
+            self.hist += torch.bincount(count[active], minlength=len(self.hist))[:len(self.hist)]
+
+    def finish(self, ragged, rows, stats, t0, cache):
+        """prompt + exactly max_new new tokens per row (fewer after an eos when asked to stop there); Stats."""
+        stats.cache = cache
+        n = self.n.clamp(max=self.max_new)
+        if self.eos is not None:
+            hit = (self.buf[:, :self.max_new] == self.eos).float().cumsum(1)
+            n = torch.minimum(n, (hit < 1).sum(1) + 1)
+        stats.histogram = {i: int(c) for i, c in enumerate(self.hist.tolist()) if c}
+        stats.new_tokens = int(n.sum())
+        rates = (self.made.double() / self.steps.clamp(min=1))[self.steps > 0]
+        stats.tokens_per_forward = float(rates.mean()) if len(rates) else 0.0
+        stats.seconds = time.perf_counter() - t0
+        stats.tokens_per_s = stats.new_tokens / max(stats.seconds, 1e-9)
+        if not ragged and bool((n == self.max_new).all()):
+            return torch.cat([torch.stack(rows).to(self.buf.device), self.buf[:, :self.max_new]], 1), stats
+        return [torch.cat([r.to(self.buf.device), self.buf[b, :int(n[b])]]) for b, r in enumerate(rows)], stats
 
 # -----------------------------------------------------------------------------
 # AR baseline
@@ -119,23 +149,17 @@ def generate_ar(model, idx, max_new_tokens, temperature=0.0, top_k=None, stop_at
     cache.commit(P)
     last = _process(_logits(model, h[torch.arange(B, device=dev), P - 1]), temperature, top_k, c.mask_token_id)
     tok = _sample(last, temperature, generator)                        # [B]
-    out = [[int(t)] for t in tok]
-    stats, steps, made = Stats(), [0] * B, [0] * B
+    out = _Outputs(B, max_new_tokens, 1, dev, stop_at_eos, c.eos_token_id)
+    out.append(tok[:, None], torch.ones_like(tok), torch.ones_like(tok, dtype=torch.bool), decode=False)
+    stats = Stats()
     one = torch.ones(1, 1, dtype=torch.bool, device=dev)
-    while True:
-        active = [len(o) < max_new_tokens and not (stop_at_eos and c.eos_token_id in o) for o in out]
-        if not any(active):
-            break
+    while (active := out.active()).any():
         h = model.forward_hidden(tok[:, None], cache.lengths[:, None], torch.ones_like(tok)[:, None], one, cache)
-        cache.commit(torch.tensor(active, device=dev, dtype=torch.long))
+        cache.commit(active.long())
         tok = _sample(_process(_logits(model, h[:, 0]), temperature, top_k, c.mask_token_id), temperature, generator)
         stats.forwards += 1
-        for b in range(B):
-            if active[b]:
-                out[b].append(int(tok[b]))
-                steps[b], made[b] = steps[b] + 1, made[b] + 1
-                stats.histogram[1] = stats.histogram.get(1, 0) + 1
-    return _finish(ragged, rows, out, stats, t0, steps, made, stop_at_eos, c.eos_token_id)
+        out.append(tok[:, None], torch.ones_like(tok), active)
+    return out.finish(ragged, rows, stats, t0, cache)
 
 
 def _check_args(temperature, top_k, mix_weight=0.5, block_size=1, sampler="lossless"):
@@ -193,7 +217,7 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     """Single-forward TiDAR decoding. `groups`: the acceptance levels that get a draft each step (default all
     0..K-1; 0 is always included); after accepting k drafts, the next drafts come from the closest level <= k.
     Returns (tokens, Stats) like generate_ar."""
-    K = block_size or model.config.block_size
+    K = model.config.block_size if block_size is None else block_size
     _check_args(temperature, top_k, mix_weight, K, sampler)
     c = model.config
     if c.mask_token_id is None:
@@ -221,16 +245,13 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     d0 = _sample(_process(_logits(model, h[rows_i, P - 1]), temperature, top_k, c.mask_token_id), temperature, generator)
     dlog = _logits(model, h[:, Tp + 1:])                                     # [B,K-1,V] drafts for d_1..d_{K-1}
     valid = torch.ones(B, K - 1, dtype=torch.bool, device=dev)
-    out = [[int(v)] for v in d0]
+    out = _Outputs(B, max_new_tokens, K, dev, stop_at_eos, c.eos_token_id)
+    out.append(d0[:, None], torch.ones_like(d0), torch.ones_like(d0, dtype=torch.bool), decode=False)
     # one decode step = [d_0..d_{K-1} | K masks per level in `groups`]
     offs, spred, smask = tidar_step_layout(K, groups, dev)
     level_of = torch.tensor([max(g for g in groups if g <= k) for k in range(K)], device=dev)
-    stats, steps, made = Stats(groups=tuple(groups)), [0] * B, [0] * B
-    while True:
-        active = torch.tensor([len(o) < max_new_tokens and not (stop_at_eos and c.eos_token_id in o) for o in out],
-                              device=dev)
-        if not active.any():
-            break
+    stats = Stats(groups=tuple(groups))
+    while (active := out.active()).any():
         drafts = _sample(_process(dlog, temperature, top_k, c.mask_token_id), temperature, generator)
         drafts = torch.where(valid, drafts, 0)
         q_in = torch.cat([d0[:, None], drafts, torch.full((B, K * G), c.mask_token_id, device=dev)], 1)
@@ -247,16 +268,10 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
         valid_new = src < K
         qidx = K + gi[:, None] * K + src.clamp(max=K - 1)
         dlog_new = _logits(model, h[rows_i[:, None], qidx])                   # [B,K-1,V]
-        for b in range(B):
-            if active[b]:
-                n = int(k[b]) + 1
-                acc = drafts[b, :n - 1].tolist() + [int(nxt[b])]
-                out[b].extend(acc)
-                steps[b], made[b] = steps[b] + 1, made[b] + n
-                stats.histogram[n] = stats.histogram.get(n, 0) + 1
+        accepted = torch.cat([drafts, nxt[:, None]], 1)                     # row b: drafts[:k] then nxt
+        accepted.scatter_(1, k[:, None], nxt[:, None])
+        out.append(accepted, k + 1, active)
         d0 = torch.where(active, nxt, d0)
         dlog = torch.where(active[:, None, None], dlog_new, dlog)
         valid = torch.where(active[:, None], valid_new, valid)
-    for b in range(B):
-        out[b] = out[b][:max_new_tokens]
-    return _finish(ragged, rows, out, stats, t0, steps, made, stop_at_eos, c.eos_token_id)
+    return out.finish(ragged, rows, stats, t0, cache)

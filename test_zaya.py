@@ -262,3 +262,195 @@ def test_config_defaults_and_presets():
         ZayaConfig.from_name("gpt5")
     with pytest.raises(ValueError, match="mask_token_id"):
         ZayaConfig(vocab_size=10, mask_token_id=10)
+
+# -----------------------------------------------------------------------------
+# TiDAR: training layout == inference layout
+
+
+def test_training_blocks_equal_inference_mask_groups():
+    """TIDAR.md section 2: block b's diffusion logits from forward_tidar equal (a) K masks placed after the cached
+    clean prefix x_0..x_{bK-1} (the prefill layout) and (b) decode-step group g placed after d_0..d_g, when the
+    group starts at bK. float64, same math in different layouts: 1e-10."""
+    K = 4
+    m = randomised(small_config(block_size=K), dtype=torch.float64)
+    idx = torch.randint(5, 97, (2, 16), generator=torch.Generator().manual_seed(5))
+    M = m.config.mask_token_id
+    with torch.no_grad():
+        _, diff = m.forward_tidar(idx, K)
+        for b in range(4):
+            cache = KVCache(m.config, 2, 64, torch.float64)
+            if b:
+                pos, pred, mask = causal_layout(b * K)
+                m.forward_hidden(idx[:, :b * K], pos, pred, mask, cache)
+                cache.commit(torch.tensor([b * K] * 2))
+            j = torch.arange(K)
+            h = m.forward_hidden(torch.full((2, K), M), b * K + j, torch.where(j == 0, 1, j + 1),
+                                 torch.ones(K, K, dtype=torch.bool), cache)
+            torch.testing.assert_close(m.lm_head(h), diff[:, b * K:(b + 1) * K], atol=1e-10, rtol=0)
+        # (b) the decode step: committed prefix L, drafts d_j = x_{L+j}; group g (L+g+1 = 8) predicts block 2
+        for g in (0, 2, 3):
+            L = 8 - g - 1
+            cache = KVCache(m.config, 2, 64, torch.float64)
+            pos, pred, mask = causal_layout(L)
+            m.forward_hidden(idx[:, :L], pos, pred, mask, cache)
+            cache.commit(torch.tensor([L] * 2))
+            offs, spred, smask = tidar_step_layout(K, None)
+            q = torch.cat([idx[:, L:L + K], torch.full((2, K * K), M)], 1)
+            h = m.forward_hidden(q, L + offs, spred, smask, cache)
+            torch.testing.assert_close(m.lm_head(h[:, K + g * K:K + (g + 1) * K]), diff[:, 8:12], atol=1e-10, rtol=0)
+            # and the draft slots d_j are the plain AR logits
+            torch.testing.assert_close(m.lm_head(h[:, :K]), m(idx[:, :L + K])[0][:, L:], atol=1e-10, rtol=0)
+
+
+def test_step_layout_brute_force():
+    """The decode-step mask against the rules of TIDAR.md section 3, written out token by token."""
+    K, groups = 4, [0, 2, 3]
+    offs, pred, mask = tidar_step_layout(K, groups)
+    N = K + K * len(groups)
+    for q in range(N):
+        for k in range(N):
+            if q < K:
+                want = k <= q
+            else:
+                gi, g = (q - K) // K, groups[(q - K) // K]
+                want = (k < K and k <= g) or (k >= K and (k - K) // K == gi)
+            assert bool(mask[q, k]) == want, (q, k)
+        if q >= K:
+            gi, s = (q - K) // K, (q - K) % K
+            assert offs[q] == groups[gi] + 1 + s
+            assert pred[q] == (groups[gi] + 2 if s == 0 else q + 1)
+
+# -----------------------------------------------------------------------------
+# samplers
+
+
+def model_accepting(kind, dtype=torch.float64):
+    """Models whose drafts are accepted always / partly / never (checked by the caller)."""
+    if kind == "always":           # a large constant bias on the last residual: every position predicts one token
+        m = randomised(small_config(), seed=0, std=1.0, dtype=dtype)
+        with torch.no_grad():
+            m.layers[-1].post_mlp_residual_scale.hidden_states_bias.add_(1e6 * torch.randn(m.config.hidden_size, dtype=dtype))
+    elif kind == "partly":
+        m = randomised(small_config(), seed=1, std=0.5, dtype=dtype)
+    else:                          # the mask embedding drowns everything else: drafts ignore the context
+        m = randomised(small_config(), seed=1, std=1.0, dtype=dtype)
+        with torch.no_grad():
+            m.embed_tokens.weight[m.config.mask_token_id] *= 1000
+    return m
+
+
+@pytest.mark.parametrize("kind", ["always", "partly", "never"])
+def test_greedy_tidar_equals_greedy_ar(kind):
+    m = model_accepting(kind)
+    idx = torch.randint(5, 97, (2, 10), generator=torch.Generator().manual_seed(2))
+    want, _ = generate_ar(m, idx, 40)
+    for K in (4, 8, 16):
+        for sampler, w in (("lossless", 0.5), ("mix", 1.0)):
+            got, st = generate_tidar(m, idx, 40, sampler=sampler, mix_weight=w, block_size=K)
+            assert torch.equal(got, want), (kind, K, sampler)
+            accepted = sum((n - 1) * c for n, c in st.histogram.items())
+            if kind == "always":
+                assert set(st.histogram) == {K}
+            elif kind == "never":
+                assert accepted == 0
+            else:
+                assert 0 < accepted and set(st.histogram) != {K}
+
+
+def test_greedy_tidar_with_sparse_groups_is_lossless():
+    m = model_accepting("partly")
+    idx = torch.randint(5, 97, (2, 10), generator=torch.Generator().manual_seed(2))
+    want, _ = generate_ar(m, idx, 40)
+    for groups in ([0], [0, 2], [0, 4, 7, 11]):
+        got, st = generate_tidar(m, idx, 40, block_size=16 if 11 in groups else 4, groups=groups)
+        assert torch.equal(got, want) and st.groups == tuple(groups)
+
+
+def _wilson_hilferty(df, z=3.0902):
+    """Chi-square upper quantile for false-failure probability 1e-3 (z = Phi^-1(0.999)); accurate to <1% for df > 10."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_lossless_sampling_matches_ar_distribution():
+    """At temperature 1 the first 3 new tokens of the lossless sampler are distributed as AR sampling. The exact
+    AR joint distribution is computed by enumerating all continuations on a 5-token vocabulary (the mask token is
+    never emitted: 4 tokens, 64 cells). 12,000 rows are decoded in one batch (rows draw independently).
+    Pearson chi-square against the 0.999 quantile: this test fails falsely with probability 1e-3."""
+    cfg = small_config(vocab_size=5, mask_token_id=4, pad_token_id=0, bos_token_id=0, eos_token_id=0, block_size=4,
+                       num_hidden_layers=2)
+    m = randomised(cfg, seed=3, std=0.5)
+    prompt = torch.tensor([1, 3, 2, 0])
+    with torch.no_grad():
+        seqs = torch.tensor([[a, b] for a in range(4) for b in range(4)])                      # [16, 2]
+        x = torch.cat([prompt.expand(16, -1), seqs], 1)
+        lp = m(x)[0][..., :4].double().log_softmax(-1)                                          # exclude the mask
+    p1 = lp[0, 3].exp()
+    p2 = lp[::4, 4].exp()                                                                       # [a] -> p(b | a)
+    p3 = lp[:, 5].exp().view(4, 4, 4)                                                           # [a, b] -> p(c | a, b)
+    exact = (p1[:, None, None] * p2[:, :, None] * p3).flatten()
+    n = 12_000
+    got, st = generate_tidar(m, prompt.expand(n, -1), 3, temperature=1.0, block_size=4,
+                             generator=torch.Generator().manual_seed(0))
+    assert sum((k - 1) * c for k, c in st.histogram.items()) > 1000                         # drafts accepted...
+    assert st.histogram.get(1, 0) > 1000                                                     # ...and rejected
+    new = got[:, 4:]
+    counts = torch.bincount(new[:, 0] * 16 + new[:, 1] * 4 + new[:, 2], minlength=64).double()
+    expected = exact * n
+    keep = expected >= 5
+    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    df = len(obs) - 1
+    assert chi2 < _wilson_hilferty(df), (chi2, df)
+
+
+def test_batches_and_ragged_prompts_equal_per_row_decoding():
+    m = model_accepting("partly")
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(5, 97, (n,), generator=g) for n in (3, 9, 14)]
+    for gen in (generate_ar, generate_tidar):
+        together, _ = gen(m, prompts, 25)
+        assert isinstance(together, list)
+        for p, row in zip(prompts, together):
+            alone, _ = gen(m, p[None], 25)
+            assert torch.equal(row, alone[0])
+    batch = torch.stack([p[:3] for p in prompts])
+    together, _ = generate_tidar(m, batch, 25)
+    for b in range(3):
+        assert torch.equal(together[b], generate_tidar(m, batch[b:b + 1], 25)[0][0])
+
+
+def test_cache_after_tidar_holds_exactly_the_committed_tokens():
+    """After decoding, each row's cache equals a fresh prefill of exactly its committed tokens: K/V of every
+    slot below the row's length, and the CCA state. The committed tokens are the greedy AR sequence."""
+    m = model_accepting("partly")
+    prompts = [torch.randint(5, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (4, 11)]
+    _, st = generate_tidar(m, prompts, 17, block_size=4)
+    cache = st.cache
+    full, _ = generate_ar(m, prompts, 17 + 8)
+    for b, seq in enumerate(full):
+        L = int(cache.lengths[b])
+        assert len(prompts[b]) + 16 <= L + 1 <= len(seq)
+        fresh = KVCache(m.config, 1, 64, torch.float64)
+        pos, pred, mask = causal_layout(L)
+        with torch.no_grad():
+            m.forward_hidden(seq[None, :L], pos, pred, mask, fresh)
+        fresh.commit(torch.tensor([L]))
+        torch.testing.assert_close(cache.k[:, b, :, :L], fresh.k[:, 0, :, :L], atol=1e-10, rtol=0)
+        torch.testing.assert_close(cache.v[:, b, :, :L], fresh.v[:, 0, :, :L], atol=1e-10, rtol=0)
+        torch.testing.assert_close(cache.conv[:, b], fresh.conv[:, 0], atol=1e-10, rtol=0)
+        torch.testing.assert_close(cache.vdel[:, b], fresh.vdel[:, 0], atol=1e-10, rtol=0)
+
+
+def test_mask_token_never_emitted_and_bad_arguments():
+    m = model_accepting("never")                    # the mask token's own logit is huge at mask positions
+    idx = torch.randint(5, 97, (2, 6), generator=torch.Generator().manual_seed(8))
+    for t in (0.0, 1.0):
+        out, _ = generate_tidar(m, idx, 30, temperature=t, generator=torch.Generator().manual_seed(0))
+        assert out.shape == (2, 36) and not (out[:, 6:] == m.config.mask_token_id).any()
+    for kw, msg in ((dict(mix_weight=1.5, sampler="mix"), "mix_weight"), (dict(block_size=0), "block_size"),
+                    (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(sampler="best"), "sampler")):
+        with pytest.raises(ValueError, match=msg):
+            generate_tidar(m, idx, 5, **kw)
+    with pytest.raises(ValueError, match="context"):
+        generate_tidar(m, torch.zeros(1, 510, dtype=torch.long), 5)

@@ -163,7 +163,7 @@ class KVCache:
     then keeps only the first n_b of them per row (the rest, e.g. TiDAR's rejected drafts and mask groups,
     are truncated away) and sets the CCA state to that of the last kept token, without recomputation.
     CCA state per layer: raw conv inputs [q|k] of the last two committed tokens [B, 2, C] and the last
-    token's delayed-value projection [B, hv], kept in fp32 as the reference does for serving.
+    token's delayed-value projection [B, hv], kept in fp32 (fp64 for a float64 model) as the reference does for serving.
     """
 
     def __init__(self, config, batch_size, capacity, dtype=torch.float32, device=None):
@@ -171,8 +171,9 @@ class KVCache:
         C = (c.num_attention_heads + c.num_key_value_heads) * c.head_dim
         self.k = torch.zeros(L, batch_size, c.num_key_value_heads, capacity, c.head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.conv = torch.zeros(L, batch_size, 2, C, device=device)
-        self.vdel = torch.zeros(L, batch_size, c.num_key_value_heads * c.head_dim // 2, device=device)
+        state = torch.float64 if dtype == torch.float64 else torch.float32
+        self.conv = torch.zeros(L, batch_size, 2, C, dtype=state, device=device)
+        self.vdel = torch.zeros(L, batch_size, c.num_key_value_heads * c.head_dim // 2, dtype=state, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.capacity = capacity
         self.pending = [None] * L                      # per layer: (c_ext, vdel_ext) of the last forward
@@ -183,8 +184,8 @@ class KVCache:
         rows = torch.arange(len(n), device=n.device)
         for i, (c_ext, v_ext) in enumerate(self.pending):   # ext index of the last kept token is n + 1
             cols = torch.stack([n, n + 1], 1)                # [B, 2]: tokens L+n-2, L+n-1 in ext indexing
-            self.conv[i] = c_ext[rows[:, None], cols].float()
-            self.vdel[i] = v_ext[rows, n + 1].float()
+            self.conv[i] = c_ext[rows[:, None], cols].to(self.conv.dtype)
+            self.vdel[i] = v_ext[rows, n + 1].to(self.vdel.dtype)
         self.lengths += n
         self.pending = [None] * len(self.pending)
 
