@@ -30,6 +30,7 @@ class Stats:
     tokens_per_s: float = 0.0
     groups: tuple = ()                # TiDAR levels drafted each step
     cache: object = field(default=None, repr=False)   # the final KVCache, for inspection
+    log: list = field(default_factory=list, repr=False)  # with record=True: row 0's (accepted drafts, own token)
 
     def summary(self):
         hist = " ".join(f"{k}:{v}" for k, v in sorted(self.histogram.items()))
@@ -213,10 +214,10 @@ def _verify(ar, drafts, draft_logits, valid, sampler, w, temperature, top_k, mas
 
 @torch.no_grad()
 def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.5, temperature=0.0, top_k=None,
-                   block_size=None, groups=None, stop_at_eos=False, generator=None):
+                   block_size=None, groups=None, stop_at_eos=False, generator=None, record=False):
     """Single-forward TiDAR decoding. `groups`: the acceptance levels that get a draft each step (default all
     0..K-1; 0 is always included); after accepting k drafts, the next drafts come from the closest level <= k.
-    Returns (tokens, Stats) like generate_ar."""
+    record=True keeps row 0's steps in stats.log for --show. Returns (tokens, Stats) like generate_ar."""
     K = model.config.block_size if block_size is None else block_size
     _check_args(temperature, top_k, mix_weight, K, sampler)
     c = model.config
@@ -250,7 +251,7 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     # one decode step = [d_0..d_{K-1} | K masks per level in `groups`]
     offs, spred, smask = tidar_step_layout(K, groups, dev)
     level_of = torch.tensor([max(g for g in groups if g <= k) for k in range(K)], device=dev)
-    stats = Stats(groups=tuple(groups))
+    stats = Stats(groups=tuple(groups), log=[([], int(d0[0]))] if record else [])
     while (active := out.active()).any():
         drafts = _sample(_process(dlog, temperature, top_k, c.mask_token_id), temperature, generator)
         drafts = torch.where(valid, drafts, 0)
@@ -271,7 +272,120 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
         accepted = torch.cat([drafts, nxt[:, None]], 1)                     # row b: drafts[:k] then nxt
         accepted.scatter_(1, k[:, None], nxt[:, None])
         out.append(accepted, k + 1, active)
+        if record and active[0]:
+            stats.log.append((drafts[0, :int(k[0])].tolist(), int(nxt[0])))
         d0 = torch.where(active, nxt, d0)
         dlog = torch.where(active[:, None, None], dlog_new, dlog)
         valid = torch.where(active[:, None], valid_new, valid)
     return out.finish(ragged, rows, stats, t0, cache)
+
+# -----------------------------------------------------------------------------
+# command line: python sample.py --init_from=out --prompt="def " --sampler=lossless --compare
+
+
+DEFAULTS = dict(init_from="out", prompt="def main(", sampler="lossless", mix_weight=0.5, temperature=0.0, top_k=0,
+                max_new_tokens=128, block_size=0, groups="all", compare=False, show=False, json=False, seed=1337,
+                device="cpu", dtype="float32", bench=False)
+
+
+def parse_args(argv, defaults):
+    """--key=value overrides of `defaults`, parsed to the default's type; unknown keys are errors."""
+    cfg = dict(defaults)
+    for arg in argv:
+        key, eq, val = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in cfg:
+            raise ValueError(f"unknown argument {arg!r}; known: {', '.join('--' + k for k in cfg)}")
+        typ = type(defaults[key])
+        if typ is bool:
+            if (val or "True") not in ("True", "False", "true", "false", "1", "0"):
+                raise ValueError(f"--{key} takes True or False, got {val!r}")
+            cfg[key] = (val or "True") in ("True", "true", "1")
+        else:
+            try:
+                cfg[key] = typ(val)
+            except ValueError:
+                raise ValueError(f"--{key} takes a {typ.__name__}, got {val!r}") from None
+    return cfg
+
+
+def load_tokenizer(model):
+    """(encode, decode) for a loaded checkpoint: our runs name their tiktoken tokenizer; HF dirs ship tokenizer.json."""
+    meta = getattr(model, "checkpoint_meta", {})
+    if "hf_dir" in meta:
+        import os
+        path = os.path.join(meta["hf_dir"], "tokenizer.json")
+        if not os.path.exists(path):
+            raise ValueError(f"{meta['hf_dir']} has no tokenizer.json; pass token ids another way")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError("decoding this checkpoint needs the `tokenizers` package: pip install tokenizers") from None
+        tok = Tokenizer.from_file(path)
+        return (lambda s: tok.encode(s).ids), (lambda ids: tok.decode(ids))
+    from train import get_tokenizer
+    enc = get_tokenizer(meta.get("tokenizer", "bytes"))
+    return (lambda s: enc.encode(s)), (lambda ids: enc.decode(ids))
+
+
+def show_steps(decode, prompt_ids, log):
+    """Replay a decode step by step: accepted drafts green, the sampler's own token (correction/bonus) yellow."""
+    import sys
+    green, yellow, dim, reset = "\033[32m", "\033[33m", "\033[2m", "\033[0m"
+    sys.stdout.write(dim + decode(prompt_ids) + reset)
+    for accepted, own in log:
+        sys.stdout.write(green + decode(accepted) + yellow + decode([own]) + reset)
+        sys.stdout.flush()
+        time.sleep(0.05)
+    print()
+
+
+def main(argv):
+    import json
+    args = parse_args(argv, DEFAULTS)
+    if args["bench"]:
+        from bench_part import main as bench
+        return bench([a for a in argv if not a.startswith("--bench")])
+    from zaya import Zaya
+    torch.manual_seed(args["seed"])
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}.get(args["dtype"])
+    if dtype is None:
+        raise ValueError(f"--dtype must be float32, bfloat16 or float64, got {args['dtype']!r}")
+    model = Zaya.from_pretrained(args["init_from"], dtype=dtype, device=args["device"]).eval()
+    encode, decode = load_tokenizer(model)
+    ids = encode(args["prompt"]) or [model.config.bos_token_id or 0]
+    idx = torch.tensor([ids], device=args["device"])
+    kw = dict(temperature=args["temperature"], top_k=args["top_k"] or None, stop_at_eos=False)
+    groups = None if args["groups"] == "all" else [int(g) for g in args["groups"].split(",")]
+    if args["sampler"] == "ar":
+        out, st = generate_ar(model, idx, args["max_new_tokens"], **kw)
+    else:
+        out, st = generate_tidar(model, idx, args["max_new_tokens"], sampler=args["sampler"], mix_weight=args["mix_weight"],
+                                 block_size=args["block_size"] or None, groups=groups, record=args["show"], **kw)
+    if args["show"] and st.log:
+        show_steps(decode, ids, st.log)
+    else:
+        print(decode(out[0].tolist()))
+    print("---")
+    print(f"{args['sampler']}: {st.summary()}" + (f"; levels {list(st.groups)}" if st.groups else ""))
+    result = dict(sampler=args["sampler"], forwards=st.forwards, new_tokens=st.new_tokens,
+                  tokens_per_forward=round(st.tokens_per_forward, 4), tokens_per_s=round(st.tokens_per_s, 2))
+    if args["compare"] and args["sampler"] != "ar":
+        _, ar = generate_ar(model, idx, args["max_new_tokens"], **kw)
+        result["ar_tokens_per_s"], result["speedup"] = round(ar.tokens_per_s, 2), round(st.tokens_per_s / ar.tokens_per_s, 3)
+        print(f"ar: {ar.summary()}")
+        print(f"speedup vs AR in this run: {result['speedup']:.2f}x")
+    if args["json"]:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+    from zaya import CheckpointError
+    try:
+        main(sys.argv[1:])
+    except (ValueError, CheckpointError, ImportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -501,9 +501,10 @@ class Zaya(nn.Module):
         """Load a local HF directory (native or legacy Megatron layout, single or sharded safetensors) or one
         of this project's training checkpoints (a .pt file, or a directory holding ckpt.pt). The model is built
         on the meta device and the loaded tensors are assigned, so a load needs one copy of the weights."""
-        config, sd = load_checkpoint(path)
+        config, sd, meta = load_checkpoint(path)
         with torch.device("meta"):
             model = cls(config)
+        model.checkpoint_meta = meta                                   # e.g. the tokenizer a run trained with
         expected = model.state_dict()
         missing = sorted(set(expected) - set(sd))
         unexpected = sorted(set(sd) - set(expected))
@@ -611,6 +612,12 @@ def is_legacy_config(d):
     return "ffn_hidden_size" in d or "zaya_mlp_expansion" in d or "num_query_groups" in d
 
 
+def _rename(name, table):
+    """Replace the first table key that is a dotted prefix of name."""
+    a = next((a for a in table if (name + ".").startswith(a + ".")), None)
+    return table[a] + name[len(a):] if a else name
+
+
 def legacy_to_native(sd, n_layers):
     """Rename a legacy Megatron-layout state dict (80 sub-layers) to ours (ZAYA1.md section 3.2)."""
     out, experts = {}, {}
@@ -636,19 +643,9 @@ def legacy_to_native(sd, n_layers):
             elif rest.startswith("input_norm."):
                 k = f"layers.{i}.{'post_attention_layernorm' if odd else 'input_layernorm'}.{rest[len('input_norm.'):]}"
             elif rest.startswith("self_attn."):
-                r = rest[len("self_attn."):]
-                for a, b in attn.items():
-                    if (r + ".").startswith(a + "."):
-                        r = b + r[len(a):]
-                        break
-                k = f"layers.{i}.self_attn.{r}"
+                k = f"layers.{i}.self_attn.{_rename(rest[len('self_attn.'):], attn)}"
             elif rest.startswith("zaya_block.router."):
-                r = rest[len("zaya_block.router."):]
-                for a, b in router.items():
-                    if (r + ".").startswith(a + "."):
-                        r = b + r[len(a):]
-                        break
-                k = f"layers.{i}.mlp.gate.{r}"
+                k = f"layers.{i}.mlp.gate.{_rename(rest[len('zaya_block.router.'):], router)}"
             elif rest.startswith("zaya_block.experts.local_experts."):
                 e, fc, _ = rest[len("zaya_block.experts.local_experts."):].split(".", 2)
                 experts.setdefault((i, fc), {})[int(e)] = v
@@ -663,13 +660,15 @@ def legacy_to_native(sd, n_layers):
 
 
 def load_checkpoint(path):
-    """(ZayaConfig, state dict with our names) from any supported checkpoint; CheckpointError otherwise."""
+    """(ZayaConfig, state dict with our names, metadata) from any supported checkpoint; CheckpointError otherwise.
+    Metadata: our checkpoints' other entries (tokenizer, iter_num, ...) without optimizer state; for HF, the dir."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "ckpt.pt")):
         path = os.path.join(path, "ckpt.pt")
     if os.path.isfile(path):                                           # our own training checkpoint
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
-            return ZayaConfig(**ck["config"]), ck["model"]
+            meta = {k: v for k, v in ck.items() if k not in ("model", "optimizer", "rng")}
+            return ZayaConfig(**ck["config"]), ck["model"], meta
         except Exception as e:
             raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     cfg_path = os.path.join(path, "config.json")
@@ -701,4 +700,4 @@ def load_checkpoint(path):
     else:
         sd = {k.removeprefix("model."): v for k, v in sd.items()}
     sd.pop("lm_head.weight", None)                                     # tied to the embedding
-    return config, sd
+    return config, sd, {"hf_dir": path}
