@@ -28,7 +28,8 @@ class Stats:
     histogram: dict = field(default_factory=dict)   # tokens committed per step -> count (row-steps)
     seconds: float = 0.0
     tokens_per_s: float = 0.0
-    groups: tuple = ()                # TiDAR levels drafted each step
+    groups: tuple = ()                # TiDAR levels drafted each step (the last ones, with groups="auto")
+    note: str = ""                    # why groups="auto" chose what it chose
     cache: object = field(default=None, repr=False)   # the final KVCache, for inspection
     log: list = field(default_factory=list, repr=False)  # with record=True: row 0's (accepted drafts, own token)
 
@@ -176,6 +177,70 @@ def _check_args(temperature, top_k, mix_weight=0.5, block_size=1, sampler="lossl
         raise ValueError(f"block_size must be >= 1, got {block_size}")
 
 # -----------------------------------------------------------------------------
+# choosing the proposal levels per machine (groups="auto")
+
+
+def level_rate(levels, c, latency, K):
+    """Predicted committed tokens per second when drafting `levels`. c[s] = P(the draft from group slot s is
+    accepted | every draft before it was), s = 1..K-1; latency[n] = seconds of a forward over n query tokens.
+    A block whose first draft is slot s0 holds K - s0 drafts; accepting j of them commits j + 1 tokens, and the
+    next block comes from level g = max(l <= j), so it starts at slot j - g + 1. The stationary distribution of
+    this Markov chain over s0 gives the expected tokens per step; divide by the step's latency."""
+    P, E = torch.zeros(K + 1, K + 1, dtype=torch.float64), torch.zeros(K + 1, dtype=torch.float64)
+    for s0 in range(1, K + 1):
+        reach = 1.0                                                   # P(the first j drafts accepted)
+        for j in range(K - s0 + 1):
+            p_j = reach * ((1 - c[s0 + j]) if j < K - s0 else 1.0)
+            E[s0] += p_j * (j + 1)
+            P[s0, j - max(l for l in levels if l <= j) + 1] += p_j
+            reach *= c[s0 + j] if j < K - s0 else 0.0
+    pi = torch.zeros(K + 1, dtype=torch.float64)
+    pi[1] = 1.0
+    for _ in range(200):
+        pi = pi @ P
+    return float(pi @ E) / latency[K + K * len(levels)]
+
+
+def choose_levels(c, latency, K):
+    """Greedy forward selection from {0}: add the level that raises the predicted rate most, until none does;
+    the dense set is tried too. Returns (levels, predicted tokens/s)."""
+    levels, best = [0], level_rate([0], c, latency, K)
+    while True:
+        trials = [(level_rate(sorted(levels + [l]), c, latency, K), l) for l in range(1, K) if l not in levels]
+        if not trials or max(trials)[0] <= best:
+            break
+        best, l = max(trials)
+        levels = sorted(levels + [l])
+    dense = level_rate(list(range(K)), c, latency, K)
+    return (list(range(K)), dense) if dense > best else (levels, best)
+
+
+_LATENCY = {}
+
+
+@torch.no_grad()
+def calibrate(model, B, K, prefix):
+    """Median forward latency for 1 query token (AR) and K + K*m tokens (m = 1..K groups) at a cached prefix
+    of `prefix` tokens; cached per machine, model shape, batch and K."""
+    c, dev = model.config, model.embed_tokens.weight.device
+    key = (str(dev), model.embed_tokens.weight.dtype, repr(c), B, K, prefix // 64)
+    if key not in _LATENCY:
+        times = {}
+        for n, layout in [(1, causal_layout(1, dev))] + [(K + K * m, tidar_step_layout(K, range(m), dev)) for m in range(1, K + 1)]:
+            runs = []
+            for _ in range(3):
+                cache = KVCache(c, B, prefix + n, dtype=model.embed_tokens.weight.dtype, device=dev)
+                cache.lengths.fill_(prefix)
+                t0 = time.perf_counter()
+                model.forward_hidden(torch.zeros(B, n, dtype=torch.long, device=dev), prefix + layout[0], layout[1], layout[2], cache)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                runs.append(time.perf_counter() - t0)
+            times[n] = sorted(runs)[1]
+        _LATENCY[key] = times
+    return _LATENCY[key]
+
+# -----------------------------------------------------------------------------
 # TiDAR
 
 
@@ -217,21 +282,21 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
                    block_size=None, groups=None, stop_at_eos=False, generator=None, record=False):
     """Single-forward TiDAR decoding. `groups`: the acceptance levels that get a draft each step (default all
     0..K-1; 0 is always included); after accepting k drafts, the next drafts come from the closest level <= k.
-    record=True keeps row 0's steps in stats.log for --show. Returns (tokens, Stats) like generate_ar."""
+    groups="auto" chooses the levels on this machine (calibrate + choose_levels), falling back to AR steps when no
+    level set is predicted to beat AR. record=True keeps row 0's steps in stats.log for --show. Returns (tokens, Stats) like generate_ar."""
     K = model.config.block_size if block_size is None else block_size
     _check_args(temperature, top_k, mix_weight, K, sampler)
     c = model.config
     if c.mask_token_id is None:
         raise ValueError("this model has no mask_token_id: it was not converted with TiDAR")
-    groups = sorted(set(range(K) if groups is None else groups) | {0})
+    auto = groups == "auto"
+    groups = list(range(K)) if auto or groups is None else sorted(set(groups) | {0})
     if groups[-1] >= K:
         raise ValueError(f"groups must lie in 0..{K - 1}, got {groups}")
     t0 = time.perf_counter()
-    G = len(groups)
-    ragged, rows, x, P, cache = _prepare(model, idx, max_new_tokens, K * (1 + G) + K)
+    ragged, rows, x, P, cache = _prepare(model, idx, max_new_tokens, K * (2 + K))
     B, dev, Tp = len(rows), x.device, x.shape[1]
     # prefill: [prompt (causal) | K masks at positions P..P+K-1, chain starting at the last prompt token]
-    j = torch.arange(K, device=dev)
     t = torch.arange(Tp + K, device=dev)
     pos = torch.where(t < Tp, t, P[:, None] + t - Tp)                        # [B, Tp+K]
     pred = torch.where(t < Tp, t + 1, torch.where(t == Tp, P[:, None] + 1, t + 1))
@@ -242,41 +307,66 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     xin = torch.cat([x, torch.full((B, K), c.mask_token_id, device=dev)], 1)
     h = model.forward_hidden(xin, pos, pred, mask, cache)
     cache.commit(P)
-    rows_i = torch.arange(B, device=dev)
+    rows_i, one = torch.arange(B, device=dev), torch.ones(B, dtype=torch.long, device=dev)
     d0 = _sample(_process(_logits(model, h[rows_i, P - 1]), temperature, top_k, c.mask_token_id), temperature, generator)
     dlog = _logits(model, h[:, Tp + 1:])                                     # [B,K-1,V] drafts for d_1..d_{K-1}
-    valid = torch.ones(B, K - 1, dtype=torch.bool, device=dev)
+    valid, shift = torch.ones(B, K - 1, dtype=torch.bool, device=dev), torch.zeros_like(one)
     out = _Outputs(B, max_new_tokens, K, dev, stop_at_eos, c.eos_token_id)
-    out.append(d0[:, None], torch.ones_like(d0), torch.ones_like(d0, dtype=torch.bool), decode=False)
-    # one decode step = [d_0..d_{K-1} | K masks per level in `groups`]
-    offs, spred, smask = tidar_step_layout(K, groups, dev)
-    level_of = torch.tensor([max(g for g in groups if g <= k) for k in range(K)], device=dev)
-    stats = Stats(groups=tuple(groups), log=[([], int(d0[0]))] if record else [])
+    out.append(d0[:, None], one, one.bool(), decode=False)
+    stats = Stats(log=[([], int(d0[0]))] if record else [])
+    ar_mode = False
+    if auto:                                   # can any level set beat AR here, even if every draft is accepted?
+        latency = calibrate(model, B, K, Tp)
+        tries, succ = torch.zeros(K + 1, device=dev), torch.zeros(K + 1, device=dev)
+        ar_mode = K / latency[2 * K] < 1 / latency[1]
+        stats.note = "auto: AR is faster on this machine even at full acceptance; decoding AR" if ar_mode else ""
     while (active := out.active()).any():
+        if ar_mode:                                                          # plain AR steps
+            h = model.forward_hidden(d0[:, None], cache.lengths[:, None], one[:, None], one[:1, None].bool(), cache)
+            cache.commit(torch.where(active, 1, 0))
+            stats.forwards += 1
+            d0 = torch.where(active, _sample(_process(_logits(model, h[:, 0]), temperature, top_k, c.mask_token_id),
+                                             temperature, generator), d0)
+            out.append(d0[:, None], one, active)
+            continue
+        # one decode step = [d_0..d_{K-1} | K masks per level in `groups`]
+        offs, spred, smask = tidar_step_layout(K, groups, dev)
+        level_of = torch.tensor([max(g for g in groups if g <= k) for k in range(K)], device=dev)
         drafts = _sample(_process(dlog, temperature, top_k, c.mask_token_id), temperature, generator)
         drafts = torch.where(valid, drafts, 0)
-        q_in = torch.cat([d0[:, None], drafts, torch.full((B, K * G), c.mask_token_id, device=dev)], 1)
+        q_in = torch.cat([d0[:, None], drafts, torch.full((B, K * len(groups)), c.mask_token_id, device=dev)], 1)
         h = model.forward_hidden(q_in, cache.lengths[:, None] + offs, spred, smask, cache)
         stats.forwards += 1
         ar = _logits(model, h[:, :K])                                        # [B,K,V]
         k, nxt = _verify(ar, drafts, dlog, valid, sampler, mix_weight, temperature, top_k, c.mask_token_id, generator)
         cache.commit(torch.where(active, k + 1, 0))                         # keep d_0..d_k
+        if auto:                               # per group slot: tried (all before accepted) and accepted counts
+            i = torch.arange(K - 1, device=dev)[None]
+            tried = active[:, None] & valid & (i <= k[:, None])
+            slot = (shift[:, None] + 1 + i).clamp(max=K)
+            tries.index_add_(0, slot[tried], torch.ones(int(tried.sum()), device=dev))
+            ok = tried & (i < k[:, None])
+            succ.index_add_(0, slot[ok], torch.ones(int(ok.sum()), device=dev))
         # next drafts: the group at level g = level_of[k]; its slot s predicts position L+g+1+s, we need L+k+1+s'
         g = level_of[k]
         gi = torch.searchsorted(torch.tensor(groups, device=dev), g)
         shift = k - g                                                         # slots already behind us
         src = shift[:, None] + 1 + torch.arange(K - 1, device=dev)[None]      # [B,K-1] slot index in the group
-        valid_new = src < K
         qidx = K + gi[:, None] * K + src.clamp(max=K - 1)
-        dlog_new = _logits(model, h[rows_i[:, None], qidx])                   # [B,K-1,V]
+        dlog = torch.where(active[:, None, None], _logits(model, h[rows_i[:, None], qidx]), dlog)  # [B,K-1,V]
+        valid = torch.where(active[:, None], src < K, valid)
         accepted = torch.cat([drafts, nxt[:, None]], 1)                     # row b: drafts[:k] then nxt
         accepted.scatter_(1, k[:, None], nxt[:, None])
         out.append(accepted, k + 1, active)
         if record and active[0]:
             stats.log.append((drafts[0, :int(k[0])].tolist(), int(nxt[0])))
         d0 = torch.where(active, nxt, d0)
-        dlog = torch.where(active[:, None, None], dlog_new, dlog)
-        valid = torch.where(active[:, None], valid_new, valid)
+        if auto and stats.forwards % 8 == 0:   # re-choose the levels from the running acceptance statistics
+            groups, rate = choose_levels(((succ + 1) / (tries + 2)).tolist(), latency, K)
+            ar_mode = rate < 1 / latency[1]
+            stats.note = (f"auto: levels {groups} predict {rate:.0f} tokens/s vs AR {1 / latency[1]:.0f}"
+                          + ("; AR is faster, decoding AR" if ar_mode else ""))
+    stats.groups = tuple(groups)
     return out.finish(ragged, rows, stats, t0, cache)
 
 # -----------------------------------------------------------------------------

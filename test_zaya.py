@@ -454,3 +454,35 @@ def test_mask_token_never_emitted_and_bad_arguments():
             generate_tidar(m, idx, 5, **kw)
     with pytest.raises(ValueError, match="context"):
         generate_tidar(m, torch.zeros(1, 510, dtype=torch.long), 5)
+
+# -----------------------------------------------------------------------------
+# proposal levels chosen per machine (groups="auto")
+
+
+def test_level_chooser_on_synthetic_latency_curves():
+    from sample import choose_levels, level_rate
+    K = 16
+    c = [0.0] + [0.8] * (K - 1) + [0.0]                         # c[s]: slot s accepted given all before were
+    flat = {n: 1.0 for n in range(1, K * (K + 1) + 1)}          # memory-bound: every query size costs the same
+    linear = {n: float(n) for n in flat}                        # compute-bound: cost grows with the query
+    levels, rate = choose_levels(c, flat, K)
+    assert levels == list(range(K)) and rate == pytest.approx(level_rate(levels, c, flat, K))
+    levels, rate = choose_levels(c, linear, K)
+    assert len(levels) <= 2 and levels[0] == 0
+    assert rate > level_rate(list(range(K)), c, linear, K) * 2
+    # the model itself: with every draft accepted, the dense set commits K tokens per step
+    assert level_rate(list(range(K)), [1.0] * (K + 1), flat, K) == pytest.approx(K)
+    # and with no draft ever accepted, one token per step whatever the set
+    assert level_rate([0, 5], [0.0] * (K + 1), flat, K) == pytest.approx(1.0)
+    # a machine where AR steps are so cheap that no level set can win: auto decodes AR, still lossless
+    assert max(choose_levels(c, {**linear, 1: 1e-6}, K)[1], 0) < 1 / 1e-6
+
+
+def test_auto_levels_are_lossless_and_rows_independent():
+    m = model_accepting("partly")
+    prompts = [torch.randint(5, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 12)]
+    want, _ = generate_ar(m, prompts, 40)
+    got, st = generate_tidar(m, prompts, 40, groups="auto", block_size=8)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and st.note
+    alone, _ = generate_tidar(m, prompts[1][None], 40, groups="auto", block_size=8)
+    assert torch.equal(alone[0], want[1])
