@@ -413,8 +413,11 @@ def load_tokenizer(model):
         tok = Tokenizer.from_file(path)
         return (lambda s: tok.encode(s).ids), (lambda ids: tok.decode(ids))
     from train import get_tokenizer
-    enc = get_tokenizer(meta.get("tokenizer", "bytes"))
-    return (lambda s: enc.encode(s)), (lambda ids: enc.decode(ids))
+    try:
+        enc, _ = get_tokenizer(meta.get("tokenizer", "bytes"))
+    except Exception as e:                      # train.UsageError: the named tokenizer cannot be loaded
+        raise ValueError(str(e)) from None
+    return (lambda s: enc.encode(s)), (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
 
 
 def show_steps(decode, prompt_ids, log):
@@ -469,13 +472,20 @@ def main(argv):
     return result
 
 
-if __name__ == "__main__":
+def cli(argv):
+    """main() with bad input reported as one line on stderr and a non-zero exit code, no traceback."""
     import sys
     from zaya import CheckpointError
     try:
-        main(sys.argv[1:])
+        main(argv)
+        return 0
     except (ValueError, CheckpointError, ImportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
-        sys.exit(130)
+        return 130
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(cli(sys.argv[1:]))

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import tempfile
+from pathlib import Path
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -540,8 +541,8 @@ class Zaya(nn.Module):
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
                      "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-            _atomic_write(os.path.join(path, "model.safetensors.index.json"), lambda f: _dump_json(index, f))
-        _atomic_write(os.path.join(path, "config.json"), lambda f: _dump_json(hf_config(self.config), f))
+            _atomic_write(os.path.join(path, "model.safetensors.index.json"), lambda f: Path(f).write_text(json.dumps(index, indent=2)))
+        _atomic_write(os.path.join(path, "config.json"), lambda f: Path(f).write_text(json.dumps(hf_config(self.config), indent=2)))
 
 # -----------------------------------------------------------------------------
 # checkpoint formats
@@ -549,11 +550,6 @@ class Zaya(nn.Module):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the path and every problem."""
-
-
-def _dump_json(obj, f):
-    with open(f, "w") as fh:
-        json.dump(obj, fh, indent=2)
 
 
 def _atomic_write(path, write):
