@@ -436,7 +436,7 @@ def main(argv):
     import json
     args = parse_args(argv, DEFAULTS)
     if args["bench"]:
-        from bench_part import main as bench
+        from bench import main as bench
         return bench([a for a in argv if not a.startswith("--bench")])
     from zaya import Zaya
     torch.manual_seed(args["seed"])

@@ -17,14 +17,28 @@ import math
 import os
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from zaya import (CheckpointError, KVCache, Zaya, ZayaConfig, causal_layout, tidar_step_layout)
-from sample import generate_ar, generate_tidar
+import kernels
+import train
+from zaya import (CheckpointError, KVCache, Zaya, ZayaConfig, causal_layout, tidar_step_layout, tidar_train_layout)
+from sample import _verify, generate_ar, generate_tidar
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads up to 50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def small_config(**kw):
@@ -35,7 +49,7 @@ def small_config(**kw):
     return ZayaConfig(**{**base, **kw})
 
 
-def randomised(config, seed=0, std=0.2, dtype=torch.float32):
+def randomised(config, seed=0, std=0.2, dtype=torch.float32, device="cpu"):
     """A model with EVERY parameter random: weights N(0, std); 1-D scales/norms/temps 1 + N(0, 0.3); biases,
     residual biases and balancing biases random too (the skip class stays at -1: the reference forces it)."""
     torch.manual_seed(seed)
@@ -47,7 +61,7 @@ def randomised(config, seed=0, std=0.2, dtype=torch.float32):
                 p.add_(1.0)
         for layer in m.layers:
             layer.mlp.gate.balancing_biases.copy_(torch.cat([torch.randn(config.num_experts) * 0.05, torch.tensor([-1.0])]))
-    return m.to(dtype).eval()
+    return m.to(device=device, dtype=dtype).eval()
 
 
 def reference(path, dtype=torch.float32):
@@ -199,7 +213,7 @@ def test_sharded_save_loads_in_reference_and_back(tmp_path):
     m = randomised(small_config())
     m.save_pretrained(tmp_path, max_shard_bytes=60_000)
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").exists()
-    assert not list(tmp_path.glob(".tmp-*"))                        # no temp files left behind
+    assert not list(tmp_path.glob("tmp-*"))                        # no temp files left behind
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         want = m(idx)[0]
@@ -570,3 +584,511 @@ def test_verify_logits_fp32_and_bf16_divergence_rate():
           f"bf16 {rates[torch.bfloat16]:.0%} (48 prompts x 24 tokens, random model)")
     assert rates[torch.float32] == 0.0
     assert rates[torch.bfloat16] < 0.9
+
+# -----------------------------------------------------------------------------
+# train.py: layouts, data, losses, resume, distributed, bad input
+
+
+def write_corpus(path, n_lines=400, seed=0):
+    """A small, learnable text: lines of Python-like assignments over a fixed vocabulary."""
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "token", "mask", "block", "expert", "router", "value"]
+    lines = [f"{rng.choice(words)}_{i % 7} = {rng.choice(words)}({int(rng.integers(100))})\n" for i in range(n_lines)]
+    path.write_text("".join(lines))
+    return str(path)
+
+
+def tiny_args(tmp_path, data, out, **kw):
+    args = dict(preset="tiny", data=data, out_dir=str(tmp_path / out), data_cache=str(tmp_path / "cache"),
+                batch_size=8, seq_len=32, block_size=8, max_iters=20, warmup_iters=2, lr=3e-3, min_lr=3e-4,
+                eval_interval=1000, eval_iters=1, log_interval=1000, seed=0)
+    args.update(kw)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def tiny_model(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return Zaya(ZayaConfig.from_name("tiny")).to(dtype).eval()
+
+# -----------------------------------------------------------------------------
+# TiDAR layouts and forward
+
+
+def reference_layout(S, K):
+    """TIDAR.md sections 1-2 written out pair by pair. Query/key index i < S: clean token at position i;
+    i >= S: the mask at position i - S. Predecessors in zaya's extended indexing (1 = none, j + 2 = token j)."""
+    mask = torch.zeros(2 * S, 2 * S, dtype=torch.bool)
+    pred = []
+    for q in range(2 * S):
+        pq, q_is_mask = q % S, q >= S
+        for k in range(2 * S):
+            pk, k_is_mask = k % S, k >= S
+            if not q_is_mask and not k_is_mask:
+                mask[q, k] = pk <= pq                            # clean -> clean: causal
+            elif q_is_mask and not k_is_mask:
+                mask[q, k] = pk < (pq // K) * K                  # mask -> clean: strictly before own block
+            elif q_is_mask and k_is_mask:
+                mask[q, k] = pk // K == pq // K                  # mask -> mask: own block, both ways
+        if not q_is_mask:
+            p = q - 1 if pq > 0 else None                        # clean t -> clean t-1
+        elif pq % K == 0:
+            p = pq - 1 if pq > 0 else None                       # first mask of a block -> clean bK-1
+        else:
+            p = q - 1                                            # other masks -> the mask before
+        pred.append(1 if p is None else p + 2)
+    return torch.cat([torch.arange(S), torch.arange(S)]), torch.tensor(pred), mask
+
+
+@pytest.mark.parametrize("S,K", [(6, 3), (8, 4), (8, 1), (8, 8), (12, 4), (16, 2)])
+def test_tidar_train_layout_matches_the_rules(S, K):
+    pos, pred, mask = tidar_train_layout(S, K)
+    ref_pos, ref_pred, ref_mask = reference_layout(S, K)
+    assert torch.equal(pos, ref_pos) and torch.equal(pred, ref_pred) and torch.equal(mask, ref_mask)
+
+
+def test_tidar_train_layout_rejects_partial_blocks():
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        tidar_train_layout(10, 4)
+
+
+def test_forward_tidar_ar_half_is_the_causal_model():
+    model = tiny_model()
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ar, _ = model.forward_tidar(idx, 4)
+        logits, _ = model(idx)
+    torch.testing.assert_close(ar, logits, atol=1e-10, rtol=0)
+
+
+def test_forward_tidar_mask_block_sees_only_the_prefix_before_it():
+    model, S, K = tiny_model(), 16, 4
+    idx = torch.randint(0, 256, (2, S))
+    with torch.no_grad():
+        _, diff = model.forward_tidar(idx, K)
+        for b in range(S // K):
+            blk = slice(b * K, (b + 1) * K)
+            later = idx.clone()
+            later[:, b * K:] = torch.randint(0, 256, (2, S - b * K))         # positions >= bK: no effect
+            torch.testing.assert_close(model.forward_tidar(later, K)[1][:, blk], diff[:, blk], atol=1e-10, rtol=0)
+            _, short = model.forward_tidar(idx[:, :(b + 1) * K], K)           # the truncated sequence
+            torch.testing.assert_close(short[:, blk], diff[:, blk], atol=1e-10, rtol=0)
+            if b > 0:                                                           # the last clean token it sees
+                prev = idx.clone()
+                prev[:, b * K - 1] = (prev[:, b * K - 1] + 1) % 256
+                assert (model.forward_tidar(prev, K)[1][:, blk] - diff[:, blk]).abs().max() > 1e-3
+
+# -----------------------------------------------------------------------------
+# pieces of train.py
+
+
+def test_chunked_cross_entropy_equals_full_value_and_gradient():
+    torch.manual_seed(0)
+    h = torch.randn(3, 13, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (3, 13))
+    y[0, :4] = -1                                                               # ignored labels
+    full = torch.nn.functional.cross_entropy((h @ weight.T).flatten(0, 1), y.flatten(), ignore_index=-1)
+    g_full = torch.autograd.grad(full, (h, weight))
+    loss, hits = train.chunked_cross_entropy(h, weight, y, chunk=5)
+    g = torch.autograd.grad(loss, (h, weight))
+    torch.testing.assert_close(loss, full, atol=1e-6, rtol=0)
+    for a, b in zip(g, g_full):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert torch.equal(hits, ((h @ weight.T).argmax(-1) == y).flatten())
+
+
+def test_balancing_controller_balances_and_never_touches_skip():
+    model = tiny_model(dtype=torch.float32)
+    E = model.config.num_experts
+    for layer in model.layers:
+        layer.mlp.load = torch.tensor([30, 0, 8, 2, 0])                       # E = 4 experts + skip; mean 10
+    train.update_balancing_biases(model, 0.01)
+    for layer in model.layers:
+        b = layer.mlp.gate.balancing_biases
+        assert b[0] < 0 and (b[1:E] > 0).all() and b[E] == -1.0
+    # closed loop on a skewed synthetic router: argmax(p + b) with fixed probabilities p
+    gen = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(4000, E + 1, generator=gen) + torch.tensor([2.0, 1.0, 0.0, -1.0, 0.0]), -1)
+    gate = model.layers[0].mlp.gate
+    imbalance = []
+    for _ in range(300):
+        choice = (p + gate.balancing_biases).argmax(-1)
+        for layer in model.layers:
+            layer.mlp.load = torch.bincount(choice, minlength=E + 1)
+        imbalance.append(train.update_balancing_biases(model, 0.003))
+    assert imbalance[0] > 2.0 and max(imbalance[-20:]) < 1.15 and gate.balancing_biases[E] == -1.0
+
+
+def test_parse_args_is_strict_and_typed():
+    o = train.parse_args(["--lr=1e-3", "--max_iters=7", "--compile=True", "--mode=tidar"])
+    assert o == dict(lr=1e-3, max_iters=7, compile=True, mode="tidar") and type(o["max_iters"]) is int
+    for bad in (["--nope=1"], ["--max_iters=1.5"], ["--compile=yes"], ["max_iters=3"], ["--lr"]):
+        with pytest.raises(train.UsageError):
+            train.parse_args(bad)
+
+
+def test_bytes_tokenizer_and_corpus_cache(tmp_path):
+    enc, ids = train.get_tokenizer("bytes")
+    assert ids == dict(eot=256, mask=257, pad=258, vocab_size=320) == {
+        "eot": ZayaConfig.from_name("tiny").eos_token_id, "mask": ZayaConfig.from_name("tiny").mask_token_id,
+        "pad": 258, "vocab_size": ZayaConfig.from_name("tiny").vocab_size}
+    text = "héllo <|endoftext|>\n"
+    assert enc.encode_ordinary(text) == list(text.encode()) and enc.decode(enc.encode_ordinary(text)) == text
+    data = tmp_path / "docs"
+    data.mkdir()
+    for i in range(30):
+        write_corpus(data / f"f{i}.txt", n_lines=5, seed=i)
+    (data / "blob.bin").write_bytes(b"\0\1\2")                                 # binary: skipped
+    train1, val1 = train.load_corpus(str(data), "bytes", str(tmp_path / "c"), 33)
+    train2, val2 = train.load_corpus(str(data), "bytes", str(tmp_path / "c"), 33)  # from the cache
+    assert train1.dtype == np.uint16 and np.array_equal(train1, train2) and np.array_equal(val1, val2)
+    assert train1[0] == val1[0] == 256 and (train1 == 256).sum() == 27 and (val1 == 256).sum() == 3  # f2, f3, f19
+
+
+def test_stdlib_corpus_files_are_sorted_sources_without_tests():
+    files = train.corpus_files("stdlib")
+    assert len(files) > 100 and files == sorted(files) and all(rel.endswith(".py") for rel, _ in files)
+    assert not any(set(rel.split(os.sep)) & {"test", "tests", "site-packages"} for rel, _ in files)
+
+
+def test_dry_run_8b_prints_parameters_in_seconds(capsys):
+    t = time.time()
+    out = train.main(["--preset=zaya1-8b", "--dry_run=True", "--gpus=64", "--seq_len=4096", "--batch_size=1"])
+    printed = capsys.readouterr().out
+    assert time.time() - t < 20 and out["params"] > 8.8e9 and 7e8 < out["active"] < 8e8
+    assert f"{out['params']:,} parameters" in printed and "TiDAR" in printed and "GFLOP" in printed
+
+# -----------------------------------------------------------------------------
+# training runs
+
+
+def test_ar_then_tidar_lower_both_losses(tmp_path):
+    data = write_corpus(tmp_path / "corpus.txt")
+    ar = train.main(tiny_args(tmp_path, data, "ar", max_iters=30))
+    a = [h["ar"] for h in ar["losses"]]
+    assert np.mean(a[-5:]) < a[0] - 1.0                                        # ~5.6 -> ~3 on this corpus
+    td = train.main(tiny_args(tmp_path, data, "td", mode="tidar", init_from=ar["ckpt"], max_iters=40))
+    ar_l, diff_l = [h["ar"] for h in td["losses"]], [h["diff"] for h in td["losses"]]
+    assert np.mean(diff_l[-5:]) < diff_l[0] - 0.3                              # 3.68 -> 3.17
+    assert np.mean(ar_l[-5:]) < ar_l[0]                                          # AR keeps improving
+    assert len(td["evals"][-1]["acc"]) == 8 and Zaya.from_pretrained(td["ckpt"]).config.block_size == 8
+
+
+def test_resume_continues_with_identical_losses(tmp_path):
+    data = write_corpus(tmp_path / "corpus.txt")
+    common = dict(mode="tidar", max_iters=8, lr_decay_iters=8, eval_interval=4)
+    full = train.main(tiny_args(tmp_path, data, "full", **common))
+    train.main(tiny_args(tmp_path, data, "split", **{**common, "max_iters": 4}))
+    rest = train.main(tiny_args(tmp_path, data, "split", init_from="resume", max_iters=8))
+    assert [h["iter"] for h in rest["losses"]] == [4, 5, 6, 7]
+    assert rest["losses"] == full["losses"][4:]                                  # exact, every float
+    ck = torch.load(rest["ckpt"], weights_only=True)
+    assert ck["iter_num"] == 8 and ck["mode"] == "tidar" and ck["tokenizer"] == "bytes"
+    assert set(ck) >= {"config", "model", "optimizer", "best_val_loss", "data", "rng", "train_cfg"}
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    data = write_corpus(tmp_path / "corpus.txt")
+    first = train.main(tiny_args(tmp_path, data, "run", max_iters=2, lr_decay_iters=6))
+    before = open(first["ckpt"], "rb").read()
+    real = train.chunked_cross_entropy
+    monkeypatch.setattr(train, "chunked_cross_entropy", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
+    with pytest.raises(train.Diverged, match="at iter 2;"):
+        train.main(tiny_args(tmp_path, data, "run", init_from="resume", max_iters=6))
+    assert open(first["ckpt"], "rb").read() == before
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, fsdp):
+    """Runs in CI on the CPU (gloo), never skipped: DDP (or FSDP2) with batch_size 4 per rank x 2 processes gives
+    the losses of 1 process with batch_size 8, at iter 0 and after two optimizer steps (gradients averaged, the
+    balancing biases updated from the all-reduced load)."""
+    data = write_corpus(tmp_path / "corpus.txt")
+    one = train.main(tiny_args(tmp_path, data, "one", mode="tidar", max_iters=3))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two_args = tiny_args(tmp_path, data, "two", mode="tidar", max_iters=3, batch_size=4, fsdp=fsdp)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"{HERE}/train.py"]
+    r = subprocess.run(cmd + two_args, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "two" / "log.json") as f:
+        two = json.load(f)
+    assert len(two["losses"]) == len(one["losses"]) == 3                       # measured differences: <= 1e-6
+    for a, b in zip(two["losses"], one["losses"]):                              # iter 0, and after updates
+        assert all(abs(a[k] - b[k]) < 1e-5 for k in ("loss", "ar", "diff")), (a, b)
+
+
+BAD_INPUTS = {
+    "unknown flag": ["--nope=1"],
+    "bad value": ["--batch_size=abc"],
+    "block_size 0": ["--mode=tidar", "--block_size=0"],
+    "block does not divide": ["--mode=tidar", "--seq_len=30", "--block_size=16"],
+    "empty data": ["--data={empty}"],
+    "missing init": ["--mode=tidar", "--init_from={tmp}/nothing.pt"],
+    "no resume ckpt": ["--init_from=resume", "--out_dir={tmp}/fresh"],
+    "corrupt ckpt": ["--mode=tidar", "--init_from={junk}"],
+}
+
+
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
+    empty, junk = tmp_path / "empty.txt", tmp_path / "junk.pt"
+    empty.write_text("")
+    junk.write_bytes(b"not a checkpoint")
+    fmt = dict(tmp=tmp_path, empty=empty, junk=junk)
+    procs = {name: subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path}/out",
+                                     *[a.format(**fmt) for a in args]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+             for name, args in BAD_INPUTS.items()}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert "; do " in lines[0] and "Traceback" not in err, (name, err)
+
+
+@pytest.mark.parametrize("args", [["--mode=bert"], ["--dtype=float16"], ["--lr=-1"], ["--data=/nothing/here"]])
+def test_bad_settings_raise_usage_error_in_process(tmp_path, args):
+    with pytest.raises(train.UsageError, match="; do "):
+        train.main([f"--out_dir={tmp_path}", *args])
+
+# -----------------------------------------------------------------------------
+# kernels.py: each fast path equals the eager code
+
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA/ROCm GPU")
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, num_experts=4, moe_intermediate_size=32, router_hidden_size=24,
+                max_position_embeddings=512, rope_theta=1000.0, eos_token_id=2, mask_token_id=3, block_size=4)
+    return ZayaConfig(**{**base, **kw})
+
+
+def krandomised(config, **kw):
+    return randomised(config, **{"std": 0.5, **kw})
+
+
+@pytest.fixture(scope="module")
+def fast_model():
+    """One model on the fast paths, shared so its compiled graphs are built once."""
+    m = kernels.enable(krandomised(tiny_config()))
+    yield m
+    kernels.disable(m)
+
+# -----------------------------------------------------------------------------
+# attention
+
+
+def _qkv(B, T, S, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=device)
+    return r(B, 4, T, 16), r(B, 2, S, 16), r(B, 2, S, 16)
+
+
+def test_flex_attention_under_layout_block_masks_equals_sdpa():
+    S, K = 32, 4
+    q, k, v = _qkv(2, 2 * S, 2 * S)
+    dense = tidar_train_layout(S, K)[2]
+    with torch.no_grad():
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+        torch.testing.assert_close(kernels.attention(q, k, v, dense, kernels.tidar_train_block_mask(S, K)), want,
+                                   atol=1e-5, rtol=0)
+    assert kernels.tidar_train_block_mask(S, K) is kernels.tidar_train_block_mask(S, K)   # cached per shape
+    # a decode step behind per-row cached prefixes: the same mask zaya's _attend_cache builds, over the capacity
+    m = krandomised(tiny_config())
+    cache = KVCache(m.config, 2, 48)
+    cache.lengths = torch.tensor([5, 17])
+    step = tidar_step_layout(4)[2]                                    # 20 queries
+    q, k, v = _qkv(2, 20, 20, seed=1)
+    zk, zv, zmask = m.layers[0].self_attn._attend_cache(cache, k, v, step)
+    full = kernels.cache_mask(step, cache.lengths, cache.capacity)
+    assert torch.equal(full[..., :zmask.shape[-1]], zmask) and not full[..., zmask.shape[-1]:].any()
+    with torch.no_grad():
+        want = F.scaled_dot_product_attention(q, zk, zv, attn_mask=zmask[:, None], enable_gqa=True)
+        got = kernels.attention(q, cache.k[0], cache.v[0], full, kernels.block_mask(full))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_attention_falls_back_to_sdpa_for_gradients_on_cpu():
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 8, 8))
+    dense = causal_layout(8)[2]
+    kernels.attention(q, k, v, dense, kernels.block_mask(dense)).sum().backward()
+    assert q.grad is not None and k.grad.abs().sum() > 0
+
+# -----------------------------------------------------------------------------
+# experts
+
+
+def _routing(N, E, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=g).to(dtype)
+    choice = torch.randint(0, E + 1, (N,), generator=g)              # E = skip
+    choice[choice == 0] = 1                                           # expert 0 gets no token: an empty group
+    return x, choice, torch.rand(N, 1, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("path", ["grouped", "gathered"])
+def test_expert_paths_equal_reference(path):
+    c = tiny_config()
+    ex = krandomised(c).layers[0].mlp.experts
+    x, choice, w = _routing(40, c.num_experts, c.hidden_size)
+    x.requires_grad_()
+    want = ex(x, choice, w)
+    gx, gw = torch.autograd.grad(want.square().sum(), (x, ex.gate_up_proj))
+    fn = kernels.experts_grouped if path == "grouped" else kernels.experts_gathered
+    got = fn(x, choice, w, ex.gate_up_proj, ex.down_proj)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got[choice == c.num_experts].abs().max() == 0              # skipped tokens contribute exactly zero
+    for a, b in zip(torch.autograd.grad(got.square().sum(), (x, ex.gate_up_proj)), (gx, gw)):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
+
+
+def test_compiled_experts_equal_reference_with_gradients():
+    """Compiled, the grouped path runs grouped_mm through the custom op (the compiler's own takes bf16 only)."""
+    c = tiny_config()
+    ex = krandomised(c).layers[0].mlp.experts
+    x, choice, w = _routing(40, c.num_experts, c.hidden_size)
+    assert kernels.grouped_mm_runs("cpu", torch.float32, 48, 32) and not kernels.grouped_mm_runs("cpu", torch.float64)
+    x.requires_grad_()
+    want = ex(x, choice, w)
+    got = kernels.compile_fn(kernels.experts_forward)(x, choice, w, ex.gate_up_proj, ex.down_proj)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), (x, ex.down_proj)),
+                    torch.autograd.grad(want.square().sum(), (x, ex.down_proj))):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
+    exb = krandomised(c, dtype=torch.bfloat16).layers[0].mlp.experts
+    with torch.no_grad():
+        want = exb(x.bfloat16(), choice, w.bfloat16())
+        got = kernels.experts_forward(x.bfloat16(), choice, w.bfloat16(), exb.gate_up_proj, exb.down_proj)
+    torch.testing.assert_close(got, want, atol=2e-2 * float(want.abs().max()), rtol=2e-2)   # bf16 rounding
+
+
+# -----------------------------------------------------------------------------
+# small fused ops
+
+
+def test_residual_norm_equals_residual_scale_then_rmsnorm():
+    m = krandomised(tiny_config())
+    layer, nxt = m.layers[0], m.layers[1].input_layernorm
+    s = layer.post_mlp_residual_scale
+    branch, resid = torch.randn(2, 7, 48), torch.randn(2, 7, 48) * 10
+    with torch.no_grad():
+        h = s(branch, resid)
+        got_h, got_x = kernels.residual_norm(branch, resid, s.hidden_states_scale, s.hidden_states_bias,
+                                             s.residual_scale, s.residual_bias, nxt.weight,
+                                             torch.tensor(m.config.rms_norm_eps))
+    torch.testing.assert_close(got_h, h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_x, nxt(h), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_verify_equals_sample_verify():
+    B, K, V, mask_id = 64, 4, 97, 3
+    g = torch.Generator().manual_seed(0)
+    ar = torch.randn(B, K, V, generator=g)
+    ar[:8, :, mask_id] = 100.0                                        # the mask token is never the answer
+    best = ar.clone()
+    best[..., mask_id] = float("-inf")
+    drafts = torch.where(torch.rand(B, K - 1, generator=g) < 0.8, best.argmax(-1)[:, :-1],
+                         torch.randint(0, V, (B, K - 1), generator=g))
+    valid = torch.rand(B, K - 1, generator=g) < 0.9
+    k, nxt = kernels.greedy_verify(ar, drafts, valid, torch.tensor(mask_id))
+    want_k, want_next = _verify(ar, drafts, torch.zeros(B, K - 1, V), valid, "lossless", 0.5, 0.0, None, mask_id, None)
+    assert torch.equal(k, want_k) and torch.equal(nxt, want_next)
+    assert len(set(k.tolist())) == K                                  # every acceptance count occurs
+
+
+def test_chunked_cross_entropy_equals_full_logits():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 48, generator=g, requires_grad=True)
+    w = (torch.randn(97, 48, generator=g) * 0.3).requires_grad_()
+    t = torch.randint(0, 97, (300,), generator=g)
+    t[::7] = -1
+    want = F.cross_entropy(F.linear(h, w).float(), t, ignore_index=-1)
+    want_grads = torch.autograd.grad(want * 3, (h, w))
+    got = kernels.chunked_cross_entropy(h, w, t, chunk=128)           # 300 = 2 chunks + a padded one
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(got * 3, (h, w)), want_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+# -----------------------------------------------------------------------------
+# the model on the fast paths
+
+
+def test_compiled_training_forward_equals_eager(fast_model):
+    m, ref = fast_model, krandomised(tiny_config())                    # same seed: same weights
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(5))
+    m.train(), ref.train()
+    outs = []
+    for model in (m, ref):
+        ar, diff = model.forward_tidar(idx)
+        logits, targets = torch.cat([ar[:, :-1], diff], 1), torch.cat([idx[:, 1:], idx], 1)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        outs.append((ar, diff, {n: p.grad for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    m.eval(), ref.eval()
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-4, rtol=0)
+    for n, gr in outs[1][2].items():
+        torch.testing.assert_close(outs[0][2][n], gr, atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_compiled_decode_gives_the_eager_tokens_and_cache(fast_model):
+    ref = krandomised(tiny_config())
+    idx = torch.randint(5, 97, (2, 24), generator=torch.Generator().manual_seed(2))   # prefill > K(1+K): eager
+    want, _ = generate_ar(ref, idx, 24)
+    got, st_ar = generate_ar(fast_model, idx, 24)
+    assert torch.equal(got, want) and len(set(want[0, 24:].tolist())) > 3
+    want_t, st_ref = generate_tidar(ref, idx, 24)
+    got_t, st = generate_tidar(fast_model, idx, 24)
+    assert torch.equal(got_t, want) and torch.equal(want_t, want)
+    assert st.histogram == st_ref.histogram and st.tokens_per_forward > 1
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch.equal(generate_ar(fast_model, idx, 30)[0], generate_ar(ref, idx, 30)[0])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs   # a new cache capacity: no recompile
+    a, b = st.cache, st_ref.cache
+    assert torch.equal(a.lengths, b.lengths)
+    n = int(a.lengths.min())
+    torch.testing.assert_close(a.k[..., :n, :], b.k[..., :n, :], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.conv, b.conv, atol=1e-5, rtol=0)
+
+
+def test_fast_path_keeps_the_eager_errors_and_disable_restores(fast_model):
+    cache = KVCache(fast_model.config, 1, 4)
+    one = torch.ones(1, 1, dtype=torch.bool)
+    cache.lengths.fill_(4)
+    with pytest.raises(ValueError, match="KV cache full"):
+        fast_model.forward_hidden(torch.tensor([[5]]), cache.lengths[:, None], torch.ones(1, 1, dtype=torch.long), one,
+                                  cache)
+    m = kernels.disable(kernels.enable(krandomised(tiny_config())))
+    assert "forward_hidden" not in m.__dict__ and "_attend_cache" not in m.layers[0].self_attn.__dict__
+
+# -----------------------------------------------------------------------------
+# GPU only (each has a CPU twin above)
+
+
+@needs_cuda
+def test_cuda_flex_training_mask_with_gradients():
+    S, K = 256, 16
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2 * S, 2 * S, device="cuda"))
+    dense = tidar_train_layout(S, K, "cuda")[2]
+    got = kernels.attention(q, k, v, dense, kernels.tidar_train_block_mask(S, K, "cuda"))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=0)                   # TF32 matmuls allowed on the GPU
+    for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=0)
+
+
+@needs_cuda
+def test_cuda_decode_graphs_and_grouped_experts():
+    ref = krandomised(tiny_config(), device="cuda")
+    fast = kernels.enable(krandomised(tiny_config(), device="cuda"))
+    idx = torch.randint(5, 97, (2, 24), generator=torch.Generator().manual_seed(2)).cuda()
+    want, _ = generate_ar(ref, idx, 24)
+    assert torch.equal(generate_ar(fast, idx, 24)[0], want) and torch.equal(generate_tidar(fast, idx, 24)[0], want)
+    ex = krandomised(tiny_config(), dtype=torch.bfloat16, device="cuda").layers[0].mlp.experts
+    x, choice, w = (t.cuda() for t in _routing(64, 4, 48, torch.bfloat16))
+    want = ex(x, choice, w)
+    got = kernels.experts_forward(x, choice, w, ex.gate_up_proj, ex.down_proj)
+    torch.testing.assert_close(got, want, atol=2e-2 * float(want.abs().max()), rtol=2e-2)

@@ -554,7 +554,7 @@ class CheckpointError(ValueError):
 
 def _atomic_write(path, write):
     """write(tmp_path) then rename over path, so a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix="tmp-")
     os.close(fd)
     try:
         write(tmp)

@@ -1,0 +1,199 @@
+"""
+Benchmarks, each printing ratios measured side by side in one run. Run: python bench.py [--flags] (or python sample.py --bench ...).
+
+One line per measurement, and every ratio from numbers measured side by side in this run:
+- AR decode tokens/s, batch 1, greedy: ours eager and compiled (kernels.enable) vs transformers' ZayaForCausalLM
+  .generate on identical weights (saved with save_pretrained, loaded by transformers);
+- TiDAR (lossless and mix 0.5) vs our AR on one model: tokens/s and tokens per forward;
+- training tokens/s: our AR step and TiDAR step (forward + loss + backward + AdamW) vs the reference's AR step;
+- forward latency vs query tokens T = 1, 2, 4, ..., K(1+K) after a cached prefix: the "free token slots";
+- --gpu8b: the same curve and AR decode on an 8B-shaped random bf16 model on CUDA, and the TiDAR speedup implied
+  at a tokens-per-forward (TPF): speedup = TPF * t(1) / t(K(1+K)). --gpu8b_config tiny --device cpu tests it here.
+A random model's tokens mean nothing; its speeds and TPF are only those of this code (use --init_from for a model).
+"""
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from sample import generate_ar, generate_tidar
+from zaya import KVCache, Zaya, ZayaConfig, causal_layout
+
+
+def timed(fn, reps, device):
+    """Median wall seconds of fn() over reps runs, after one warm-up run (compiles happen there)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    ts = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def say(what, value, unit, extra=""):
+    print(f"{what:<58} {value:>10.2f} {unit}{'  ' + extra if extra else ''}", flush=True)
+
+
+def random_model(config, dtype, device):
+    with torch.device(device):
+        return Zaya(config).to(dtype).eval()
+
+
+def prompt_for(config, n, device, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, min(256, config.vocab_size), (1, n), generator=g).to(device)
+
+
+def bench_ar_vs_reference(a, model, device):
+    import transformers
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        ref = transformers.ZayaForCausalLM.from_pretrained(d, dtype=model.embed_tokens.weight.dtype).to(device).eval()
+    x, n = prompt_for(model.config, a.prompt_len, device), a.new_tokens
+    ours = generate_ar(model, x, n)[0]
+    with torch.no_grad():
+        theirs = ref.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    t_ref = timed(lambda: ref.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False), a.reps, device)
+    t_eager = timed(lambda: generate_ar(model, x, n), a.reps, device)
+    say("AR decode, transformers ZayaForCausalLM.generate", n / t_ref, "tok/s")
+    say("AR decode, ours eager (generate_ar)", n / t_eager, "tok/s", f"{t_ref / t_eager:.2f}x the reference, "
+        f"same tokens: {torch.equal(ours, theirs)}")
+    if a.compile:
+        kernels.enable(model)
+        t_fast = timed(lambda: generate_ar(model, x, n), a.reps, device)
+        say("AR decode, ours compiled (kernels.enable)", n / t_fast, "tok/s", f"{t_ref / t_fast:.2f}x the reference, "
+            f"{t_eager / t_fast:.2f}x eager, same tokens: {torch.equal(generate_ar(model, x, n)[0], ours)}")
+        kernels.disable(model)
+    return ref
+
+
+def bench_tidar(a, model, device, tag):
+    x, n = prompt_for(model.config, a.prompt_len, device), a.new_tokens
+    t_ar = timed(lambda: generate_ar(model, x, n), a.reps, device)
+    say(f"AR decode {tag}", n / t_ar, "tok/s", "1.00 tokens/forward")
+    for sampler in ("lossless", "mix"):
+        st = generate_tidar(model, x, n, sampler=sampler, mix_weight=0.5)[1]
+        t = timed(lambda: generate_tidar(model, x, n, sampler=sampler, mix_weight=0.5), a.reps, device)
+        say(f"TiDAR {sampler} (K={model.config.block_size}) {tag}", n / t, "tok/s",
+            f"{st.tokens_per_forward:.2f} tokens/forward, {t_ar / t:.2f}x AR")
+
+
+def bench_training(a, model, ref, device):
+    c, B, S = model.config, a.train_batch, a.train_len
+    x = torch.randint(0, min(256, c.vocab_size), (B, S + 1), generator=torch.Generator().manual_seed(2)).to(device)
+
+    def step(net, loss_fn):
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+        return lambda: (loss_fn().backward(), opt.step(), opt.zero_grad(set_to_none=True))
+
+    def tidar_loss():                                                  # (CE_AR + CE_diff) / 2: alpha = 1
+        logits = torch.cat(model.forward_tidar(x[:, :S]), 1)
+        return F.cross_entropy(logits.flatten(0, 1).float(), torch.cat([x[:, 1:], x[:, :S]], 1).flatten())
+    model.train(), ref.train()
+    t_ref = timed(step(ref, lambda: ref(input_ids=x[:, :S], labels=x[:, :S]).loss), a.reps, device)
+    say(f"train AR step, transformers (B={B}, S={S})", B * S / t_ref, "tok/s")
+    for tag in ("eager", "compiled") if a.compile else ("eager",):
+        if tag == "compiled":
+            kernels.enable(model)
+        t_ar = timed(step(model, lambda: model(x[:, :S], x[:, 1:])[1]), a.reps, device)
+        t_td = timed(step(model, tidar_loss), a.reps, device)
+        say(f"train AR step, ours {tag}", B * S / t_ar, "tok/s", f"{t_ref / t_ar:.2f}x the reference")
+        say(f"train TiDAR step, ours {tag} (2S tokens per row)", B * S / t_td, "tok/s",
+            f"{t_ar / t_td:.2f}x our AR step")
+    kernels.disable(model)
+    model.eval(), ref.eval()
+
+
+def latency_curve(a, model, device, tag, Ts):
+    """Median forward latency of T query tokens (causal, as a verify/draft pass) after a cached prefix."""
+    c = model.config
+    cache = KVCache(c, 1, a.prefix + max(Ts), dtype=model.embed_tokens.weight.dtype, device=device)
+    x = prompt_for(c, a.prefix + max(Ts), device)
+    with torch.no_grad():
+        pos, pred, mask = causal_layout(a.prefix, device)
+        model.forward_hidden(x[:, :a.prefix], pos, pred, mask, cache)
+        cache.commit(torch.tensor([a.prefix], device=device))
+        out = {}
+        for T in Ts:
+            pos, pred, mask = causal_layout(T, device)
+            idx, pos = x[:, a.prefix:a.prefix + T].contiguous(), (pos + a.prefix)[None]
+            out[T] = timed(lambda: model.forward_hidden(idx, pos, pred[None], mask, cache), a.reps, device)
+            say(f"forward latency {tag}, prefix {a.prefix}, T={T}", out[T] * 1e3, "ms",
+                f"{out[T] / out[Ts[0]]:.2f}x T=1")
+    return out
+
+
+def gpu8b(a):
+    device = torch.device(a.device)
+    c = ZayaConfig.from_name(a.gpu8b_config)
+    model = random_model(c, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+    K = c.block_size
+    Ts = sorted({1, K, K * (1 + K)} | set(a.query_tokens or []))
+    say(f"{a.gpu8b_config}: parameters ({device.type}, {model.embed_tokens.weight.dtype})", model.num_params() / 1e6,
+        "M", f"{model.num_params(active=True) / 1e6:.1f} M active")
+    kernels.enable(model, query_lengths=Ts)
+    try:
+        tag, curve = "compiled", latency_curve(a, model, device, "compiled", Ts)
+    except Exception as e:                                             # say why, then measure the eager path
+        print(f"compiled path failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}; eager instead")
+        tag, curve = "eager", latency_curve(a, kernels.disable(model), device, "eager", Ts)
+    x = prompt_for(c, a.prompt_len, device)
+    t = timed(lambda: generate_ar(model, x, a.new_tokens), a.reps, device)
+    say(f"{a.gpu8b_config}: AR decode, {tag}, batch 1", a.new_tokens / t, "tok/s")
+    say(f"{a.gpu8b_config}: implied TiDAR speedup at TPF {a.tpf}", a.tpf * curve[1] / curve[K * (1 + K)], "x",
+        f"= TPF * t(1) / t({K * (1 + K)})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init_from", default=None, help="a checkpoint for the TiDAR/AR part (default: a random model)")
+    p.add_argument("--config", default="small", help="preset of the random model")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    p.add_argument("--prompt_len", type=int, default=32)
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--prefix", type=int, default=256)
+    p.add_argument("--train_batch", type=int, default=4)
+    p.add_argument("--train_len", type=int, default=256)
+    p.add_argument("--gpu8b", action="store_true", help="only the 8B-shaped latency curve and decode (needs CUDA)")
+    p.add_argument("--gpu8b_config", default="zaya1-8b", help="preset for --gpu8b ('tiny' tests it on a CPU)")
+    p.add_argument("--query_tokens", type=int, nargs="*", help="extra T for the --gpu8b curve")
+    p.add_argument("--tpf", type=float, default=3.0, help="tokens per forward for the implied speedup")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads or torch.get_num_threads())
+    if a.gpu8b:
+        return gpu8b(a)
+    device = torch.device(a.device)
+    model = random_model(ZayaConfig.from_name(a.config), torch.float32, device)
+    say(f"random '{a.config}' model: parameters ({device.type}, fp32, {torch.get_num_threads()} threads)",
+        model.num_params() / 1e6, "M", f"{model.num_params(active=True) / 1e6:.2f} M active; load average "
+        f"{os.getloadavg()[0]:.1f} (other processes on these cores distort every number)")
+    ref = bench_ar_vs_reference(a, model, device)
+    bench_training(a, model, ref, device)
+    if a.init_from:
+        model = Zaya.from_pretrained(a.init_from, device=device).eval()
+    K = model.config.block_size
+    Ts = [2 ** i for i in range(20) if 2 ** i < K * (1 + K)] + [K * (1 + K)]
+    bench_tidar(a, model, device, "eager")
+    latency_curve(a, model, device, "eager", Ts)
+    if a.compile:
+        kernels.enable(model)                                          # graphs for T = 1 and K(1+K)
+        bench_tidar(a, model, device, "compiled")
+        latency_curve(a, model, device, "compiled", [1, K * (1 + K)])
+        kernels.disable(model)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""
+Train ZAYA1 (zaya.py) on text: autoregressive pre-training, or TiDAR conversion of an AR checkpoint.
+
+  python train.py                                           # AR, tiny preset, Python's stdlib sources, ~15 s on a CPU
+  python train.py --mode=tidar --init_from=out/ckpt.pt --out_dir=out-tidar --data_cache=out/data
+  torchrun --nproc_per_node=8 train.py --preset=medium      # DDP; add --fsdp=True for FSDP2
+  python train.py --preset=zaya1-8b --dry_run=True --gpus=64  # parameters, memory, FLOPs; allocates nothing
+
+TiDAR (../shared/docs/TIDAR.md): section 1 gives the layout [x_0..x_{S-1} | S masks], both halves at positions
+0..S-1, the labels (clean i -> x_{i+1}, mask i -> x_i) and the loss (alpha CE_AR + CE_diff) / (1 + alpha); section 2
+the CCA predecessor chain (both built by zaya.tidar_train_layout). MoE balance without an auxiliary loss: a bias
+controller (DeepSeek-V3, arXiv 2412.19437 section 2.1.2), see update_balancing_biases.
+"""
+import gc
+import json
+import math
+import os
+import random
+import sys
+import sysconfig
+import time
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as grad_checkpoint
+
+from zaya import CheckpointError, Zaya, ZayaConfig, _atomic_write, causal_layout, tidar_train_layout
+
+# -----------------------------------------------------------------------------
+# settings: every key can be overridden with --key=value (parsed to the default's type)
+
+DEFAULTS = dict(
+    preset="tiny", mode="ar",      # zaya.PRESETS name; ar: next-token loss | tidar: AR + diffusion loss (TIDAR.md 1)
+    init_from="scratch",           # scratch | resume (out_dir/ckpt.pt) | PATH: a ckpt.pt, a dir holding one, an HF dir
+    data="stdlib",                 # stdlib (this Python's own .py sources) | PATH to a text file or a folder of them
+    tokenizer="bytes",             # bytes (built in code, offline) | a tiktoken encoding name, e.g. gpt2
+    out_dir="out", data_cache="",  # token cache folder ("" = out_dir/data)
+    max_iters=300, batch_size=16, seq_len=128, block_size=16, alpha=1.0,
+    lr=3e-3, min_lr=3e-4, warmup_iters=20, lr_decay_iters=0, weight_decay=0.1, grad_clip=1.0, bias_update_rate=1e-3,
+    eval_interval=100, eval_iters=4, log_interval=20, seed=1337,
+    device="auto", dtype="auto",   # auto: cuda and bfloat16 autocast if there is a GPU, else cpu and float32
+    compile=False, grad_checkpointing=False, fsdp=False,
+    loss_chunk=1024,               # tokens per cross-entropy chunk (0 = one chunk, full logits)
+    dry_run=False, gpus=8,         # dry_run: print sizes for --gpus GPUs and exit
+)
+
+
+class UsageError(Exception):
+    """Bad input; __main__ prints it as one line and exits with status 2, no traceback."""
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient: the run stops (status 1) and the last good checkpoint stays as it was."""
+
+
+def check(ok, msg):
+    if not ok:
+        raise UsageError(msg)
+
+
+def parse_args(argv):
+    """--key=value pairs -> dict of overrides. Unknown keys are rejected; values take the default's type."""
+    out = {}
+    for arg in argv:
+        key, eq, val = arg.removeprefix("--").partition("=")
+        check(arg.startswith("--") and eq and key in DEFAULTS, f"bad flag {arg!r}; do use --key=value, key in DEFAULTS")
+        kind = type(DEFAULTS[key])
+        try:
+            out[key] = {"True": True, "False": False}[val] if kind is bool else kind(val)
+        except (KeyError, ValueError):
+            want = "True or False" if kind is bool else kind.__name__
+            raise UsageError(f"--{key}={val}: expected {want}; do write e.g. --{key}={DEFAULTS[key]}") from None
+    return out
+
+# -----------------------------------------------------------------------------
+# tokenizer and data
+
+
+def get_tokenizer(name):
+    """(tiktoken.Encoding, ids), ids = dict(eot, mask, pad, vocab_size). vocab_size is the model's, n_vocab rounded
+    up to a multiple of 64: drop ids >= enc.n_vocab before enc.decode(ids)."""
+    if name == "bytes":        # 256 single-byte tokens, no merges: offline, and any text encodes
+        enc = tiktoken.Encoding("bytes", pat_str=r"[^\n]+|\n", mergeable_ranks={bytes([i]): i for i in range(256)},
+                                special_tokens={"<|endoftext|>": 256, "<|mask|>": 257, "<|pad|>": 258})
+    else:                      # a tiktoken encoding with <|mask|> and <|pad|> appended after its last id
+        try:
+            base = tiktoken.get_encoding(name)
+        except Exception as e:
+            raise UsageError(f"no tiktoken encoding {name!r} ({type(e).__name__}); do use --tokenizer=bytes") from None
+        n = base.n_vocab
+        enc = tiktoken.Encoding(f"{name}-tidar", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                                special_tokens={**base._special_tokens, "<|mask|>": n, "<|pad|>": n + 1})
+    ids = dict(eot=enc.eot_token, mask=enc.encode_single_token("<|mask|>"), pad=enc.encode_single_token("<|pad|>"))
+    return enc, dict(ids, vocab_size=(enc.n_vocab + 63) // 64 * 64)
+
+
+def corpus_files(data):
+    """Sorted (relative path, path): Python's stdlib .py files (no test dirs, no site-packages), one file, or every
+    file under a folder (hidden entries skipped; binary files are dropped when read)."""
+    check(data == "stdlib" or os.path.exists(data), f"--data={data} does not exist; do pass a text file or a folder")
+    if data != "stdlib" and os.path.isfile(data):
+        return [(os.path.basename(data), data)]
+    root, ext = (sysconfig.get_paths()["stdlib"], ".py") if data == "stdlib" else (data, "")
+    skip, files = {"site-packages", "dist-packages", "test", "tests", "idle_test"} if data == "stdlib" else set(), []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = [x for x in dirs if x not in skip and not x.startswith(".")]
+        files += [(os.path.relpath(os.path.join(d, f), root), os.path.join(d, f))
+                  for f in names if f.endswith(ext) and not f.startswith(".")]
+    return sorted(files)
+
+
+def load_corpus(data, tokenizer, cache_dir, min_tokens=2):
+    """(train, val) token arrays (memmaps). A file goes to val when crc32(relative path) % 20 == 0 (~5%); each
+    document is <|endoftext|> then its tokens. Cached as uint16 (uint32 for big vocabs) .bin files keyed by the
+    data path, file sizes and times, and the tokenizer. A split under min_tokens: the last 5% of all become val."""
+    files = corpus_files(data)
+    stat = [os.path.abspath(data), tokenizer] + [(rel, os.path.getsize(p), os.path.getmtime(p)) for rel, p in files]
+    key = f"{tokenizer}-{zlib.crc32(json.dumps(stat).encode()):08x}"
+    enc, ids = get_tokenizer(tokenizer)
+    dtype = np.uint16 if ids["vocab_size"] <= 2**16 else np.uint32
+    paths = [os.path.join(cache_dir, f"{key}.{split}.bin") for split in ("train", "val")]
+    if not all(os.path.exists(p) for p in paths):
+        docs = ([], [])
+        for rel, p in files:
+            raw = Path(p).read_bytes()
+            if raw and b"\0" not in raw[:8192]:                    # NUL bytes: a binary file
+                docs[zlib.crc32(rel.encode()) % 20 == 0].append(raw.decode("utf-8", errors="replace"))
+        os.makedirs(cache_dir, exist_ok=True)
+        for path, texts in zip(paths, docs):                       # atomic: concurrent ranks may both write
+            toks = [t for doc in enc.encode_ordinary_batch(texts) for t in [ids["eot"], *doc]]
+            _atomic_write(path, np.array(toks, dtype=dtype).tofile)
+    train, val = (np.memmap(p, dtype=dtype, mode="r") if os.path.getsize(p) else np.zeros(0, dtype) for p in paths)
+    if len(train) < min_tokens or len(val) < min_tokens:
+        every = np.concatenate([train, val])
+        n_val = max(len(every) // 20, min_tokens)
+        check(len(every) - n_val >= min_tokens, f"--data={data}: {len(every)} tokens < 2 (seq_len+1); do add text")
+        train, val = every[:-n_val], every[-n_val:]
+    return train, val
+
+
+def get_batch(ids, batch_size, seq_len, gen=None, rank=0, world=1, device="cpu"):
+    """Random windows [batch_size, seq_len+1] (int64). Every rank draws the same global batch of batch_size * world
+    windows (same seed, gen or torch's global RNG) and keeps its slice: the global batch ignores the process count."""
+    ix = torch.randint(len(ids) - seq_len, (batch_size * world,), generator=gen)[rank * batch_size:][:batch_size]
+    w = torch.from_numpy(np.stack([ids[i:i + seq_len + 1].astype(np.int64) for i in ix.tolist()]))
+    return w.pin_memory().to(device, non_blocking=True) if "cuda" in str(device) else w
+
+# -----------------------------------------------------------------------------
+# losses and load balancing
+
+
+def chunked_cross_entropy(h, weight, targets, chunk=0):
+    """Mean CE of F.linear(h, weight) against targets (-1 ignored) and per-token top-1 hits, `chunk` tokens at a
+    time under activation checkpointing: backward recomputes a chunk's logits, so no (N, V) logits ever exist
+    (at V = 262k a 1024-token chunk is 1 GiB in fp32). chunk = 0: one chunk, no recomputation."""
+    def ce(h, y):
+        logits = F.linear(h, weight)                                # (n, V), this chunk only
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, y, ignore_index=-1, reduction="sum"), logits.argmax(-1) == y
+    h, y = h.reshape(-1, h.shape[-1]), targets.reshape(-1)         # (N, d), (N,)
+    chunk, total, hits = chunk or len(y), 0.0, []
+    for i in range(0, len(y), chunk):
+        args, recompute = (h[i:i + chunk], y[i:i + chunk]), torch.is_grad_enabled() and chunk < len(y)
+        s, hit = grad_checkpoint(ce, *args, use_reentrant=False) if recompute else ce(*args)
+        total, hits = total + s, hits + [hit]
+    return total / (y != -1).sum().clamp_min(1), torch.cat(hits)
+
+
+def tidar_loss(model, w, alpha=1.0, K=16, chunk=0):
+    """TiDAR loss (TIDAR.md 1) on windows w [B, S+1] -> (loss, ar, diff, hits [B, S] of the diffusion argmax).
+    One forward over [x_0..x_{S-1} | S masks]; the (S+1)-token window gives every clean position a label."""
+    B, S = w.shape[0], w.shape[1] - 1
+    idx = w[:, :S]
+    x = torch.cat([idx, torch.full_like(idx, model.config.mask_token_id)], 1)      # (B, 2S)
+    h = model.forward_hidden(x, *tidar_train_layout(S, K, w.device))             # (B, 2S, d)
+    ar, _ = chunked_cross_entropy(h[:, :S], model.embed_tokens.weight, w[:, 1:], chunk)    # clean i -> x_{i+1}
+    diff, hits = chunked_cross_entropy(h[:, S:], model.embed_tokens.weight, idx, chunk)   # mask i -> x_i
+    return (alpha * ar + diff) / (1 + alpha), ar, diff, hits.view(B, S)
+
+
+class TrainLoss(nn.Module):
+    """The loss as one module forward: what DDP / FSDP wrap, so their hooks see every weight use (tied lm_head too)."""
+
+    def __init__(self, model, c):
+        super().__init__()
+        self.model, self.c = model, c
+
+    def forward(self, w):
+        """windows w [B, S+1] -> (loss, ar, diff, hits); for AR: (loss, loss, None, None)."""
+        c, m, S = self.c, self.model, w.shape[1] - 1
+        if c.mode == "tidar":
+            return tidar_loss(m, w, c.alpha, c.block_size, c.loss_chunk)
+        h = m.forward_hidden(w[:, :S], *causal_layout(S, w.device))
+        ar, _ = chunked_cross_entropy(h, m.embed_tokens.weight, w[:, 1:], c.loss_chunk)
+        return ar, ar, None, None
+
+
+@torch.no_grad()
+def update_balancing_biases(model, rate):
+    """Aux-loss-free load balancing, DeepSeek-V3's sign rule, after every optimizer step. For each MoE layer, with
+    load_e = tokens routed to expert e in this step (summed over ranks) and mean = the mean over experts:
+        b_e <- b_e + rate * sign(mean - load_e)      for e < E; the skip class b_E (= -1) is never touched
+    The biases only move the argmax (zaya.Router), never the gate weight, so they add no gradient. Returns the
+    imbalance max_e load_e / mean, averaged over layers (1.0 = balanced)."""
+    moes = [layer.mlp for layer in model.layers]
+    loads = torch.stack([m.load[:-1] for m in moes]).float()      # (L, E)
+    if dist.is_initialized():
+        dist.all_reduce(loads)
+    mean = loads.mean(1, keepdim=True)
+    for m, step in zip(moes, rate * torch.sign(mean - loads)):
+        m.gate.balancing_biases[:-1] += step.to(m.gate.balancing_biases.device)
+    return (loads.max(1).values / mean[:, 0].clamp_min(1e-9)).mean().item()
+
+
+def get_lr(it, c):
+    """Linear warmup to lr, then cosine down to min_lr at lr_decay_iters (0 = max_iters)."""
+    if it < c.warmup_iters:
+        return c.lr * (it + 1) / (c.warmup_iters + 1)
+    ratio = min(1.0, (it - c.warmup_iters) / max(1, (c.lr_decay_iters or c.max_iters) - c.warmup_iters))
+    return c.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (c.lr - c.min_lr)
+
+
+def all_mean(x):
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+# -----------------------------------------------------------------------------
+# dry run: a big preset's sizes from a model on the meta device
+
+
+def dry_run(c):
+    """Parameters, memory per GPU under FSDP, training FLOPs. Bytes for N params, G GPUs, t = batch_size T tokens
+    per GPU (T = S for AR, 2S for TiDAR): states 16 N / G (fp32 weights + grads, AdamW m, v; sharded); gathered bf16
+    2 (2 N_layer + V d) (layer in use + prefetched + embedding); activations t (4 L d + a) (fp32 residual per layer,
+    a = 2 (16 d + 6 (nq+nkv) hd + 4 I) for one recomputed layer, L of them without grad_checkpointing) + 12 V per
+    loss_chunk token + T^2 (mask). FLOPs per data token: 6 (N_active + V d) per forwarded token (T / S of them) +
+    12 L nq hd per attended key (AR S/2; TiDAR S/2 clean + S/2 + K/2 masked: the pairs its mask allows)."""
+    cfg = ZayaConfig.from_name(c.preset, block_size=c.block_size)
+    with torch.device("meta"):
+        model = Zaya(cfg)
+    N, Na = model.num_params(), model.num_params(active=True)
+    L, d, V, I, S = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.moe_intermediate_size, c.seq_len
+    C, A = (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim, cfg.num_attention_heads * cfg.head_dim
+    states, gathered, GiB = 16 * N / c.gpus, 2 * (2 * (N - V * d) / L + V * d), 2**30
+    print(f"{c.preset}: {N:,} parameters, {Na:,} active per token (one expert, embedding excluded)\n"
+          f"per GPU, FSDP over {c.gpus} GPUs, batch_size {c.batch_size}, seq_len {S}, grad_checkpointing="
+          f"{c.grad_checkpointing}, loss_chunk {c.loss_chunk}: states 16 N / G = {states / GiB:.1f} GiB, "
+          f"gathered bf16 = {gathered / GiB:.1f} GiB (formulas: train.dry_run.__doc__)")
+    for mode, T, keys in (("AR", S, S / 2), ("TiDAR", 2 * S, S + c.block_size / 2)):
+        t = c.batch_size * T
+        act = t * (4 * L * d + 2 * (16 * d + 6 * C + 4 * I) * (1 if c.grad_checkpointing else L))
+        act += 12 * min(c.loss_chunk or t, t) * V + T * T
+        flops = T // S * 6 * (Na + V * d) + 12 * L * A * keys
+        print(f"  {mode:5s} T={T}: activations {act / GiB:.1f} GiB, total {(states + gathered + act) / GiB:.1f} GiB; "
+              f"training FLOPs per data token {flops / 1e9:.2f} GFLOP")
+    return dict(params=N, active=Na)
+
+# -----------------------------------------------------------------------------
+# one training run
+
+
+def read_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}); do pass a train.py ckpt.pt") from None
+
+
+def run(overrides):
+    """One run (ar or tidar). Returns a summary dict, also written to out_dir/log.json."""
+    # ---- settings: DEFAULTS <- on resume the checkpoint's, on init from our checkpoint its tokenizer <- overrides
+    ck, base, src = None, {}, overrides.get("init_from", "scratch")
+    if src == "resume":
+        path = os.path.join(overrides.get("out_dir", DEFAULTS["out_dir"]), "ckpt.pt")
+        check(os.path.isfile(path), f"no checkpoint to resume at {path}; do pass the run's --out_dir")
+        ck = read_checkpoint(path)
+        base = {k: v for k, v in ck["train_cfg"].items() if k in DEFAULTS}
+    elif src != "scratch":
+        check(os.path.exists(src), f"init checkpoint {src} not found; do train one first (python train.py) or pass "
+              "--init_from=PATH to a ckpt.pt or a Hugging Face directory")
+        own = os.path.join(src, "ckpt.pt") if os.path.isdir(src) else src
+        base = {"tokenizer": read_checkpoint(own).get("tokenizer", "bytes")} if os.path.isfile(own) else {}
+    c = SimpleNamespace(**{**DEFAULTS, **base, **overrides})
+    check(c.mode in ("ar", "tidar"), f"--mode={c.mode} is unknown; do use ar or tidar")
+    check(c.dtype in ("auto", "float32", "bfloat16"), f"--dtype={c.dtype} is unknown; do use auto, float32 or bfloat16")
+    for k, v in vars(c).items():                                    # sizes and intervals >= 1, other numbers >= 0
+        lo = int(k in ("batch_size", "seq_len", "block_size", "eval_interval", "eval_iters", "log_interval", "gpus"))
+        check(type(v) not in (int, float) or v >= lo, f"--{k}={v} must be >= {lo}; do pass a value >= {lo}")
+    check(c.mode == "ar" or c.seq_len % c.block_size == 0, f"--seq_len={c.seq_len} is not a multiple of --block_size="
+          f"{c.block_size}; do make it one, e.g. --seq_len={max(1, c.seq_len // c.block_size) * c.block_size}")
+    if c.dry_run:
+        return dry_run(c)
+    # ---- processes and device
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    device = c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device.startswith("cuda")
+    check(not cuda or torch.cuda.is_available(), f"--device={device} but CUDA is not available; do use --device=cpu")
+    check(not c.fsdp or world > 1, "--fsdp=True needs several processes; do launch with torchrun --nproc_per_node=N")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{local}" if world > 1 else device
+        torch.cuda.set_device(device)
+    dtype = c.dtype if c.dtype != "auto" else "bfloat16" if cuda else "float32"
+    autocast = torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=dtype == "bfloat16")
+    log = print if rank == 0 else (lambda *a: None)
+    os.makedirs(c.out_dir, exist_ok=True)
+    torch.manual_seed(c.seed)
+    np.random.seed(c.seed)
+    random.seed(c.seed)
+    # ---- tokenizer and data (a cold cache is built by every rank; the writes are atomic)
+    enc, ids = get_tokenizer(c.tokenizer)
+    train_ids, val_ids = load_corpus(c.data, c.tokenizer, c.data_cache or f"{c.out_dir}/data", c.seq_len + 1)
+    log(f"data {c.data}: {len(train_ids):,} train / {len(val_ids):,} val tokens ({c.tokenizer})")
+    # ---- model, wrapped for DDP / FSDP, and optimizer; checkpoints hold the full state, gathered to rank 0's CPU
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if c.init_from in ("scratch", "resume"):
+        model = Zaya(ZayaConfig(**ck["config"]) if ck else ZayaConfig.from_name(
+            c.preset, vocab_size=ids["vocab_size"], bos_token_id=ids["eot"], eos_token_id=ids["eot"],
+            pad_token_id=ids["pad"], mask_token_id=ids["mask"], block_size=c.block_size))
+    else:                                                           # an AR checkpoint to convert
+        model = Zaya.from_pretrained(c.init_from, dtype=torch.float32)
+        model.config.block_size = c.block_size
+        if model.config.mask_token_id is None:
+            model.config.mask_token_id = ids["mask"]
+    check(enc.n_vocab <= model.config.vocab_size, f"tokenizer {c.tokenizer} has {enc.n_vocab} ids but the model's "
+          f"vocab_size is {model.config.vocab_size}; do use the tokenizer the checkpoint was trained with")
+    model.to(device).grad_checkpointing = c.grad_checkpointing
+    loss_model = TrainLoss(model, c)
+    if c.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(torch.bfloat16 if dtype == "bfloat16" else None, reduce_dtype=torch.float32)
+        for layer in model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(loss_model, mp_policy=mp)
+    elif world > 1:
+        loss_model = nn.parallel.DistributedDataParallel(loss_model, broadcast_buffers=False)
+    fwd = torch.compile(loss_model) if c.compile else loss_model
+    params = list(loss_model.parameters())
+    opt = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=c.weight_decay),
+                             dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
+                            lr=c.lr, betas=(0.9, 0.95), fused=cuda)
+    it, best = 0, float("inf")
+    if ck:                                                          # resume: weights, optimizer, counters, RNGs
+        set_state_dict(loss_model, opt, model_state_dict={"model." + k: v for k, v in ck["model"].items()},
+                       optim_state_dict=ck["optimizer"], options=full_state)
+        it, best, r = ck["iter_num"], ck["best_val_loss"], ck["rng"]
+        torch.set_rng_state(r["torch"])                             # draws the training batches
+        random.setstate(r["python"])
+        np.random.set_state((r["numpy"][0], np.array(r["numpy"][1], dtype=np.uint32), *r["numpy"][2:]))
+    log(f"{c.mode} from {c.init_from}: {model.num_params():,} params, {world} process(es), {device}, {dtype}")
+
+    @torch.no_grad()
+    def evaluate():
+        """Val losses on fixed batches (own generator) and diffusion top-1 accuracy by position in the block."""
+        fwd.eval()
+        val_gen, K = torch.Generator().manual_seed(c.seed + 1), c.block_size
+        sums = torch.zeros(3 + K, device=device)
+        for _ in range(c.eval_iters):
+            with autocast:
+                loss, ar, diff, hits = fwd(get_batch(val_ids, c.batch_size, c.seq_len, val_gen, rank, world, device))
+            acc = hits.view(-1, K).float().mean(0) if hits is not None else sums.new_zeros(K)
+            sums += torch.cat([torch.stack([loss, ar, ar if diff is None else diff]).float(), acc])
+        fwd.train()
+        m = all_mean(sums / c.eval_iters).tolist()
+        return dict(iter=it, loss=m[0], ar=m[1], diff=m[2], acc=m[3:])
+
+    def save_checkpoint(path):
+        """Full (unsharded) state from rank 0, via a temp file. 'optimizer' is keyed by name: any DDP/FSDP layout."""
+        msd, osd = get_state_dict(loss_model, opt, options=full_state)  # a collective under FSDP
+        if rank != 0:
+            return
+        npr = np.random.get_state()
+        state = dict(config=asdict(model.config), model={k.removeprefix("model."): v for k, v in msd.items()},
+                     optimizer=osd, iter_num=it, best_val_loss=best, mode=c.mode, tokenizer=c.tokenizer, data=c.data,
+                     train_cfg=vars(c), rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
+                                                 numpy=[npr[0], npr[1].tolist(), *npr[2:]]))
+
+        def write(tmp):                   # via a file object: torch.save(obj, name) rejects zaya's ".tmp-" names
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+        _atomic_write(path, write)
+    # ---- the loop
+    ckpt, history, evals, t_start = os.path.join(c.out_dir, "ckpt.pt"), [], [], time.time()
+    start, it_log, t_log, tokens = it, it, t_start, c.batch_size * world * c.seq_len   # tokens per iteration
+    while it < c.max_iters:
+        lr = get_lr(it, c)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with autocast:
+            loss, ar, diff, _ = fwd(get_batch(train_ids, c.batch_size, c.seq_len, None, rank, world, device))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float("inf"))
+        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()   # a DTensor under FSDP
+        stats = all_mean(torch.stack([loss, ar, ar if diff is None else diff]).detach().float()).tolist()
+        if not all(map(math.isfinite, stats + [norm])):
+            raise Diverged(f"loss {stats[0]}, grad norm {norm} at iter {it}; do lower --lr, resume from {ckpt} (kept)")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        imbalance = update_balancing_biases(model, c.bias_update_rate)
+        history.append(dict(iter=it, loss=stats[0], ar=stats[1], diff=stats[2] if c.mode == "tidar" else None))
+        it += 1
+        if (it - 1) % c.log_interval == 0 or it == c.max_iters:
+            now, diff_s = time.time(), f", diff {stats[2]:.4f}" if c.mode == "tidar" else ""
+            tok_s, eta = (it - it_log) * tokens / (now - t_log), (now - t_start) / (it - start) * (c.max_iters - it)
+            log(f"iter {it - 1}: loss {stats[0]:.4f} (ar {stats[1]:.4f}{diff_s}), lr {lr:.2e}, norm {norm:.2f}, "
+                f"imbalance {imbalance:.2f}, {tok_s:,.0f} tok/s, eta {eta:.0f}s")
+            t_log, it_log = now, it
+        if it % c.eval_interval == 0 or it == c.max_iters:
+            evals.append(evaluate())
+            best, ev = min(best, evals[-1]["loss"]), evals[-1]
+            acc = " ".join(f"{100 * a:.0f}" for a in ev["acc"])
+            acc = f"; diffusion top-1 % by block position 0..{c.block_size - 1}: {acc}"
+            log(f"eval {it}: val ar {ev['ar']:.4f}" + (f", diff {ev['diff']:.4f}{acc}" if c.mode == "tidar" else ""))
+            save_checkpoint(ckpt)
+    summary = dict(mode=c.mode, iter=it, losses=history, evals=evals, best_val_loss=best, ckpt=ckpt)
+    if rank == 0:                                                   # for plots and tests
+        Path(c.out_dir, "log.json").write_text(json.dumps(summary))
+    return summary
+
+
+def main(argv=None):
+    """Parse --key=value flags and run once (an AR -> TiDAR pipeline is two run() calls)."""
+    overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(overrides)
+    finally:
+        if dist.is_initialized():
+            gc.collect()        # free FSDP's sharded tensors (in reference cycles) first, or exit can abort (gloo)
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UsageError, ValueError, Diverged) as e:                # CheckpointError is a ValueError
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, Diverged) else 2)
