@@ -12,17 +12,19 @@ One line per measurement, and every ratio from numbers measured side by side in 
 A random model's tokens mean nothing; its speeds and TPF are only those of this code (use --init_from for a model).
 """
 import argparse
+import json
 import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import kernels
 from sample import generate_ar, generate_tidar
-from zaya import KVCache, Zaya, ZayaConfig, causal_layout
+from zaya import KVCache, Zaya, ZayaConfig, causal_layout, tidar_step_layout
 
 
 def timed(fn, reps, device):
@@ -151,6 +153,129 @@ def gpu8b(a):
     say(f"{a.gpu8b_config}: AR decode, {tag}, batch 1", a.new_tokens / t, "tok/s")
     say(f"{a.gpu8b_config}: implied TiDAR speedup at TPF {a.tpf}", a.tpf * curve[1] / curve[K * (1 + K)], "x",
         f"= TPF * t(1) / t({K * (1 + K)})")
+
+
+# -----------------------------------------------------------------------------
+# the small reproduction: `python train.py` runs reproduce() (README, "Results")
+
+PIPELINES = {  # (AR pretraining, TiDAR conversion) settings; ~12 min / ~1.5 h (estimated) on a 2-core CPU
+    "default": (dict(preset="small", max_iters=1500, eval_interval=500, log_interval=100),
+                dict(max_iters=900, lr=2e-3, min_lr=2e-4, eval_interval=300, log_interval=100)),
+    "long": (dict(preset="medium", max_iters=2000, lr=2e-3, eval_interval=500, log_interval=100),
+             dict(max_iters=1000, lr=1e-3, min_lr=1e-4, eval_interval=250, log_interval=50))}
+
+
+def reproduce(o):
+    """AR pretraining -> TiDAR conversion (block 16) -> decoding report; the model ends in out_dir/ckpt.pt."""
+    from train import DEFAULTS, check, run
+    out = o.get("out_dir", DEFAULTS["out_dir"])
+    if o["pipeline"] != "eval":
+        check(o["pipeline"] in PIPELINES, f"--pipeline={o['pipeline']} is unknown; do use default, long or eval")
+        ar, tidar = PIPELINES[o["pipeline"]]
+        rest = {"data_cache": f"{out}/data", **{k: v for k, v in o.items() if k not in ("pipeline", "out_dir")}}
+        run({**ar, **rest, "mode": "ar", "out_dir": f"{out}/ar"})
+        run({**tidar, **rest, "mode": "tidar", "init_from": f"{out}/ar/ckpt.pt", "out_dir": out})
+    full = o["pipeline"] == "eval"                                 # the README's whole table, or a summary
+    return decode_report(out, (4, 8, 16) if full else (16,), (1.0, 0.75, 0.5, 0.25) if full else (1.0, 0.5),
+                         o.get("data", "stdlib"), [None, [0], [0, 1], [0, 2], [0, 4], "auto"] if full else ["auto"])
+
+
+@torch.no_grad()
+def decode_report(out, blocks, weights, data, levels=(), n_prompts=8, new_tokens=96):
+    """Tokens per forward and tokens/s of greedy AR, lossless (= mix at w = 1) and mix at each weight, on 128-token
+    prompts from the held-out split (val files, never trained on), one at a time (batch 1); prints a table, a demo
+    continuation of the first prompt by each sampler, and writes out/decode.json."""
+    from train import get_tokenizer, load_corpus
+    model = Zaya.from_pretrained(os.path.join(out, "ckpt.pt")).eval()
+    name = model.checkpoint_meta.get("tokenizer", "bytes")
+    enc, _ = get_tokenizer(name)
+    _, val = load_corpus(data, name, os.path.join(out, "data"), 129)          # the held-out split
+    prompts = [torch.from_numpy(val[s:s + 128].astype("int64")) for s in
+               torch.linspace(0, len(val) - 129, n_prompts).long().tolist()]
+    ar = [generate_ar(model, p[None], new_tokens)[1] for p in prompts]
+    ar_tps = sum(s.tokens_per_s for s in ar) / len(ar)
+    print(f"held-out decoding, {len(prompts)} prompts x {new_tokens} tokens, batch 1, greedy; AR {ar_tps:.1f} tokens/s")
+    rows = []
+    for K in blocks:
+        for w in weights:
+            st = [generate_tidar(model, p[None], new_tokens, sampler="mix", mix_weight=w, block_size=K)[1] for p in prompts]
+            tpf, tps = (sum(getattr(s, a) for s in st) / len(st) for a in ("tokens_per_forward", "tokens_per_s"))
+            rows.append(dict(block=K, w=w, tokens_per_forward=tpf, tokens_per_s=tps, speedup=tps / ar_tps))
+            print(f"  block {K:2d} {'lossless' if w == 1 else f'mix w={w}':10s} {tpf:5.2f} tokens/forward, "
+                  f"{tps:7.1f} tokens/s, {tps / ar_tps:.2f}x AR")
+    if levels:                                           # proposal levels (issue: TiDAR never slower than AR)
+        K = blocks[-1]
+        t0 = time.perf_counter()
+        calibrate(model, 1, K, len(prompts[0]))   # once per machine/shape, then cached: timed apart
+        print(f"  levels=auto calibration (latency curve at K={K}): {time.perf_counter() - t0:.2f} s, once")
+        for g in levels:
+            st = [generate_tidar(model, p[None], new_tokens, block_size=K, groups=g)[1] for p in prompts]
+            tpf, tps = (sum(getattr(s, a) for s in st) / len(st) for a in ("tokens_per_forward", "tokens_per_s"))
+            name = g if isinstance(g, str) else "dense" if g is None else ",".join(map(str, g))
+            rows.append(dict(block=K, w=1.0, groups=name, chosen=list(st[-1].groups), tokens_per_forward=tpf,
+                             tokens_per_s=tps, speedup=tps / ar_tps))
+            print(f"  block {K:2d} lossless levels {name:10s} {tpf:5.2f} tokens/forward, {tps:7.1f} tokens/s, "
+                  f"{tps / ar_tps:.2f}x AR" + (f" ({st[-1].note})" if st[-1].note else ""))
+    for name, kw in (("AR", None), ("lossless", dict(sampler="lossless")), ("mix 0.5", dict(sampler="mix"))):
+        toks = (generate_ar(model, prompts[0][None], new_tokens) if kw is None else
+                generate_tidar(model, prompts[0][None], new_tokens, block_size=blocks[-1], **kw))[0][0, len(prompts[0]):]
+        print(f"--- {name} continuation of held-out code:\n{enc.decode([i for i in toks.tolist() if i < enc.n_vocab])}")
+    Path(out, "decode.json").write_text(json.dumps(dict(ar_tokens_per_s=ar_tps, rows=rows)))
+    return dict(ar_tokens_per_s=ar_tps, rows=rows)
+
+
+_LATENCY = {}
+
+
+@torch.no_grad()
+def calibrate(model, B, K, prefix):
+    """Median forward latency for 1 query token (AR) and K + K*m tokens (m = 1..K groups) at a cached prefix
+    of `prefix` tokens; cached per machine, model shape, batch and K."""
+    c, dev = model.config, model.embed_tokens.weight.device
+    key = (str(dev), model.embed_tokens.weight.dtype, repr(c), B, K, prefix // 64)
+    if key not in _LATENCY:
+        times = {}
+        for n, layout in [(1, causal_layout(1, dev))] + [(K + K * m, tidar_step_layout(K, range(m), dev)) for m in range(1, K + 1)]:
+            runs = []
+            for _ in range(3):
+                cache = KVCache(c, B, prefix + n, dtype=model.embed_tokens.weight.dtype, device=dev)
+                cache.lengths.fill_(prefix)
+                t0 = time.perf_counter()
+                model.forward_hidden(torch.zeros(B, n, dtype=torch.long, device=dev), prefix + layout[0], layout[1], layout[2], cache)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                runs.append(time.perf_counter() - t0)
+            times[n] = sorted(runs)[1]
+        _LATENCY[key] = times
+    return _LATENCY[key]
+
+
+def dry_run(c):
+    """Parameters, memory per GPU under FSDP, training FLOPs. Bytes for N params, G GPUs, t = batch_size T tokens
+    per GPU (T = S for AR, 2S for TiDAR): states 16 N / G (fp32 weights + grads, AdamW m, v; sharded); gathered bf16
+    2 (2 N_layer + V d) (layer in use + prefetched + embedding); activations t (4 L d + a) (fp32 residual per layer,
+    a = 2 (16 d + 6 (nq+nkv) hd + 4 I) for one recomputed layer, L of them without grad_checkpointing) + 12 V per
+    loss_chunk token + T^2 (mask). FLOPs per data token: 6 (N_active + V d) per forwarded token (T / S of them) +
+    12 L nq hd per attended key (AR S/2; TiDAR S/2 clean + S/2 + K/2 masked: the pairs its mask allows)."""
+    cfg = ZayaConfig.from_name(c.preset, block_size=c.block_size)
+    with torch.device("meta"):
+        model = Zaya(cfg)
+    N, Na = model.num_params(), model.num_params(active=True)
+    L, d, V, I, S = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.moe_intermediate_size, c.seq_len
+    C, A = (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim, cfg.num_attention_heads * cfg.head_dim
+    states, gathered, GiB = 16 * N / c.gpus, 2 * (2 * (N - V * d) / L + V * d), 2**30
+    print(f"{c.preset}: {N:,} parameters, {Na:,} active per token (one expert, embedding excluded)\n"
+          f"per GPU, FSDP over {c.gpus} GPUs, batch_size {c.batch_size}, seq_len {S}, grad_checkpointing="
+          f"{c.grad_checkpointing}, loss_chunk {c.loss_chunk}: states 16 N / G = {states / GiB:.1f} GiB, "
+          f"gathered bf16 = {gathered / GiB:.1f} GiB (formulas: train.dry_run.__doc__)")
+    for mode, T, keys in (("AR", S, S / 2), ("TiDAR", 2 * S, S + c.block_size / 2)):
+        t = c.batch_size * T
+        act = t * (4 * L * d + 2 * (16 * d + 6 * C + 4 * I) * (1 if c.grad_checkpointing else L))
+        act += 12 * min(c.loss_chunk or t, t) * V + T * T
+        flops = T // S * 6 * (Na + V * d) + 12 * L * A * keys
+        print(f"  {mode:5s} T={T}: activations {act / GiB:.1f} GiB, total {(states + gathered + act) / GiB:.1f} GiB; "
+              f"training FLOPs per data token {flops / 1e9:.2f} GFLOP")
+    return dict(params=N, active=Na)
 
 
 def main(argv=None):

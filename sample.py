@@ -8,13 +8,16 @@ generate_tidar one forward per step verifies K drafts causally AND drafts the ne
 Samplers: "lossless" = speculative sampling against the model's own AR distribution (Leviathan et al. 2023;
 greedy: token-for-token the greedy AR output); "mix" = Zyphra's logit mixing, target w*AR + (1-w)*draft.
 """
+import json
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from zaya import KVCache, causal_layout, tidar_step_layout
+from zaya import CheckpointError, KVCache, Zaya, causal_layout, tidar_step_layout
 
 # -----------------------------------------------------------------------------
 # statistics and shared pieces
@@ -62,8 +65,15 @@ def _prepare(model, idx, max_new_tokens, extra):
 
 
 def _logits(model, h):
-    """Verify/sample logits in fp32 even for a bf16 model (near-ties would flip between AR and TiDAR otherwise)."""
-    return F.linear(h.float(), model.embed_tokens.weight.float())
+    """Verify/sample logits in fp32 even for a bf16 model (near-ties would flip between AR and TiDAR otherwise).
+    The fp32 copy of the tied head is made once per weight version, not every step (2 GiB at the 8B's V = 262k)."""
+    w = model.embed_tokens.weight
+    if w.dtype == torch.float32 or w.dtype == torch.float64:
+        return F.linear(h.to(w.dtype), w)
+    key = (w.data_ptr(), w._version)
+    if getattr(model, "_head32", (None,))[0] != key:
+        model._head32 = (key, w.detach().float())
+    return F.linear(h.float(), model._head32[1])
 
 
 def _process(logits, temperature, top_k, mask_id):
@@ -165,16 +175,13 @@ def generate_ar(model, idx, max_new_tokens, temperature=0.0, top_k=None, stop_at
 
 
 def _check_args(temperature, top_k, mix_weight=0.5, block_size=1, sampler="lossless"):
-    if sampler not in ("lossless", "mix"):
-        raise ValueError(f"sampler must be 'lossless' or 'mix', got {sampler!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if not 0.0 <= mix_weight <= 1.0:
-        raise ValueError(f"mix_weight must be in [0, 1], got {mix_weight}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    for bad, msg in ((sampler not in ("lossless", "mix"), f"sampler must be 'lossless' or 'mix', got {sampler!r}"),
+                     (temperature < 0, f"temperature must be >= 0, got {temperature}"),
+                     (top_k is not None and top_k < 1, f"top_k must be >= 1, got {top_k}"),
+                     (not 0.0 <= mix_weight <= 1.0, f"mix_weight must be in [0, 1], got {mix_weight}"),
+                     (block_size < 1, f"block_size must be >= 1, got {block_size}")):
+        if bad:
+            raise ValueError(msg)
 
 # -----------------------------------------------------------------------------
 # choosing the proposal levels per machine (groups="auto")
@@ -196,8 +203,7 @@ def level_rate(levels, c, latency, K):
             reach *= c[s0 + j] if j < K - s0 else 0.0
     pi = torch.zeros(K + 1, dtype=torch.float64)
     pi[1] = 1.0
-    for _ in range(200):
-        pi = pi @ P
+    pi = pi @ torch.linalg.matrix_power(P, 256)                      # the stationary distribution
     return float(pi @ E) / latency[K + K * len(levels)]
 
 
@@ -214,31 +220,6 @@ def choose_levels(c, latency, K):
     dense = level_rate(list(range(K)), c, latency, K)
     return (list(range(K)), dense) if dense > best else (levels, best)
 
-
-_LATENCY = {}
-
-
-@torch.no_grad()
-def calibrate(model, B, K, prefix):
-    """Median forward latency for 1 query token (AR) and K + K*m tokens (m = 1..K groups) at a cached prefix
-    of `prefix` tokens; cached per machine, model shape, batch and K."""
-    c, dev = model.config, model.embed_tokens.weight.device
-    key = (str(dev), model.embed_tokens.weight.dtype, repr(c), B, K, prefix // 64)
-    if key not in _LATENCY:
-        times = {}
-        for n, layout in [(1, causal_layout(1, dev))] + [(K + K * m, tidar_step_layout(K, range(m), dev)) for m in range(1, K + 1)]:
-            runs = []
-            for _ in range(3):
-                cache = KVCache(c, B, prefix + n, dtype=model.embed_tokens.weight.dtype, device=dev)
-                cache.lengths.fill_(prefix)
-                t0 = time.perf_counter()
-                model.forward_hidden(torch.zeros(B, n, dtype=torch.long, device=dev), prefix + layout[0], layout[1], layout[2], cache)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                runs.append(time.perf_counter() - t0)
-            times[n] = sorted(runs)[1]
-        _LATENCY[key] = times
-    return _LATENCY[key]
 
 # -----------------------------------------------------------------------------
 # TiDAR
@@ -316,10 +297,12 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     stats = Stats(log=[([], int(d0[0]))] if record else [])
     ar_mode = False
     if auto:                                   # can any level set beat AR here, even if every draft is accepted?
+        from bench import calibrate                                   # the latency curve, measured once
         latency = calibrate(model, B, K, Tp)
         tries, succ = torch.zeros(K + 1, device=dev), torch.zeros(K + 1, device=dev)
         ar_mode = K / latency[2 * K] < 1 / latency[1]
         stats.note = "auto: AR is faster on this machine even at full acceptance; decoding AR" if ar_mode else ""
+        groups = choose_levels([0.5] * (K + 1), latency, K)[0]       # prior: each draft accepted half the time
     while (active := out.active()).any():
         if ar_mode:                                                          # plain AR steps
             h = model.forward_hidden(d0[:, None], cache.lengths[:, None], one[:, None], one[:1, None].bool(), cache)
@@ -361,7 +344,7 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
         if record and active[0]:
             stats.log.append((drafts[0, :int(k[0])].tolist(), int(nxt[0])))
         d0 = torch.where(active, nxt, d0)
-        if auto and stats.forwards % 8 == 0:   # re-choose the levels from the running acceptance statistics
+        if auto and (stats.forwards in (4, 8) or stats.forwards % 16 == 0):   # re-choose from running statistics
             groups, rate = choose_levels(((succ + 1) / (tries + 2)).tolist(), latency, K)
             ar_mode = rate < 1 / latency[1]
             stats.note = (f"auto: levels {groups} predict {rate:.0f} tokens/s vs AR {1 / latency[1]:.0f}"
@@ -374,35 +357,14 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
 
 
 DEFAULTS = dict(init_from="out", prompt="def main(", sampler="lossless", mix_weight=0.5, temperature=0.0, top_k=0,
-                max_new_tokens=128, block_size=0, groups="all", compare=False, show=False, json=False, seed=1337,
+                max_new_tokens=128, block_size=0, groups="auto", compare=False, show=False, json=False, seed=1337,
                 device="cpu", dtype="float32", bench=False)
-
-
-def parse_args(argv, defaults):
-    """--key=value overrides of `defaults`, parsed to the default's type; unknown keys are errors."""
-    cfg = dict(defaults)
-    for arg in argv:
-        key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in cfg:
-            raise ValueError(f"unknown argument {arg!r}; known: {', '.join('--' + k for k in cfg)}")
-        typ = type(defaults[key])
-        if typ is bool:
-            if (val or "True") not in ("True", "False", "true", "false", "1", "0"):
-                raise ValueError(f"--{key} takes True or False, got {val!r}")
-            cfg[key] = (val or "True") in ("True", "true", "1")
-        else:
-            try:
-                cfg[key] = typ(val)
-            except ValueError:
-                raise ValueError(f"--{key} takes a {typ.__name__}, got {val!r}") from None
-    return cfg
 
 
 def load_tokenizer(model):
     """(encode, decode) for a loaded checkpoint: our runs name their tiktoken tokenizer; HF dirs ship tokenizer.json."""
     meta = getattr(model, "checkpoint_meta", {})
     if "hf_dir" in meta:
-        import os
         path = os.path.join(meta["hf_dir"], "tokenizer.json")
         if not os.path.exists(path):
             raise ValueError(f"{meta['hf_dir']} has no tokenizer.json; pass token ids another way")
@@ -413,16 +375,12 @@ def load_tokenizer(model):
         tok = Tokenizer.from_file(path)
         return (lambda s: tok.encode(s).ids), (lambda ids: tok.decode(ids))
     from train import get_tokenizer
-    try:
-        enc, _ = get_tokenizer(meta.get("tokenizer", "bytes"))
-    except Exception as e:                      # train.UsageError: the named tokenizer cannot be loaded
-        raise ValueError(str(e)) from None
+    enc, _ = get_tokenizer(meta.get("tokenizer", "bytes"))                # train.UsageError is a ValueError
     return (lambda s: enc.encode(s)), (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
 
 
 def show_steps(decode, prompt_ids, log):
     """Replay a decode step by step: accepted drafts green, the sampler's own token (correction/bonus) yellow."""
-    import sys
     green, yellow, dim, reset = "\033[32m", "\033[33m", "\033[2m", "\033[0m"
     sys.stdout.write(dim + decode(prompt_ids) + reset)
     for accepted, own in log:
@@ -433,12 +391,11 @@ def show_steps(decode, prompt_ids, log):
 
 
 def main(argv):
-    import json
-    args = parse_args(argv, DEFAULTS)
-    if args["bench"]:
+    if any(a in ("--bench", "--bench=True") for a in argv):              # python sample.py --bench [bench.py flags]
         from bench import main as bench
         return bench([a for a in argv if not a.startswith("--bench")])
-    from zaya import Zaya
+    from train import parse_args
+    args = {**DEFAULTS, **parse_args(argv, DEFAULTS)}
     torch.manual_seed(args["seed"])
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}.get(args["dtype"])
     if dtype is None:
@@ -448,7 +405,10 @@ def main(argv):
     ids = encode(args["prompt"]) or [model.config.bos_token_id or 0]
     idx = torch.tensor([ids], device=args["device"])
     kw = dict(temperature=args["temperature"], top_k=args["top_k"] or None, stop_at_eos=False)
-    groups = None if args["groups"] == "all" else [int(g) for g in args["groups"].split(",")]
+    g = args["groups"]                                                 # auto | all | 0,4,8,12
+    groups = g if g == "auto" else None if g == "all" else [int(x) for x in g.split(",") if x.strip().isdigit()]
+    if groups == []:
+        raise ValueError(f"--groups={g}: use auto, all, or levels like 0,4,8,12")
     if args["sampler"] == "ar":
         out, st = generate_ar(model, idx, args["max_new_tokens"], **kw)
     else:
@@ -459,7 +419,8 @@ def main(argv):
     else:
         print(decode(out[0].tolist()))
     print("---")
-    print(f"{args['sampler']}: {st.summary()}" + (f"; levels {list(st.groups)}" if st.groups else ""))
+    print(f"{args['sampler']}: {st.summary()}" + (f"; levels {list(st.groups)}" if st.groups else "")
+          + (f"\n{st.note}" if st.note else ""))
     result = dict(sampler=args["sampler"], forwards=st.forwards, new_tokens=st.new_tokens,
                   tokens_per_forward=round(st.tokens_per_forward, 4), tokens_per_s=round(st.tokens_per_s, 2))
     if args["compare"] and args["sampler"] != "ar":
@@ -474,8 +435,6 @@ def main(argv):
 
 def cli(argv):
     """main() with bad input reported as one line on stderr and a non-zero exit code, no traceback."""
-    import sys
-    from zaya import CheckpointError
     try:
         main(argv)
         return 0
@@ -487,5 +446,4 @@ def cli(argv):
 
 
 if __name__ == "__main__":
-    import sys
     sys.exit(cli(sys.argv[1:]))

@@ -1,8 +1,9 @@
 """
 Train ZAYA1 (zaya.py) on text: autoregressive pre-training, or TiDAR conversion of an AR checkpoint.
 
-  python train.py                                           # AR, tiny preset, Python's stdlib sources, ~15 s on a CPU
-  python train.py --mode=tidar --init_from=out/ckpt.pt --out_dir=out-tidar --data_cache=out/data
+  python train.py                     # the small reproduction: AR, TiDAR conversion (K=16), held-out decoding report
+  python train.py --preset=tiny --max_iters=300             # one AR run from scratch, ~15 s on a CPU
+  python train.py --mode=tidar --init_from=out/ar/ckpt.pt --out_dir=out-tidar --data_cache=out/data
   torchrun --nproc_per_node=8 train.py --preset=medium      # DDP; add --fsdp=True for FSDP2
   python train.py --preset=zaya1-8b --dry_run=True --gpus=64  # parameters, memory, FLOPs; allocates nothing
 
@@ -16,8 +17,10 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import sysconfig
+import threading
 import time
 import zlib
 from dataclasses import asdict
@@ -49,12 +52,17 @@ DEFAULTS = dict(
     device="auto", dtype="auto",   # auto: cuda and bfloat16 autocast if there is a GPU, else cpu and float32
     compile=False, grad_checkpointing=False, fsdp=False,
     loss_chunk=1024,               # tokens per cross-entropy chunk (0 = one chunk, full logits)
+    pipeline="",              # default | long: AR, then TiDAR K=16, then decoding on held-out code | eval: only that
     dry_run=False, gpus=8,         # dry_run: print sizes for --gpus GPUs and exit
 )
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad input; __main__ prints it as one line and exits with status 2, no traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the run saved its checkpoint after the current step and stops (status 130)."""
 
 
 class Diverged(Exception):
@@ -66,18 +74,20 @@ def check(ok, msg):
         raise UsageError(msg)
 
 
-def parse_args(argv):
-    """--key=value pairs -> dict of overrides. Unknown keys are rejected; values take the default's type."""
+def parse_args(argv, defaults=DEFAULTS):
+    """--key=value pairs -> dict of overrides of `defaults` (sample.py's too). Unknown keys are rejected, values
+    take the default's type, a bare --flag is --flag=True for a bool."""
     out = {}
     for arg in argv:
         key, eq, val = arg.removeprefix("--").partition("=")
-        check(arg.startswith("--") and eq and key in DEFAULTS, f"bad flag {arg!r}; do use --key=value, key in DEFAULTS")
-        kind = type(DEFAULTS[key])
+        kind = type(defaults.get(key))
+        check(arg.startswith("--") and key in defaults and (eq or kind is bool),
+              f"unknown or malformed flag {arg!r}; do use --key=value with key one of: {', '.join(defaults)}")
         try:
-            out[key] = {"True": True, "False": False}[val] if kind is bool else kind(val)
+            out[key] = {"True": True, "False": False}[val or "True"] if kind is bool else kind(val)
         except (KeyError, ValueError):
             want = "True or False" if kind is bool else kind.__name__
-            raise UsageError(f"--{key}={val}: expected {want}; do write e.g. --{key}={DEFAULTS[key]}") from None
+            raise UsageError(f"--{key}={val}: expected {want}; do write e.g. --{key}={defaults[key]}") from None
     return out
 
 # -----------------------------------------------------------------------------
@@ -235,37 +245,6 @@ def all_mean(x):
     return x
 
 # -----------------------------------------------------------------------------
-# dry run: a big preset's sizes from a model on the meta device
-
-
-def dry_run(c):
-    """Parameters, memory per GPU under FSDP, training FLOPs. Bytes for N params, G GPUs, t = batch_size T tokens
-    per GPU (T = S for AR, 2S for TiDAR): states 16 N / G (fp32 weights + grads, AdamW m, v; sharded); gathered bf16
-    2 (2 N_layer + V d) (layer in use + prefetched + embedding); activations t (4 L d + a) (fp32 residual per layer,
-    a = 2 (16 d + 6 (nq+nkv) hd + 4 I) for one recomputed layer, L of them without grad_checkpointing) + 12 V per
-    loss_chunk token + T^2 (mask). FLOPs per data token: 6 (N_active + V d) per forwarded token (T / S of them) +
-    12 L nq hd per attended key (AR S/2; TiDAR S/2 clean + S/2 + K/2 masked: the pairs its mask allows)."""
-    cfg = ZayaConfig.from_name(c.preset, block_size=c.block_size)
-    with torch.device("meta"):
-        model = Zaya(cfg)
-    N, Na = model.num_params(), model.num_params(active=True)
-    L, d, V, I, S = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.moe_intermediate_size, c.seq_len
-    C, A = (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim, cfg.num_attention_heads * cfg.head_dim
-    states, gathered, GiB = 16 * N / c.gpus, 2 * (2 * (N - V * d) / L + V * d), 2**30
-    print(f"{c.preset}: {N:,} parameters, {Na:,} active per token (one expert, embedding excluded)\n"
-          f"per GPU, FSDP over {c.gpus} GPUs, batch_size {c.batch_size}, seq_len {S}, grad_checkpointing="
-          f"{c.grad_checkpointing}, loss_chunk {c.loss_chunk}: states 16 N / G = {states / GiB:.1f} GiB, "
-          f"gathered bf16 = {gathered / GiB:.1f} GiB (formulas: train.dry_run.__doc__)")
-    for mode, T, keys in (("AR", S, S / 2), ("TiDAR", 2 * S, S + c.block_size / 2)):
-        t = c.batch_size * T
-        act = t * (4 * L * d + 2 * (16 * d + 6 * C + 4 * I) * (1 if c.grad_checkpointing else L))
-        act += 12 * min(c.loss_chunk or t, t) * V + T * T
-        flops = T // S * 6 * (Na + V * d) + 12 * L * A * keys
-        print(f"  {mode:5s} T={T}: activations {act / GiB:.1f} GiB, total {(states + gathered + act) / GiB:.1f} GiB; "
-              f"training FLOPs per data token {flops / 1e9:.2f} GFLOP")
-    return dict(params=N, active=Na)
-
-# -----------------------------------------------------------------------------
 # one training run
 
 
@@ -299,6 +278,7 @@ def run(overrides):
     check(c.mode == "ar" or c.seq_len % c.block_size == 0, f"--seq_len={c.seq_len} is not a multiple of --block_size="
           f"{c.block_size}; do make it one, e.g. --seq_len={max(1, c.seq_len // c.block_size) * c.block_size}")
     if c.dry_run:
+        from bench import dry_run
         return dry_run(c)
     # ---- processes and device
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
@@ -394,7 +374,10 @@ def run(overrides):
     # ---- the loop
     ckpt, history, evals, t_start = os.path.join(c.out_dir, "ckpt.pt"), [], [], time.time()
     start, it_log, t_log, tokens = it, it, t_start, c.batch_size * world * c.seq_len   # tokens per iteration
-    while it < c.max_iters:
+    stop = []                                                       # Ctrl-C: finish this step, save, exit (status 130)
+    if rank == 0 and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, lambda *_: stop.append(it))
+    while it < c.max_iters and not stop:
         lr = get_lr(it, c)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -424,6 +407,9 @@ def run(overrides):
             acc = f"; diffusion top-1 % by block position 0..{c.block_size - 1}: {acc}"
             log(f"eval {it}: val ar {ev['ar']:.4f}" + (f", diff {ev['diff']:.4f}{acc}" if c.mode == "tidar" else ""))
             save_checkpoint(ckpt)
+    if stop:
+        save_checkpoint(ckpt)
+        raise Interrupted(f"interrupted at iter {it}: saved {ckpt}; do continue with --init_from=resume --out_dir={c.out_dir}")
     summary = dict(mode=c.mode, iter=it, losses=history, evals=evals, best_val_loss=best, ckpt=ckpt)
     if rank == 0:                                                   # for plots and tests
         Path(c.out_dir, "log.json").write_text(json.dumps(summary))
@@ -431,9 +417,13 @@ def run(overrides):
 
 
 def main(argv=None):
-    """Parse --key=value flags and run once (an AR -> TiDAR pipeline is two run() calls)."""
-    overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    """Parse --key=value flags and run once; no flags: the small reproduction (--pipeline=default)."""
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = parse_args(argv or ["--pipeline=default"])
     try:
+        if overrides.get("pipeline"):                               # bench.reproduce: AR -> TiDAR -> decoding report
+            from bench import reproduce
+            return reproduce(overrides)
         return run(overrides)
     finally:
         if dist.is_initialized():
@@ -444,7 +434,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (UsageError, ValueError, Diverged) as e:                # CheckpointError is a ValueError
+    except (UsageError, ValueError, Diverged, Interrupted) as e:   # CheckpointError is a ValueError
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(1 if isinstance(e, Diverged) else 2)
+            print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, Interrupted) else 1 if isinstance(e, Diverged) else 2)
