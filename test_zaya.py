@@ -817,6 +817,22 @@ def test_sigkill_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
     assert [h["iter"] for h in rest["losses"]] == [before, before + 1]
 
 
+def test_seq_len_beyond_context_and_unknown_tokenizer_are_one_line(tmp_path, capsys):
+    data = write_corpus(tmp_path / "corpus.txt", n_lines=3000)
+    with pytest.raises(train.UsageError, match="max_position_embeddings=2048"):
+        train.main(tiny_args(tmp_path, data, "long", seq_len=4096))
+    m = train.main(tiny_args(tmp_path, data, "ok", max_iters=1))
+    ck = torch.load(m["ckpt"], weights_only=True)
+    torch.save({**ck, "tokenizer": "no-such-encoding"}, tmp_path / "odd.pt")       # a tokenizer nobody can load
+    from sample import cli
+    capsys.readouterr()
+    assert cli([f"--init_from={tmp_path / 'odd.pt'}", "--max_new_tokens=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-encoding" in err[0]
+    with pytest.raises(train.UsageError, match="no-such-encoding"):             # and training from it says so too
+        train.main(tiny_args(tmp_path, data, "conv", mode="tidar", init_from=str(tmp_path / "odd.pt"), max_iters=1))
+
+
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     import signal
     data = write_corpus(tmp_path / "corpus.txt")

@@ -151,7 +151,8 @@ def load_corpus(data, tokenizer, cache_dir, min_tokens=2):
     if len(train) < min_tokens or len(val) < min_tokens:
         every = np.concatenate([train, val])
         n_val = max(len(every) // 20, min_tokens)
-        check(len(every) - n_val >= min_tokens, f"--data={data}: {len(every)} tokens < 2 (seq_len+1); do add text")
+        check(len(every) - n_val >= min_tokens, f"--data={data}: {len(every)} tokens, fewer than seq_len+1 = "
+              f"{min_tokens} per split; do add text or shorten --seq_len")
         train, val = every[:-n_val], every[-n_val:]
     return train, val
 
@@ -316,6 +317,8 @@ def run(overrides):
             model.config.mask_token_id = ids["mask"]
     check(enc.n_vocab <= model.config.vocab_size, f"tokenizer {c.tokenizer} has {enc.n_vocab} ids but the model's "
           f"vocab_size is {model.config.vocab_size}; do use the tokenizer the checkpoint was trained with")
+    check(c.seq_len <= model.config.max_position_embeddings, f"--seq_len={c.seq_len} is longer than the model's context "
+          f"(max_position_embeddings={model.config.max_position_embeddings}); do pass a shorter --seq_len")
     model.to(device).grad_checkpointing = c.grad_checkpointing
     loss_model = TrainLoss(model, c)
     if c.fsdp:
