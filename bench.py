@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels
 from sample import generate_ar, generate_tidar
 from zaya import KVCache, Zaya, ZayaConfig, causal_layout, tidar_step_layout
 
@@ -56,6 +55,7 @@ def prompt_for(config, n, device, seed=1):
 
 
 def bench_ar_vs_reference(a, model, device):
+    import kernels                                                  # torch.compile machinery: only when used
     import transformers
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
@@ -90,6 +90,7 @@ def bench_tidar(a, model, device, tag):
 
 
 def bench_training(a, model, ref, device):
+    import kernels                                                  # torch.compile machinery: only when used
     c, B, S = model.config, a.train_batch, a.train_len
     x = torch.randint(0, min(256, c.vocab_size), (B, S + 1), generator=torch.Generator().manual_seed(2)).to(device)
 
@@ -135,6 +136,7 @@ def latency_curve(a, model, device, tag, Ts):
 
 
 def gpu8b(a):
+    import kernels                                                  # torch.compile machinery: only when used
     device = torch.device(a.device)
     c = ZayaConfig.from_name(a.gpu8b_config)
     model = random_model(c, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
@@ -279,6 +281,7 @@ def dry_run(c):
 
 
 def main(argv=None):
+    import kernels                                                  # torch.compile machinery: only when used
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", default=None, help="a checkpoint for the TiDAR/AR part (default: a random model)")
     p.add_argument("--config", default="small", help="preset of the random model")

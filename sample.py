@@ -193,14 +193,16 @@ def level_rate(levels, c, latency, K):
     A block whose first draft is slot s0 holds K - s0 drafts; accepting j of them commits j + 1 tokens, and the
     next block comes from level g = max(l <= j), so it starts at slot j - g + 1. The stationary distribution of
     this Markov chain over s0 gives the expected tokens per step; divide by the step's latency."""
-    P, E = torch.zeros(K + 1, K + 1, dtype=torch.float64), torch.zeros(K + 1, dtype=torch.float64)
+    P, E = [[0.0] * (K + 1) for _ in range(K + 1)], [0.0] * (K + 1)   # plain lists: this runs during decoding
+    level_of = [max(l for l in levels if l <= j) for j in range(K)]
     for s0 in range(1, K + 1):
         reach = 1.0                                                   # P(the first j drafts accepted)
         for j in range(K - s0 + 1):
             p_j = reach * ((1 - c[s0 + j]) if j < K - s0 else 1.0)
             E[s0] += p_j * (j + 1)
-            P[s0, j - max(l for l in levels if l <= j) + 1] += p_j
+            P[s0][j - level_of[j] + 1] += p_j
             reach *= c[s0 + j] if j < K - s0 else 0.0
+    P, E = torch.tensor(P, dtype=torch.float64), torch.tensor(E, dtype=torch.float64)
     pi = torch.zeros(K + 1, dtype=torch.float64)
     pi[1] = 1.0
     pi = pi @ torch.linalg.matrix_power(P, 256)                      # the stationary distribution
@@ -298,10 +300,13 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     ar_mode = False
     if auto:                                   # can any level set beat AR here, even if every draft is accepted?
         from bench import calibrate                                   # the latency curve, measured once
+        t_cal = time.perf_counter()
         latency = calibrate(model, B, K, Tp)
+        t_cal = time.perf_counter() - t_cal
+        cal = f" (latency calibration {t_cal:.2f} s, cached for this process)" if t_cal > 0.01 else ""
         tries, succ = torch.zeros(K + 1, device=dev), torch.zeros(K + 1, device=dev)
         ar_mode = K / latency[2 * K] < 1 / latency[1]
-        stats.note = "auto: AR is faster on this machine even at full acceptance; decoding AR" if ar_mode else ""
+        stats.note = ("auto: AR is faster on this machine even at full acceptance; decoding AR" + cal) if ar_mode else cal
         groups = choose_levels([0.5] * (K + 1), latency, K)[0]       # prior: each draft accepted half the time
     while (active := out.active()).any():
         if ar_mode:                                                          # plain AR steps
@@ -348,7 +353,7 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
             groups, rate = choose_levels(((succ + 1) / (tries + 2)).tolist(), latency, K)
             ar_mode = rate < 1 / latency[1]
             stats.note = (f"auto: levels {groups} predict {rate:.0f} tokens/s vs AR {1 / latency[1]:.0f}"
-                          + ("; AR is faster, decoding AR" if ar_mode else ""))
+                          + ("; AR is faster, decoding AR" if ar_mode else "") + cal)
     stats.groups = tuple(groups)
     return out.finish(ragged, rows, stats, t0, cache)
 
