@@ -56,9 +56,7 @@ def _prepare(model, idx, max_new_tokens, extra):
         raise ValueError(f"prompt ({int(P.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"context of {limit} tokens; shorten the prompt or ask for fewer tokens")
     dev = model.embed_tokens.weight.device
-    x = torch.zeros(len(rows), int(P.max()), dtype=torch.long)
-    for b, r in enumerate(rows):
-        x[b, :len(r)] = r
+    x = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)        # [B, Tmax], right-padded with 0
     cache = KVCache(model.config, len(rows), int(P.max()) + max_new_tokens + extra,
                     dtype=model.embed_tokens.weight.dtype, device=dev)
     return ragged, rows, x.to(dev), P.to(dev), cache
@@ -163,8 +161,7 @@ def generate_ar(model, idx, max_new_tokens, temperature=0.0, top_k=None, stop_at
     tok = _sample(last, temperature, generator)                        # [B]
     out = _Outputs(B, max_new_tokens, 1, dev, stop_at_eos, c.eos_token_id)
     out.append(tok[:, None], torch.ones_like(tok), torch.ones_like(tok, dtype=torch.bool), decode=False)
-    stats = Stats()
-    one = torch.ones(1, 1, dtype=torch.bool, device=dev)
+    stats, one = Stats(), torch.ones(1, 1, dtype=torch.bool, device=dev)
     while (active := out.active()).any():
         h = model.forward_hidden(tok[:, None], cache.lengths[:, None], torch.ones_like(tok)[:, None], one, cache)
         cache.commit(active.long())
@@ -387,10 +384,9 @@ def load_tokenizer(model):
 def show_steps(decode, prompt_ids, log):
     """Replay a decode step by step: accepted drafts green, the sampler's own token (correction/bonus) yellow."""
     green, yellow, dim, reset = "\033[32m", "\033[33m", "\033[2m", "\033[0m"
-    sys.stdout.write(dim + decode(prompt_ids) + reset)
+    print(dim + decode(prompt_ids) + reset, end="", flush=True)
     for accepted, own in log:
-        sys.stdout.write(green + decode(accepted) + yellow + decode([own]) + reset)
-        sys.stdout.flush()
+        print(green + decode(accepted) + yellow + decode([own]) + reset, end="", flush=True)
         time.sleep(0.05)
     print()
 
