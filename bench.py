@@ -269,7 +269,7 @@ def dry_run(c):
     print(f"{c.preset}: {N:,} parameters, {Na:,} active per token (one expert, embedding excluded)\n"
           f"per GPU, FSDP over {c.gpus} GPUs, batch_size {c.batch_size}, seq_len {S}, grad_checkpointing="
           f"{c.grad_checkpointing}, loss_chunk {c.loss_chunk}: states 16 N / G = {states / GiB:.1f} GiB, "
-          f"gathered bf16 = {gathered / GiB:.1f} GiB (formulas: train.dry_run.__doc__)")
+          f"gathered bf16 = {gathered / GiB:.1f} GiB (formulas: bench.dry_run.__doc__)")
     for mode, T, keys in (("AR", S, S / 2), ("TiDAR", 2 * S, S + c.block_size / 2)):
         t = c.batch_size * T
         act = t * (4 * L * d + 2 * (16 * d + 6 * C + 4 * I) * (1 if c.grad_checkpointing else L))
