@@ -488,8 +488,18 @@ def test_level_chooser_on_synthetic_latency_curves():
     assert level_rate(list(range(K)), [1.0] * (K + 1), flat, K) == pytest.approx(K)
     # and with no draft ever accepted, one token per step whatever the set
     assert level_rate([0, 5], [0.0] * (K + 1), flat, K) == pytest.approx(1.0)
-    # a machine where AR steps are so cheap that no level set can win: auto decodes AR, still lossless
-    assert max(choose_levels(c, {**linear, 1: 1e-6}, K)[1], 0) < 1 / 1e-6
+
+
+def test_auto_falls_back_to_ar_where_no_level_set_can_win(monkeypatch):
+    """A machine (a faked latency curve) where one AR step is 1000x cheaper than any TiDAR step: auto says so,
+    decodes plain AR steps (one token per forward), and the output is still the greedy AR output."""
+    import bench
+    m = model_accepting("always")                               # even drafts that are always accepted cannot win
+    monkeypatch.setattr(bench, "calibrate", lambda model, B, K, P: {n: 1.0 if n > 1 else 1e-3 for n in range(1, K * (K + 1) + 1)})
+    idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
+    got, st = generate_tidar(m, idx, 20, groups="auto", block_size=4)
+    assert "AR is faster" in st.note and set(st.histogram) == {1} and st.forwards == 19
+    assert torch.equal(got, generate_ar(m, idx, 20)[0])
 
 
 def test_auto_levels_are_lossless_and_rows_independent():
