@@ -155,6 +155,46 @@ def gpu8b(a):
     say(f"{a.gpu8b_config}: AR decode, {tag}, batch 1", a.new_tokens / t, "tok/s")
     say(f"{a.gpu8b_config}: implied TiDAR speedup at TPF {a.tpf}", a.tpf * curve[1] / curve[K * (1 + K)], "x",
         f"= TPF * t(1) / t({K * (1 + K)})")
+    kernels.disable(model)
+    level_predictions(model, K, load_acceptance(a.acceptance, K, a.tpf), a.batches, a.prefix)
+
+
+def load_acceptance(path, K, tpf):
+    """Per-slot acceptance c from a reproduction's decode.json (its dense held-out run), else a constant c whose
+    dense tokens per forward is `tpf` (random weights accept nothing, so the 8B-shaped runs borrow it)."""
+    from levels import level_rate
+    if path and os.path.exists(path):
+        c = json.loads(Path(path).read_text()).get("acceptance")
+        if c and len(c) == K + 1:
+            print(f"acceptance per slot from {path}: dense TPF {level_rate(list(range(K)), c, K):.2f}")
+            return c
+    lo, hi = 0.0, 1.0
+    for _ in range(50):                                                # bisect c: dense TPF(c) = tpf
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if level_rate(list(range(K)), [mid] * (K + 1), K) < tpf else (lo, mid)
+    print(f"acceptance per slot: constant {lo:.3f} (dense TPF {tpf}); no decode.json at {path}")
+    return [lo] * (K + 1)
+
+
+def level_predictions(model, K, c, batches, prefix):
+    """Tokens/s predicted from this machine's measured latency curve t(n) (eager, levels.calibrate) and acceptance c,
+    at each batch size: AR, dense, the best hand-picked set, and the set auto would choose (or AR, with its margin)."""
+    from levels import AutoLevels, calibrate, choose_levels, level_rate
+    rows = []
+    for B in batches:
+        t = calibrate(model, B, K, prefix)
+        rate = {"AR": B / t[1], "dense": B * level_rate(list(range(K)), c, K) / t[K * (K + 1)]}
+        for g in HAND_SETS:
+            rate[str(g)] = B * level_rate(g, c, K) / t[K + K * len(g)]
+        best = max((str(g) for g in HAND_SETS), key=rate.get)
+        levels, r = choose_levels(c, t.__getitem__, K)
+        auto = levels if B * r >= rate["AR"] * (1 + AutoLevels().margin) else "AR"
+        rate["auto"] = rate[str(auto)] if str(auto) in rate else B * r
+        for name in ("AR", "dense", best, "auto"):
+            say(f"batch {B}: {name}" + (" (best fixed)" if name == best else f" = {auto}" if name == "auto" else ""),
+                rate[name], "tok/s", f"{rate[name] / rate['AR']:.2f}x AR, predicted from t(n) and acceptance")
+        rows.append(dict(batch=B, chosen=auto, best_fixed=best, tokens_per_s=rate))
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -179,7 +219,17 @@ def reproduce(o):
         run({**tidar, **rest, "mode": "tidar", "init_from": f"{out}/ar/ckpt.pt", "out_dir": out})
     full = o["pipeline"] == "eval"                                 # the README's whole table, or a summary
     return decode_report(out, (4, 8, 16) if full else (16,), (1.0, 0.75, 0.5, 0.25) if full else (1.0, 0.5),
-                         o.get("data", "stdlib"), [None, [0], [0, 1], [0, 2], [0, 4], "auto"] if full else ["auto"])
+                         o.get("data", "stdlib"), LEVEL_SETTINGS if full else ["AR", "auto"])
+
+
+def heldout_prompts(out, data, n_prompts):
+    """The model in out/ckpt.pt and n 128-token prompts spread over the held-out split (val files, never trained on)."""
+    from train import load_corpus
+    model = Zaya.from_pretrained(os.path.join(out, "ckpt.pt")).eval()
+    name = model.checkpoint_meta.get("tokenizer", "bytes")
+    _, val = load_corpus(data, name, os.path.join(out, "data"), 129)
+    return model, [torch.from_numpy(val[s:s + 128].astype("int64")) for s in
+                   torch.linspace(0, len(val) - 129, n_prompts).long().tolist()]
 
 
 @torch.no_grad()
@@ -187,13 +237,10 @@ def decode_report(out, blocks, weights, data, levels=(), n_prompts=8, new_tokens
     """Tokens per forward and tokens/s of greedy AR, lossless (= mix at w = 1) and mix at each weight, on 128-token
     prompts from the held-out split (val files, never trained on), one at a time (batch 1); prints a table, a demo
     continuation of the first prompt by each sampler, and writes out/decode.json."""
-    from train import get_tokenizer, load_corpus
-    model = Zaya.from_pretrained(os.path.join(out, "ckpt.pt")).eval()
-    name = model.checkpoint_meta.get("tokenizer", "bytes")
-    enc, _ = get_tokenizer(name)
-    _, val = load_corpus(data, name, os.path.join(out, "data"), 129)          # the held-out split
-    prompts = [torch.from_numpy(val[s:s + 128].astype("int64")) for s in
-               torch.linspace(0, len(val) - 129, n_prompts).long().tolist()]
+    from train import get_tokenizer
+    torch.set_num_threads(1)                  # batch-1 decoding: a second thread mostly adds noise on a shared CPU
+    model, prompts = heldout_prompts(out, data, n_prompts)
+    enc, _ = get_tokenizer(model.checkpoint_meta.get("tokenizer", "bytes"))
     ar = [generate_ar(model, p[None], new_tokens)[1] for p in prompts]
     ar_tps = sum(s.tokens_per_s for s in ar) / len(ar)
     print(f"held-out decoding, {len(prompts)} prompts x {new_tokens} tokens, batch 1, greedy; AR {ar_tps:.1f} tokens/s")
@@ -205,51 +252,70 @@ def decode_report(out, blocks, weights, data, levels=(), n_prompts=8, new_tokens
             rows.append(dict(block=K, w=w, tokens_per_forward=tpf, tokens_per_s=tps, speedup=tps / ar_tps))
             print(f"  block {K:2d} {'lossless' if w == 1 else f'mix w={w}':10s} {tpf:5.2f} tokens/forward, "
                   f"{tps:7.1f} tokens/s, {tps / ar_tps:.2f}x AR")
-    if levels:                                           # proposal levels (issue: TiDAR never slower than AR)
-        K = blocks[-1]
-        t0 = time.perf_counter()
-        calibrate(model, 1, K, len(prompts[0]))   # once per machine/shape, then cached: timed apart
-        print(f"  levels=auto calibration (latency curve at K={K}): {time.perf_counter() - t0:.2f} s, once")
-        for g in levels:
-            st = [generate_tidar(model, p[None], new_tokens, block_size=K, groups=g)[1] for p in prompts]
-            tpf, tps = (sum(getattr(s, a) for s in st) / len(st) for a in ("tokens_per_forward", "tokens_per_s"))
-            name = g if isinstance(g, str) else "dense" if g is None else ",".join(map(str, g))
-            rows.append(dict(block=K, w=1.0, groups=name, chosen=list(st[-1].groups), tokens_per_forward=tpf,
-                             tokens_per_s=tps, speedup=tps / ar_tps))
-            print(f"  block {K:2d} lossless levels {name:10s} {tpf:5.2f} tokens/forward, {tps:7.1f} tokens/s, "
-                  f"{tps / ar_tps:.2f}x AR" + (f" ({st[-1].note})" if st[-1].note else ""))
+    if levels:                                           # proposal levels chosen per machine (levels.py)
+        rows += levels_report(model, prompts, blocks[-1], new_tokens, levels, rounds=3 if len(levels) > 2 else 1)
+        if len(levels) > 2:                              # block 4: steps cheap enough that some fixed sets beat AR
+            rows += levels_report(model, prompts, 4, new_tokens, ["AR", "AR", None, [0], [0, 1], [0, 2], "auto"], 3)
     for name, kw in (("AR", None), ("lossless", dict(sampler="lossless")), ("mix 0.5", dict(sampler="mix"))):
         toks = (generate_ar(model, prompts[0][None], new_tokens) if kw is None else
                 generate_tidar(model, prompts[0][None], new_tokens, block_size=blocks[-1], **kw))[0][0, len(prompts[0]):]
         print(f"--- {name} continuation of held-out code:\n{enc.decode([i for i in toks.tolist() if i < enc.n_vocab])}")
-    Path(out, "decode.json").write_text(json.dumps(dict(ar_tokens_per_s=ar_tps, rows=rows)))
-    return dict(ar_tokens_per_s=ar_tps, rows=rows)
+    acceptance = next((r["acceptance"] for r in rows if "acceptance" in r), None)
+    Path(out, "decode.json").write_text(json.dumps(dict(ar_tokens_per_s=ar_tps, rows=rows, acceptance=acceptance)))
+    return dict(ar_tokens_per_s=ar_tps, rows=rows, acceptance=acceptance)
 
 
-_LATENCY = {}
+HAND_SETS = [[0], [0, 1], [0, 2], [0, 4], [0, 8], [0, 2, 4], [0, 4, 8, 12]]   # fixed sets tried "by hand"
+LEVEL_SETTINGS = ["AR", "AR"] + [None] + HAND_SETS + ["auto"]     # AR twice: the second shows this run's noise
 
 
-@torch.no_grad()
-def calibrate(model, B, K, prefix):
-    """Median forward latency for 1 query token (AR) and K + K*m tokens (m = 1..K groups) at a cached prefix
-    of `prefix` tokens; cached per machine, model shape, batch and K."""
-    c, dev = model.config, model.embed_tokens.weight.device
-    key = (str(dev), model.embed_tokens.weight.dtype, repr(c), B, K, prefix // 64)
-    if key not in _LATENCY:
-        times = {}
-        for n, layout in [(1, causal_layout(1, dev))] + [(K + K * m, tidar_step_layout(K, range(m), dev)) for m in range(1, K + 1)]:
-            runs = []
-            for _ in range(3):
-                cache = KVCache(c, B, prefix + n, dtype=model.embed_tokens.weight.dtype, device=dev)
-                cache.lengths.fill_(prefix)
-                t0 = time.perf_counter()
-                model.forward_hidden(torch.zeros(B, n, dtype=torch.long, device=dev), prefix + layout[0], layout[1], layout[2], cache)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                runs.append(time.perf_counter() - t0)
-            times[n] = sorted(runs)[1]
-        _LATENCY[key] = times
-    return _LATENCY[key]
+def acceptance_from_histogram(hist, K):
+    """Per-slot acceptance c[s] = P(draft s accepted | drafts 1..s-1 were) from a DENSE run's histogram of tokens
+    committed per step (dense: every block starts at slot 1, so committing j + 1 means drafts 1..j accepted)."""
+    reach = [sum(v for n, v in hist.items() if n - 1 >= j) for j in range(K)]   # steps with >= j drafts accepted
+    return [0.0] + [reach[j] / reach[j - 1] if reach[j - 1] else 0.0 for j in range(1, K)] + [0.0]
+
+
+def levels_report(model, prompts, K, new_tokens, settings, rounds=3, sampler="lossless", w=1.0):
+    """Tokens/s of AR and TiDAR level settings ("AR", None = dense, a fixed list, "auto"), measured side by side:
+    each round decodes every prompt with every setting, the order rotating per round, so a busy spell on this shared
+    machine hits all settings alike. auto's latency calibration is done first (once per process) and timed apart.
+    Prints a table with ratios to AR and to the best fixed set; returns rows (the dense row has the acceptance)."""
+    from levels import calibrate
+    curve = calibrate(model, 1, K, len(prompts[0]))
+    generate_tidar(model, prompts[0][None], new_tokens, block_size=K, groups="auto", sampler=sampler, mix_weight=w)
+    tot = {i: [0.0, 0, 0.0] for i in range(len(settings))}                 # seconds, tokens, sum of TPF
+    hist, notes = {}, {}
+    for r in range(rounds):
+        for p in prompts:
+            for i in [(j + r) % len(settings) for j in range(len(settings))]:
+                g = settings[i]
+                st = (generate_ar(model, p[None], new_tokens) if g == "AR" else generate_tidar(
+                    model, p[None], new_tokens, block_size=K, groups=g, sampler=sampler, mix_weight=w))[1]
+                tot[i] = [tot[i][0] + st.seconds, tot[i][1] + st.new_tokens, tot[i][2] + st.tokens_per_forward]
+                notes[i] = st.note
+                if g is None:
+                    for n, v in st.histogram.items():
+                        hist[n] = hist.get(n, 0) + v
+    tps = {i: t[1] / t[0] for i, t in tot.items()}
+    ar = next(tps[i] for i, g in enumerate(settings) if g == "AR")
+    fixed = [i for i, g in enumerate(settings) if isinstance(g, list)]
+    best = max(fixed, key=tps.get) if fixed else None
+    name = lambda g: g if isinstance(g, str) else "dense" if g is None else "{" + ",".join(map(str, g)) + "}"
+    names = [name(g) + (" again" if g == "AR" and settings.index(g) < i else "") for i, g in enumerate(settings)]
+    print(f"  levels, block {K}, {sampler}{f' w={w}' if sampler == 'mix' else ''}: {rounds} rounds x {len(prompts)} "
+          f"prompts x {new_tokens} tokens, settings interleaved; auto's calibration took {curve.seconds:.2f} s, once")
+    rows = []
+    for i, g in enumerate(settings):
+        row = dict(block=K, w=w, groups=names[i], tokens_per_s=tps[i], tokens_per_forward=tot[i][2] / len(prompts) / rounds,
+                   speedup=tps[i] / ar, vs_best_fixed=tps[i] / tps[best] if fixed else None, note=notes[i])
+        if g is None:
+            row["acceptance"] = acceptance_from_histogram(hist, K)
+        rows.append(row)
+        print(f"    {names[i]:12s} {row['tokens_per_forward']:5.2f} tokens/forward {tps[i]:8.1f} tokens/s "
+              f"{tps[i] / ar:5.2f}x AR" + (f" {tps[i] / tps[best]:5.2f}x best fixed" if fixed else "")
+              + (" (best fixed)" if i == best else "") + (f"  [{notes[i]}]" if notes[i] else ""))
+    return rows
 
 
 def dry_run(c):
@@ -297,10 +363,19 @@ def main(argv=None):
     p.add_argument("--gpu8b_config", default="zaya1-8b", help="preset for --gpu8b ('tiny' tests it on a CPU)")
     p.add_argument("--query_tokens", type=int, nargs="*", help="extra T for the --gpu8b curve")
     p.add_argument("--tpf", type=float, default=3.0, help="tokens per forward for the implied speedup")
+    p.add_argument("--acceptance", default="out/decode.json", help="--gpu8b: per-slot acceptance from a reproduction")
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 16], help="--gpu8b: batch sizes for the level sets")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--levels", action="store_true", help="only AR vs TiDAR level sets vs auto on --init_from's model")
+    p.add_argument("--data", default="stdlib", help="the corpus whose held-out split gives --levels its prompts")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(a.threads or torch.get_num_threads())
+    if a.levels:                                                       # python bench.py --levels --init_from=out
+        model, prompts = heldout_prompts(a.init_from or "out", a.data, 8)
+        with torch.no_grad():
+            return levels_report(model, prompts, model.config.block_size, a.new_tokens, LEVEL_SETTINGS,
+                                 a.reps)
     if a.gpu8b:
         return gpu8b(a)
     device = torch.device(a.device)

@@ -8,6 +8,7 @@ generate_tidar one forward per step verifies K drafts causally AND drafts the ne
 Samplers: "lossless" = speculative sampling against the model's own AR distribution (Leviathan et al. 2023;
 greedy: token-for-token the greedy AR output); "mix" = Zyphra's logit mixing, target w*AR + (1-w)*draft.
 """
+import functools
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from levels import AutoLevels
 from zaya import CheckpointError, KVCache, Zaya, causal_layout, tidar_step_layout
 
 # -----------------------------------------------------------------------------
@@ -31,7 +33,7 @@ class Stats:
     histogram: dict = field(default_factory=dict)   # tokens committed per step -> count (row-steps)
     seconds: float = 0.0
     tokens_per_s: float = 0.0
-    groups: tuple = ()                # TiDAR levels drafted each step (the last ones, with groups="auto")
+    groups: tuple = ()                # TiDAR levels drafted each step (auto: the last ones; () after AR steps)
     note: str = ""                    # why groups="auto" chose what it chose
     cache: object = field(default=None, repr=False)   # the final KVCache, for inspection
     log: list = field(default_factory=list, repr=False)  # with record=True: row 0's (accepted drafts, own token)
@@ -181,46 +183,6 @@ def _check_args(temperature, top_k, mix_weight=0.5, block_size=1, sampler="lossl
             raise ValueError(msg)
 
 # -----------------------------------------------------------------------------
-# choosing the proposal levels per machine (groups="auto")
-
-
-def level_rate(levels, c, latency, K):
-    """Predicted committed tokens per second when drafting `levels`. c[s] = P(the draft from group slot s is
-    accepted | every draft before it was), s = 1..K-1; latency[n] = seconds of a forward over n query tokens.
-    A block whose first draft is slot s0 holds K - s0 drafts; accepting j of them commits j + 1 tokens, and the
-    next block comes from level g = max(l <= j), so it starts at slot j - g + 1. The stationary distribution of
-    this Markov chain over s0 gives the expected tokens per step; divide by the step's latency."""
-    P, E = [[0.0] * (K + 1) for _ in range(K + 1)], [0.0] * (K + 1)   # plain lists: this runs during decoding
-    level_of = [max(l for l in levels if l <= j) for j in range(K)]
-    for s0 in range(1, K + 1):
-        reach = 1.0                                                   # P(the first j drafts accepted)
-        for j in range(K - s0 + 1):
-            p_j = reach * ((1 - c[s0 + j]) if j < K - s0 else 1.0)
-            E[s0] += p_j * (j + 1)
-            P[s0][j - level_of[j] + 1] += p_j
-            reach *= c[s0 + j] if j < K - s0 else 0.0
-    P, E = torch.tensor(P, dtype=torch.float64), torch.tensor(E, dtype=torch.float64)
-    pi = torch.zeros(K + 1, dtype=torch.float64)
-    pi[1] = 1.0
-    pi = pi @ torch.linalg.matrix_power(P, 256)                      # the stationary distribution
-    return float(pi @ E) / latency[K + K * len(levels)]
-
-
-def choose_levels(c, latency, K):
-    """Greedy forward selection from {0}: add the level that raises the predicted rate most, until none does;
-    the dense set is tried too. Returns (levels, predicted tokens/s)."""
-    levels, best = [0], level_rate([0], c, latency, K)
-    while True:
-        trials = [(level_rate(sorted(levels + [l]), c, latency, K), l) for l in range(1, K) if l not in levels]
-        if not trials or max(trials)[0] <= best:
-            break
-        best, l = max(trials)
-        levels = sorted(levels + [l])
-    dense = level_rate(list(range(K)), c, latency, K)
-    return (list(range(K)), dense) if dense > best else (levels, best)
-
-
-# -----------------------------------------------------------------------------
 # TiDAR
 
 
@@ -257,19 +219,29 @@ def _verify(ar, drafts, draft_logits, valid, sampler, w, temperature, top_k, mas
     return k, torch.where(k == K - 1, bonus, corr)
 
 
+@functools.lru_cache(maxsize=64)
+def _step_layout(K, groups, device):
+    """tidar_step_layout + level_of[k] (the closest level <= k) + group_of[level] (its index in groups), built once."""
+    level_of = torch.tensor([max(g for g in groups if g <= k) for k in range(K)], device=device)
+    group_of = torch.zeros(K, dtype=torch.long, device=device)
+    group_of[list(groups)] = torch.arange(len(groups), device=device)
+    return (*tidar_step_layout(K, groups, device), level_of, group_of)
+
+
 @torch.no_grad()
 def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.5, temperature=0.0, top_k=None,
                    block_size=None, groups=None, stop_at_eos=False, generator=None, record=False):
     """Single-forward TiDAR decoding. `groups`: the acceptance levels that get a draft each step (default all
     0..K-1; 0 is always included); after accepting k drafts, the next drafts come from the closest level <= k.
-    groups="auto" chooses the levels on this machine (calibrate + choose_levels), falling back to AR steps when no
-    level set is predicted to beat AR. record=True keeps row 0's steps in stats.log for --show. Returns (tokens, Stats) like generate_ar."""
+    groups="auto" (or an AutoLevels) re-chooses the levels on this machine as it decodes, and takes plain AR steps
+    while no level set is predicted to beat AR (levels.py). record=True keeps row 0's steps in stats.log for --show.
+    Returns (tokens, Stats) like generate_ar."""
     K = model.config.block_size if block_size is None else block_size
     _check_args(temperature, top_k, mix_weight, K, sampler)
     c = model.config
     if c.mask_token_id is None:
         raise ValueError("this model has no mask_token_id: it was not converted with TiDAR")
-    auto = groups == "auto"
+    auto = AutoLevels() if groups == "auto" else groups if isinstance(groups, AutoLevels) else None
     groups = list(range(K)) if auto or groups is None else sorted(set(groups) | {0})
     if groups[-1] >= K:
         raise ValueError(f"groups must lie in 0..{K - 1}, got {groups}")
@@ -294,29 +266,26 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     out = _Outputs(B, max_new_tokens, K, dev, stop_at_eos, c.eos_token_id)
     out.append(d0[:, None], one, one.bool(), decode=False)
     stats = Stats(log=[([], int(d0[0]))] if record else [])
-    ar_mode = False
-    if auto:                                   # can any level set beat AR here, even if every draft is accepted?
-        from bench import calibrate                                   # the latency curve, measured once
-        t_cal = time.perf_counter()
-        latency = calibrate(model, B, K, Tp)
-        t_cal = time.perf_counter() - t_cal
-        cal = f" (latency calibration {t_cal:.2f} s, cached for this process)" if t_cal > 0.01 else ""
-        tries, succ = torch.zeros(K + 1, device=dev), torch.zeros(K + 1, device=dev)
-        ar_mode = K / latency[2 * K] < 1 / latency[1]
-        stats.note = ("auto: AR is faster on this machine even at full acceptance; decoding AR" + cal) if ar_mode else cal
-        groups = choose_levels([0.5] * (K + 1), latency, K)[0]       # prior: each draft accepted half the time
+    if auto:
+        auto.start(model, B, K, Tp)
     while (active := out.active()).any():
-        if ar_mode:                                                          # plain AR steps
+        if auto:
+            new = auto.step()
+            if groups is None and new is not None:                           # back from AR steps: no drafts yet
+                valid.fill_(False)
+            groups = new
+        if groups is None:                                                   # a plain AR step (groups="auto")
             h = model.forward_hidden(d0[:, None], cache.lengths[:, None], one[:, None], one[:1, None].bool(), cache)
             cache.commit(torch.where(active, 1, 0))
             stats.forwards += 1
             d0 = torch.where(active, _sample(_process(_logits(model, h[:, 0]), temperature, top_k, c.mask_token_id),
                                              temperature, generator), d0)
             out.append(d0[:, None], one, active)
+            if record and active[0]:
+                stats.log.append(([], int(d0[0])))
             continue
         # one decode step = [d_0..d_{K-1} | K masks per level in `groups`]
-        offs, spred, smask = tidar_step_layout(K, groups, dev)
-        level_of = torch.tensor([max(g for g in groups if g <= k) for k in range(K)], device=dev)
+        offs, spred, smask, level_of, group_of = _step_layout(K, tuple(groups), dev)
         drafts = _sample(_process(dlog, temperature, top_k, c.mask_token_id), temperature, generator)
         drafts = torch.where(valid, drafts, 0)
         q_in = torch.cat([d0[:, None], drafts, torch.full((B, K * len(groups)), c.mask_token_id, device=dev)], 1)
@@ -325,16 +294,11 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
         ar = _logits(model, h[:, :K])                                        # [B,K,V]
         k, nxt = _verify(ar, drafts, dlog, valid, sampler, mix_weight, temperature, top_k, c.mask_token_id, generator)
         cache.commit(torch.where(active, k + 1, 0))                         # keep d_0..d_k
-        if auto:                               # per group slot: tried (all before accepted) and accepted counts
-            i = torch.arange(K - 1, device=dev)[None]
-            tried = active[:, None] & valid & (i <= k[:, None])
-            slot = (shift[:, None] + 1 + i).clamp(max=K)
-            tries.index_add_(0, slot[tried], torch.ones(int(tried.sum()), device=dev))
-            ok = tried & (i < k[:, None])
-            succ.index_add_(0, slot[ok], torch.ones(int(ok.sum()), device=dev))
+        if auto:
+            auto.count(k, valid, shift, active)
         # next drafts: the group at level g = level_of[k]; its slot s predicts position L+g+1+s, we need L+k+1+s'
         g = level_of[k]
-        gi = torch.searchsorted(torch.tensor(groups, device=dev), g)
+        gi = group_of[g]                                                      # g's index in `groups`
         shift = k - g                                                         # slots already behind us
         src = shift[:, None] + 1 + torch.arange(K - 1, device=dev)[None]      # [B,K-1] slot index in the group
         qidx = K + gi[:, None] * K + src.clamp(max=K - 1)
@@ -346,12 +310,7 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
         if record and active[0]:
             stats.log.append((drafts[0, :int(k[0])].tolist(), int(nxt[0])))
         d0 = torch.where(active, nxt, d0)
-        if auto and (stats.forwards in (4, 8) or stats.forwards % 16 == 0):   # re-choose from running statistics
-            groups, rate = choose_levels(((succ + 1) / (tries + 2)).tolist(), latency, K)
-            ar_mode = rate < 1 / latency[1]
-            stats.note = (f"auto: levels {groups} predict {rate:.0f} tokens/s vs AR {1 / latency[1]:.0f}"
-                          + ("; AR is faster, decoding AR" if ar_mode else "") + cal)
-    stats.groups = tuple(groups)
+    stats.groups, stats.note = tuple(groups or ()), auto.note() if auto else ""
     return out.finish(ragged, rows, stats, t0, cache)
 
 # -----------------------------------------------------------------------------

@@ -474,32 +474,142 @@ def test_mask_token_never_emitted_and_bad_arguments():
 
 
 def test_level_chooser_on_synthetic_latency_curves():
-    from sample import choose_levels, level_rate
+    from levels import choose_levels, level_rate
     K = 16
     c = [0.0] + [0.8] * (K - 1) + [0.0]                         # c[s]: slot s accepted given all before were
     flat = {n: 1.0 for n in range(1, K * (K + 1) + 1)}          # memory-bound: every query size costs the same
     linear = {n: float(n) for n in flat}                        # compute-bound: cost grows with the query
-    levels, rate = choose_levels(c, flat, K)
-    assert levels == list(range(K)) and rate == pytest.approx(level_rate(levels, c, flat, K))
-    levels, rate = choose_levels(c, linear, K)
+    levels, rate = choose_levels(c, flat.get, K)
+    assert levels == list(range(K)) and rate == pytest.approx(level_rate(levels, c, K))
+    levels, rate = choose_levels(c, linear.get, K)
     assert len(levels) <= 2 and levels[0] == 0
-    assert rate > level_rate(list(range(K)), c, linear, K) * 2
+    assert rate > level_rate(list(range(K)), c, K) / linear[K * (K + 1)] * 2
     # the model itself: with every draft accepted, the dense set commits K tokens per step
-    assert level_rate(list(range(K)), [1.0] * (K + 1), flat, K) == pytest.approx(K)
+    assert level_rate(list(range(K)), [1.0] * (K + 1), K) == pytest.approx(K)
     # and with no draft ever accepted, one token per step whatever the set
-    assert level_rate([0, 5], [0.0] * (K + 1), flat, K) == pytest.approx(1.0)
+    assert level_rate([0, 5], [0.0] * (K + 1), K) == pytest.approx(1.0)
+    # {0} alone alternates: a fully accepted block leaves no drafts for the next step (K, 1, K, 1, ...)
+    assert level_rate([0], [1.0] * (K + 1), K) == pytest.approx((K + 1) / 2)
 
 
-def test_auto_falls_back_to_ar_where_no_level_set_can_win(monkeypatch):
-    """A machine (a faked latency curve) where one AR step is 1000x cheaper than any TiDAR step: auto says so,
-    decodes plain AR steps (one token per forward), and the output is still the greedy AR output."""
-    import bench
+def simulated_machine(model, cost):
+    """A fake clock that a forward over n query tokens advances by cost(n): a machine with a known latency curve,
+    without timing anything. Returns (clock, sizes): sizes lists n for every forward after the prefill."""
+    clock, sizes, forward = [0.0], [], model.forward_hidden
+
+    def timed_forward(idx, *args, **kw):
+        clock[0] += cost(idx.shape[1])
+        sizes.append(idx.shape[1])
+        return forward(idx, *args, **kw)
+    model.forward_hidden = timed_forward
+    return (lambda: clock[0]), sizes
+
+
+def test_auto_falls_back_to_ar_where_no_level_set_can_win():
+    """A machine where one AR step is 1000x cheaper than any TiDAR step: auto says so, decodes plain AR steps (one
+    token per forward) without ever probing, and the output is still the greedy AR output."""
+    from levels import AutoLevels
     m = model_accepting("always")                               # even drafts that are always accepted cannot win
-    monkeypatch.setattr(bench, "calibrate", lambda model, B, K, P: {n: 1.0 if n > 1 else 1e-3 for n in range(1, K * (K + 1) + 1)})
+    fake = {n: 1.0 if n > 1 else 1e-3 for n in range(1, 21)}
     idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
-    got, st = generate_tidar(m, idx, 20, groups="auto", block_size=4)
+    got, st = generate_tidar(m, idx, 20, groups=AutoLevels(latency=fake), block_size=4)
     assert "AR is faster" in st.note and set(st.histogram) == {1} and st.forwards == 19
     assert torch.equal(got, generate_ar(m, idx, 20)[0])
+
+
+@pytest.mark.parametrize("kind", ["always", "never"])
+def test_auto_schedule_on_a_compute_bound_machine(kind):
+    """t(n) = 1 + n/8 (K = 4: AR 1.125, {0} 2, dense 3.5). Drafts always accepted: TiDAR wins and auto never leaves
+    it. Never accepted: each 4-step probe loses 4 x (2 - 1.125) = 3.5 to AR, so with a 10% probe budget the next probe
+    comes after 3.5 / (0.1 x 1.125) = 31.1 -> 32 AR steps, exactly as documented; auto's simulated time exceeds
+    plain AR's by at most the first probe's loss + 10% of its own time."""
+    from levels import AutoLevels
+    K, cost = 4, (lambda n: 1 + n / 8)
+    m = model_accepting(kind)
+    idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
+    want, _ = generate_ar(m, idx, 80)
+    clock, sizes = simulated_machine(m, cost)
+    auto = AutoLevels(latency={n: cost(n) for n in range(1, 21)}, clock=clock, explore=0.1)
+    got, st = generate_tidar(m, idx, 80, groups=auto, block_size=4)
+    assert torch.equal(got, want)
+    steps, t_auto, t_ar = sizes[1:], sum(cost(n) for n in sizes[1:]), 79 * cost(1)
+    if kind == "always":
+        assert min(steps) > 1 and st.tokens_per_forward > 2.5 and t_auto < 0.8 * t_ar
+    else:
+        probe = [2 * K] * 4
+        assert steps == probe + [1] * 32 + probe + [1] * 32 + probe + [1] * 3
+        assert t_auto - t_ar <= 4 * (cost(2 * K) - cost(1)) + 0.1 * t_auto
+        assert auto.lost == pytest.approx(3 * 4 * (cost(2 * K) - cost(1))) and "probes lost" in st.note
+        assert st.groups == ()
+
+
+def test_auto_trusts_measured_step_times_over_the_calibration():
+    """The calibration claims a flat curve, the machine is compute-bound (t(n) = 1 + n/8). With drafts partly
+    accepted TiDAR would win on the flat curve but loses on the real one: the measured step times make auto pick AR.
+    Ignoring them (latency only) makes this test fail."""
+    from levels import AutoLevels, level_rate
+    K, cost = 4, (lambda n: 1 + n / 8)
+    m = model_accepting("partly")
+    idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
+    for groups in ([0], None):                          # the regime: drafts pay on a flat curve, not on this one
+        tpf = generate_tidar(m, idx, 80, groups=groups, block_size=K)[1].tokens_per_forward
+        assert 1.1 < tpf < cost(K + K * len(groups or range(K))) / cost(1), (groups, tpf)  # 1.1: above the margin
+    clock, sizes = simulated_machine(m, cost)
+    auto = AutoLevels(latency={n: 1.0 for n in range(1, 21)}, clock=clock)
+    got, st = generate_tidar(m, idx, 80, groups=auto, block_size=K)
+    assert min(sizes[1:5]) > 1 and set(sizes[5:]) == {1}, sizes                 # probe, then AR for good
+    assert torch.equal(got, generate_ar(m, idx, 80)[0])
+
+
+def test_acceptance_from_a_dense_histogram_predicts_its_tokens_per_forward():
+    """A dense run starts every block at slot 1, so its histogram gives the per-slot acceptance exactly, and
+    level_rate on that acceptance must give back the run's own tokens per forward."""
+    from bench import acceptance_from_histogram
+    from levels import level_rate
+    m = model_accepting("partly")
+    for K in (4, 8):
+        st = generate_tidar(m, torch.randint(5, 97, (3, 8), generator=torch.Generator().manual_seed(K)), 60,
+                            block_size=K)[1]
+        c = acceptance_from_histogram(st.histogram, K)
+        assert len(set(st.histogram)) > 2 and 0 < c[1] < 1                                  # a mixed regime
+        steps = sum(st.histogram.values())
+        want = sum(n * v for n, v in st.histogram.items()) / steps
+        assert level_rate(list(range(K)), c, K) == pytest.approx(want, rel=1e-9)
+
+
+def test_levels_report_measures_every_setting_side_by_side(capsys):
+    """The level benchmark's bookkeeping: one row per setting in order, AR at exactly 1.00x, a repeated AR row
+    (this run's noise), ratios to the best fixed set, the dense run's per-slot acceptance, and auto's note."""
+    from bench import levels_report
+    m = model_accepting("partly", dtype=torch.float32)
+    prompts = [torch.randint(5, 97, (8,), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    rows = levels_report(m, prompts, 4, 12, ["AR", "AR", None, [0], [0, 2], "auto"], rounds=2)
+    assert [r["groups"] for r in rows] == ["AR", "AR again", "dense", "{0}", "{0,2}", "auto"]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0 and "auto:" in rows[-1]["note"]
+    best = max(rows[3:5], key=lambda r: r["tokens_per_s"])
+    assert best["vs_best_fixed"] == 1.0 and "(best fixed)" in capsys.readouterr().out
+    assert len(rows[2]["acceptance"]) == 5 and rows[2]["tokens_per_forward"] > 1
+
+
+def test_gpu_level_predictions_use_the_measured_curve_and_borrowed_acceptance(tmp_path, capsys):
+    """bench.py --gpu8b's level table (run on a GPU when one is lent) on a small CPU model: the constant acceptance
+    it borrows reproduces the asked dense TPF, a reproduction's per-slot acceptance is read from decode.json, and
+    each batch's auto choice is choose_levels' on that batch's latency curve (or AR, with auto's margin)."""
+    from bench import load_acceptance, level_predictions
+    from levels import calibrate, choose_levels, level_rate
+    K = 4
+    c = load_acceptance(str(tmp_path / "none.json"), K, 2.5)
+    assert level_rate(list(range(K)), c, K) == pytest.approx(2.5, rel=1e-6)
+    (tmp_path / "decode.json").write_text(json.dumps(dict(acceptance=[0.0, 0.9, 0.5, 0.2, 0.0])))
+    assert load_acceptance(str(tmp_path / "decode.json"), K, 2.5) == [0.0, 0.9, 0.5, 0.2, 0.0]
+    m = randomised(small_config())
+    rows = level_predictions(m, K, c, [1, 3], 16)
+    assert [r["batch"] for r in rows] == [1, 3] and "batch 3: auto" in capsys.readouterr().out
+    for r in rows:
+        t = calibrate(m, r["batch"], K, 16)
+        assert r["tokens_per_s"]["AR"] == pytest.approx(r["batch"] / t[1])
+        levels, rate = choose_levels(c, t.__getitem__, K)
+        assert r["chosen"] == (levels if r["batch"] * rate >= 1.05 * r["tokens_per_s"]["AR"] else "AR")
 
 
 def test_auto_levels_are_lossless_and_rows_independent():
