@@ -37,7 +37,8 @@ def level_rate(levels, c, K):
     pi = torch.zeros(K + 1, dtype=torch.float64)
     pi[1] = 1.0
     lazy = (torch.eye(K + 1, dtype=torch.float64) + P) / 2          # same stationary distribution, aperiodic
-    return float(pi @ torch.linalg.matrix_power(lazy, 1024) @ E)      # ({0} alone alternates K, 1, K, 1, ...)
+    steps = 1024 + 8 * K * K                                          # a K-cycle's lazy modes decay as cos(pi/K)^n
+    return float(pi @ torch.linalg.matrix_power(lazy, steps) @ E)     # ({0} alone alternates K, 1, K, 1, ...)
 
 
 def choose_levels(c, seconds, K):
