@@ -200,7 +200,7 @@ def level_predictions(model, K, c, batches, prefix):
 # -----------------------------------------------------------------------------
 # the small reproduction: `python train.py` runs reproduce() (README, "Results")
 
-PIPELINES = {  # (AR pretraining, TiDAR conversion) settings; ~12 min / ~1.5 h (estimated) on a 2-core CPU
+PIPELINES = {  # (AR pretraining, TiDAR conversion) settings; measured 11 min / 87 min on a 2-core CPU
     "default": (dict(preset="small", max_iters=1500, eval_interval=500, log_interval=100),
                 dict(max_iters=900, lr=2e-3, min_lr=2e-4, eval_interval=300, log_interval=100)),
     "long": (dict(preset="medium", max_iters=2000, lr=2e-3, eval_interval=500, log_interval=100),
