@@ -237,8 +237,16 @@ def decode_report(out, blocks, weights, data, levels=(), n_prompts=8, new_tokens
     """Tokens per forward and tokens/s of greedy AR, lossless (= mix at w = 1) and mix at each weight, on 128-token
     prompts from the held-out split (val files, never trained on), one at a time (batch 1); prints a table, a demo
     continuation of the first prompt by each sampler, and writes out/decode.json."""
-    from train import get_tokenizer
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)                  # batch-1 decoding: a second thread mostly adds noise on a shared CPU
+    try:
+        return _decode_report(out, blocks, weights, data, levels, n_prompts, new_tokens)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _decode_report(out, blocks, weights, data, levels, n_prompts, new_tokens):
+    from train import get_tokenizer
     model, prompts = heldout_prompts(out, data, n_prompts)
     enc, _ = get_tokenizer(model.checkpoint_meta.get("tokenizer", "bytes"))
     ar = [generate_ar(model, p[None], new_tokens)[1] for p in prompts]
