@@ -1,14 +1,16 @@
 """
-Proposal levels chosen per machine: groups="auto" in sample.generate_tidar (README, "Proposal levels").
+Per-machine proposal levels: groups="auto" in sample.generate_tidar (README, "Proposal levels").
 
-A TiDAR step over n = K + K*m query tokens (K drafts, m mask groups) costs t(n); an AR step costs t(1). Where t is
-flat (a GPU at batch 1: memory-bound) every level pays; where it grows (a CPU, a GPU at large batch, an MoE whose
-bigger queries touch more experts) only a few levels pay, or none. Zyphra hand-tunes the set per accelerator
-([0, 4, 7, 11] on MI300X); here it is chosen from measurements:
+A TiDAR step over n = K + K*m query tokens (K drafts, m mask groups) costs t(n); an AR step costs
+t(1). Where t is flat (a GPU at batch 1: memory-bound) every level pays; where it grows (a CPU, a
+GPU at large batch, an MoE whose bigger queries touch more experts) only a few levels pay, or none.
+Zyphra hand-tunes the set per accelerator ([0, 4, 7, 11] on MI300X); here it is chosen from
+measurements:
   level_rate     expected tokens committed per step for a level set, from per-slot acceptance rates;
+  acceptance_from_histogram  those rates, read off a dense run's histogram of tokens per step;
   choose_levels  the set maximising level_rate / seconds(step), by greedy forward selection;
-  AutoLevels     the online controller: measured step times, acceptance counts, probes, the AR fallback;
-  calibrate      the forward latency curve t(n), measured lazily and cached per machine, shape and batch.
+  AutoLevels     the online controller: measured step times, acceptance counts, probes, AR fallback;
+  calibrate      the forward latency curve t(n), measured lazily, cached per machine/shape/batch.
 """
 import statistics
 import time
@@ -20,14 +22,16 @@ from zaya import KVCache, causal_layout, tidar_step_layout
 
 
 def level_rate(levels, c, K):
-    """Expected tokens committed per step when drafting `levels`. c[s] = P(the draft from group slot s is accepted
-    | every draft before it was), s = 1..K-1. A block whose first draft is slot s0 holds K - s0 drafts; accepting j
-    of them commits j + 1 tokens, and the next block comes from level g = max(l <= j), so it starts at slot
-    j - g + 1. The stationary distribution of this Markov chain over s0 weights the tokens per step."""
-    P, E = [[0.0] * (K + 1) for _ in range(K + 1)], [0.0] * (K + 1)   # plain lists: this runs during decoding
+    """Expected tokens committed per step when drafting `levels`. c[s] = P(the draft from group slot
+    s is accepted | every draft before it was), s = 1..K-1. A block whose first draft is slot s0
+    holds K - s0 drafts; accepting j of them commits j + 1 tokens, and the next block comes from
+    level g = max(l <= j), so it starts at slot j - g + 1. The stationary distribution of this
+    Markov chain over s0 weights the tokens per step."""
+    P = [[0.0] * (K + 1) for _ in range(K + 1)]      # plain lists: this runs during decoding
+    E = [0.0] * (K + 1)
     level_of = [max(l for l in levels if l <= j) for j in range(K)]
     for s0 in range(1, K + 1):
-        reach = 1.0                                                   # P(the first j drafts accepted)
+        reach = 1.0                                   # P(the first j drafts accepted)
         for j in range(K - s0 + 1):
             p_j = reach * ((1 - c[s0 + j]) if j < K - s0 else 1.0)
             E[s0] += p_j * (j + 1)
@@ -36,14 +40,25 @@ def level_rate(levels, c, K):
     P, E = torch.tensor(P, dtype=torch.float64), torch.tensor(E, dtype=torch.float64)
     pi = torch.zeros(K + 1, dtype=torch.float64)
     pi[1] = 1.0
-    lazy = (torch.eye(K + 1, dtype=torch.float64) + P) / 2          # same stationary distribution, aperiodic
-    steps = 1024 + 8 * K * K                                          # a K-cycle's lazy modes decay as cos(pi/K)^n
-    return float(pi @ torch.linalg.matrix_power(lazy, steps) @ E)     # ({0} alone alternates K, 1, K, 1, ...)
+    # lazy: same stationary distribution, aperiodic; its K-cycle modes decay as cos(pi/K)^n
+    lazy = (torch.eye(K + 1, dtype=torch.float64) + P) / 2
+    steps = 1024 + 8 * K * K
+    return float(pi @ torch.linalg.matrix_power(lazy, steps) @ E)   # {0} alone: K, 1, K, 1, ...
+
+
+def acceptance_from_histogram(hist, K):
+    """Per-slot acceptance c[s] = P(draft s accepted | drafts 1..s-1 were) from a DENSE run's
+    histogram of tokens committed per step (dense: every block starts at slot 1, so committing
+    j + 1 means drafts 1..j accepted)."""
+    # reach[j]: steps with >= j drafts accepted
+    reach = [sum(v for n, v in hist.items() if n - 1 >= j) for j in range(K)]
+    return [0.0] + [reach[j] / reach[j - 1] if reach[j - 1] else 0.0 for j in range(1, K)] + [0.0]
 
 
 def choose_levels(c, seconds, K):
-    """Greedy forward selection from {0}: add the level that raises the predicted tokens/s most, until none does;
-    the dense set is tried too. seconds(n): one step over n query tokens. Returns (levels, predicted tokens/s)."""
+    """Greedy forward selection from {0}: add the level that raises the predicted tokens/s most,
+    until none does; the dense set is tried too. seconds(n): one step over n query tokens. Returns
+    (levels, predicted tokens/s)."""
     rate = lambda levels: level_rate(levels, c, K) / seconds(K + K * len(levels))
     levels, best = [0], rate([0])
     while True:
@@ -57,40 +72,52 @@ def choose_levels(c, seconds, K):
 
 
 class AutoLevels:
-    """groups="auto": before each step, plain AR (None) or the level set choose_levels predicts fastest on this
-    machine and batch. seconds(n), for a step over n query tokens, is the median of this run's steps of that size,
-    else the latency curve t(n) (calibrate: lazy, cached per machine/shape/batch) plus the median time TiDAR steps
-    took beyond t(n) (verify, sampling, Python). Acceptance is counted per group slot and shrunk towards the pooled
-    rate (c[s] = (accepted[s] + 2 p) / (tried[s] + 2)), so rarely tried slots do not inflate the prediction.
-    Schedule: a TiDAR probe of `probe` steps first (the prefill's drafts are free), then a choice every `every`
-    steps; TiDAR must beat AR by `margin` (the prediction has errors, AR's time is measured). When auto falls back to
-    AR, the TiDAR steps just taken cost `lost` = their time - their tokens x an AR step's time (0 if they won); the
-    next probe comes after lost / (explore x AR step) AR steps, so probing spends at most `explore` (2%) of the
-    decoding time: often where TiDAR nearly wins, rarely where it loses badly, never if AR wins even when every
-    draft is accepted. Pass an instance as `groups` to change these, the latency curve (any mapping n -> seconds)
-    or the clock."""
+    """groups="auto": before each step, plain AR (None) or the level set choose_levels predicts
+    fastest on this machine and batch. seconds(n), for a step over n query tokens, is the median of
+    this run's steps of that size, else the latency curve t(n) (calibrate: lazy, cached per
+    machine/shape/batch) plus the median time TiDAR steps took beyond t(n) (verify, sampling,
+    Python). Acceptance is counted per group slot and shrunk towards the pooled rate
+    (c[s] = (accepted[s] + 2 p) / (tried[s] + 2)), so rarely tried slots do not inflate the
+    prediction. Schedule: a TiDAR probe of `probe` steps first (the prefill's drafts are free), then
+    a choice every `every` steps; TiDAR must beat AR by `margin` (the prediction has errors, AR's
+    time is measured). When auto falls back to AR, the TiDAR steps just taken cost
+    `lost` = their time - their tokens x an AR step's time (0 if they won); the next probe comes
+    after lost / (explore x AR step) AR steps, so probing spends at most `explore` (2%) of the
+    decoding time: often where TiDAR nearly wins, rarely where it loses badly, never if AR wins even
+    when every draft is accepted. Pass an instance as `groups` to change these, the latency curve
+    (any mapping n -> seconds) or the clock."""
 
-    def __init__(self, latency=None, clock=time.perf_counter, probe=4, every=8, explore=0.02, margin=0.05):
-        self.latency, self.clock, self.probe, self.every = latency, clock, probe, every
+    def __init__(self, latency=None, clock=time.perf_counter, probe=4, every=8, explore=0.02,
+                 margin=0.05):
+        self.latency, self.clock = latency, clock
+        self.probe, self.every = probe, every
         self.explore, self.margin = explore, margin
 
     def start(self, model, B, K, prefix):
         if self.latency is None:
             self.latency = calibrate(model, B, K, prefix)
-        self.K, self.times, self.extra, self.last, self.used, self.why = K, {}, [], None, {}, ""
+        self.K = K
+        self.times = {}                    # n -> this run's step times over n query tokens
+        self.extra = []                    # TiDAR steps' time beyond t(n)
+        self.last = None                   # (n, start time) of the step under way
+        self.used = {}                     # steps per level set (key "AR" for plain AR)
+        self.why = ""                      # the reason for the last choice
         self.tries, self.succ = torch.zeros(K + 1), torch.zeros(K + 1)
-        self.stretch, self.lost = [0.0, 0.0], 0.0              # TiDAR steps since the last AR: seconds, tokens/row
-        self.never = K / self.latency[2 * K] < 1 / self.latency[1]         # any set's best case vs AR
-        self.groups = None if self.never else choose_levels([0.5] * (K + 1), self.seconds, K)[0]
+        self.stretch = [0.0, 0.0]          # TiDAR steps since the last AR: seconds, tokens/row
+        self.lost = 0.0                    # seconds the probes lost to AR
+        self.never = K / self.latency[2 * K] < 1 / self.latency[1]   # any set's best case vs AR
+        prior = [0.5] * (K + 1)
+        self.groups = None if self.never else choose_levels(prior, self.seconds, K)[0]
         self.left = float("inf") if self.never else self.probe
 
     def seconds(self, n):
         if self.times.get(n):
             return statistics.median(self.times[n][-16:])
-        return self.latency[n] + (statistics.median(self.extra[-16:]) if self.extra and n > 1 else 0.0)
+        t = self.latency[n]
+        return t + (statistics.median(self.extra[-16:]) if self.extra and n > 1 else 0.0)
 
     def step(self):
-        """Time the previous step, re-choose when due; the levels for this step (None: a plain AR step)."""
+        """Time the previous step, re-choose when due; this step's levels (None: plain AR step)."""
         now = self.clock()
         if self.last is not None:
             self.times.setdefault(self.last[0], []).append(now - self.last[1])
@@ -99,27 +126,30 @@ class AutoLevels:
                 self.stretch[0] += now - self.last[1]
         if self.left <= 0:
             pooled = (self.succ.sum() + 1) / (self.tries.sum() + 2)
-            levels, rate = choose_levels(((self.succ + 2 * pooled) / (self.tries + 2)).tolist(), self.seconds, self.K)
+            c = ((self.succ + 2 * pooled) / (self.tries + 2)).tolist()
+            levels, rate = choose_levels(c, self.seconds, self.K)
             ar = 1 / self.seconds(1)
-            if rate >= ar * (1 + self.margin):                 # TiDAR wins: keep going, re-choose soon
+            if rate >= ar * (1 + self.margin):  # TiDAR wins: keep going, re-choose soon
                 self.groups, self.left = levels, self.every
-            elif self.groups is None:                          # AR's turn is over: probe TiDAR again
+            elif self.groups is None:           # AR's turn is over: probe TiDAR again
                 self.groups, self.left = levels, self.probe
-            else:                                              # AR wins: AR until the probe budget allows another
+            else:                               # AR wins: AR until the probe budget allows another
                 lost = max(0.0, self.stretch[0] - self.stretch[1] / ar)
-                self.groups, self.left, self.lost = None, max(self.every, lost * ar / self.explore), self.lost + lost
+                self.groups, self.left = None, max(self.every, lost * ar / self.explore)
+                self.lost = self.lost + lost
                 self.stretch = [0.0, 0.0]
             self.why = f"levels {levels} predict {rate:.0f} tokens/s vs AR {ar:.0f}"
         self.left -= 1
         key = "AR" if self.groups is None else str(self.groups)
         self.used[key] = self.used.get(key, 0) + 1
         n = 1 if self.groups is None else self.K * (1 + len(self.groups))
-        self.latency[n]                                        # a lazy calibration happens here, not in the timing
+        self.latency[n]                  # a lazy calibration happens here, not in the timing
         self.last = (n, self.clock())
         return self.groups
 
     def count(self, k, valid, shift, active):
-        """Per group slot: drafts tried (all before them accepted) and accepted, from one verification."""
+        """Per group slot: drafts tried (all before them accepted) and accepted, from one
+        verification."""
         i = torch.arange(valid.shape[1], device=k.device)[None]
         tried = active[:, None] & valid & (i <= k[:, None])
         slot = (shift[:, None] + 1 + i).clamp(max=self.K)
@@ -128,42 +158,52 @@ class AutoLevels:
         self.succ += torch.bincount(slot[tried & (i < k[:, None])], minlength=self.K + 1).cpu()
 
     def note(self):
-        spent = getattr(self.latency, "seconds", 0.0)                  # a LatencyCurve counts its own cost
+        spent = getattr(self.latency, "seconds", 0.0)   # a LatencyCurve counts its own cost
         cal = f" (latency calibration: {spent:.2f} s, once)" if spent else ""
         if self.never:
-            return "auto: AR is faster on this machine even if every draft is accepted; decoding AR" + cal
+            return ("auto: AR is faster on this machine even if every draft is accepted; "
+                    "decoding AR" + cal)
         steps = ", ".join(f"{k} {v}" for k, v in self.used.items())
-        return (f"auto: steps {{{steps}}}; probes lost {self.lost * 1e3:.1f} ms to AR; last choice: "
-                f"{self.why or 'the first probe'}" + cal)
+        return (f"auto: steps {{{steps}}}; probes lost {self.lost * 1e3:.1f} ms to AR; "
+                f"last choice: {self.why or 'the first probe'}" + cal)
 
 
 class LatencyCurve(dict):
-    """t(n): median seconds of one forward over n query tokens after a cached prefix (n = 1: an AR step; K + K*m: a
-    TiDAR step with m groups), measured the first time n is asked for: 1 warm-up + 5 runs. The drafts are random
-    tokens: an MoE's cost depends on how tokens spread over experts, and all-zero inputs (one expert) are too cheap."""
+    """t(n): median seconds of one forward over n query tokens after a cached prefix (n = 1: an AR
+    step; K + K*m: a TiDAR step with m groups), measured the first time n is asked for: 1 warm-up
+    + 5 runs. The drafts are random tokens: an MoE's cost depends on how tokens spread over experts,
+    and all-zero inputs (one expert) are too cheap."""
 
     def __init__(self, model, B, K, prefix):
         super().__init__()
-        self.model, self.B, self.K, self.prefix, self.seconds = weakref.ref(model), B, K, prefix, 0.0
+        self.model = weakref.ref(model)
+        self.B, self.K, self.prefix = B, K, prefix
+        self.seconds = 0.0
 
     @torch.no_grad()
     def __missing__(self, n):
         model, K, B = self.model(), self.K, self.B
-        c, dev, dtype = model.config, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
-        offs, pred, mask = causal_layout(1, dev) if n == 1 else tidar_step_layout(K, range((n - K) // K), dev)
-        x = torch.randint(0, min(256, c.vocab_size), (B, n), generator=torch.Generator().manual_seed(n)).to(dev)
-        x[:, K:] = c.mask_token_id if n > K else x[:, K:]
-        cache = KVCache(c, B, self.prefix + n, dtype=dtype, device=dev)
-        runs, t_start = [], time.perf_counter()
+        config = model.config
+        dev, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+        if n == 1:
+            pos, pred, mask = causal_layout(1, dev, start=self.prefix)
+        else:
+            pos, pred, mask = tidar_step_layout(K, range((n - K) // K), dev, start=self.prefix)
+        gen = torch.Generator().manual_seed(n)
+        x = torch.randint(0, min(256, config.vocab_size), (B, n), generator=gen).to(dev)
+        x[:, K:] = config.mask_token_id if n > K else x[:, K:]
+        cache = KVCache(config, B, self.prefix + n, dtype=dtype, device=dev)
+        runs = []
+        t_start = time.perf_counter()
         for _ in range(6):
             cache.lengths.fill_(self.prefix)
             t0 = time.perf_counter()
-            model.forward_hidden(x, self.prefix + offs, pred, mask, cache)
+            model.forward_hidden(x, pos, pred, mask, cache)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             runs.append(time.perf_counter() - t0)
         self[n] = statistics.median(runs[1:])
-        self.seconds += time.perf_counter() - t_start                  # the calibration's cost so far
+        self.seconds += time.perf_counter() - t_start   # the calibration's cost so far
         return self[n]
 
 
@@ -171,8 +211,9 @@ _CURVES = {}
 
 
 def calibrate(model, B, K, prefix):
-    """The latency curve for this machine, model shape, dtype, batch, K and prefix (in 64-token buckets), shared
-    by every call in this process: each point is measured once, when first needed."""
+    """The latency curve for this machine, model shape, dtype, batch, K and prefix (in 64-token
+    buckets), shared by every call in this process: each point is measured once, when first
+    needed."""
     w = model.embed_tokens.weight
     key = (str(w.device), w.dtype, repr(model.config), B, K, prefix // 64)
     curve = _CURVES.setdefault(key, LatencyCurve(model, B, K, prefix))

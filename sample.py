@@ -1,25 +1,107 @@
 """
-Decoding: the AR baseline and single-forward TiDAR with its two samplers (../shared/docs/TIDAR.md sections 3-4).
+Decoding: the AR baseline and single-forward TiDAR with its two samplers
+(../shared/docs/TIDAR.md 3-4).
 
-generate_ar    one token per forward on the static KV cache (zaya.KVCache).
-generate_tidar one forward per step verifies K drafts causally AND drafts the next block for every acceptance
-               length (K mask groups, or a subset `groups`), sharing one KV cache: accepted tokens' K/V and CCA
-               state are committed without recomputation, the rest is truncated.
-Samplers: "lossless" = speculative sampling against the model's own AR distribution (Leviathan et al. 2023;
-greedy: token-for-token the greedy AR output); "mix" = Zyphra's logit mixing, target w*AR + (1-w)*draft.
+generate_ar     one token per forward on the static KV cache (zaya.KVCache).
+generate_tidar  one forward per step verifies K drafts causally AND drafts the next block for every
+                acceptance length (K mask groups, or a subset `groups`), sharing one KV cache:
+                accepted tokens' K/V and CCA state are committed without recomputation, the rest
+                is truncated.
+Samplers: "lossless" = speculative sampling against the model's own AR distribution (Leviathan et
+al. 2023; greedy: token for token the greedy AR output); "mix" = Zyphra's logit mixing, target
+w * AR + (1 - w) * draft.
+Also here, because training and sampling both need them: the tokenizers a checkpoint names, and the
+--key=value flag parser (train.py imports both); the held-out decoding report that `python train.py`
+prints at the end.
 """
-import functools
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
+import tiktoken
 import torch
 import torch.nn.functional as F
 
-from levels import AutoLevels
-from zaya import CheckpointError, KVCache, Zaya, causal_layout, tidar_step_layout
+from levels import AutoLevels, acceptance_from_histogram, calibrate
+from zaya import (CheckpointError, KVCache, Zaya, _atomic_write, ar_step_layout, causal_layout,
+                  tidar_prefill_layout, tidar_step_layout)
+
+# -----------------------------------------------------------------------------
+# flags and tokenizers, shared with train.py
+
+
+class UsageError(ValueError):
+    """Bad input; the CLIs print it as one line and exit with status 2, no traceback."""
+
+
+def check(ok, msg):
+    if not ok:
+        raise UsageError(msg)
+
+
+def parse_args(argv, defaults):
+    """--key=value pairs -> dict of overrides of `defaults`. Unknown keys are rejected, values take
+    the default's type, a bare --flag is --flag=True for a bool."""
+    out = {}
+    for arg in argv:
+        key, eq, val = arg.removeprefix("--").partition("=")
+        kind = type(defaults.get(key))
+        check(arg.startswith("--") and key in defaults and (eq or kind is bool),
+              f"unknown or malformed flag {arg!r}; do use --key=value with key one of: "
+              f"{', '.join(defaults)}")
+        try:
+            out[key] = {"True": True, "False": False}[val or "True"] if kind is bool else kind(val)
+        except (KeyError, ValueError):
+            want = "True or False" if kind is bool else kind.__name__
+            raise UsageError(f"--{key}={val}: expected {want}; "
+                             f"do write e.g. --{key}={defaults[key]}") from None
+    return out
+
+
+def get_tokenizer(name):
+    """(tiktoken.Encoding, ids), ids = dict(eot, mask, pad, vocab_size). vocab_size is the model's:
+    n_vocab rounded up to a multiple of 64, so drop ids >= enc.n_vocab before enc.decode(ids)."""
+    if name == "bytes":        # 256 single-byte tokens, no merges: offline, and any text encodes
+        ranks = {bytes([i]): i for i in range(256)}
+        special = {"<|endoftext|>": 256, "<|mask|>": 257, "<|pad|>": 258}
+        enc = tiktoken.Encoding("bytes", pat_str=r"[^\n]+|\n", mergeable_ranks=ranks,
+                                special_tokens=special)
+    else:                      # a tiktoken encoding with <|mask|> and <|pad|> after its last id
+        try:
+            base = tiktoken.get_encoding(name)
+        except Exception as e:
+            raise UsageError(f"no tiktoken encoding {name!r} ({type(e).__name__}); "
+                             "do use --tokenizer=bytes") from None
+        n = base.n_vocab
+        special = {**base._special_tokens, "<|mask|>": n, "<|pad|>": n + 1}
+        enc = tiktoken.Encoding(f"{name}-tidar", pat_str=base._pat_str,
+                                mergeable_ranks=base._mergeable_ranks, special_tokens=special)
+    ids = dict(eot=enc.eot_token, mask=enc.encode_single_token("<|mask|>"),
+               pad=enc.encode_single_token("<|pad|>"))
+    return enc, dict(ids, vocab_size=(enc.n_vocab + 63) // 64 * 64)
+
+
+def load_tokenizer(model):
+    """(encode, decode) for a loaded checkpoint: our runs name their tiktoken tokenizer; HF
+    directories ship tokenizer.json, read with the `tokenizers` package."""
+    meta = getattr(model, "checkpoint_meta", {})
+    if "hf_dir" in meta:
+        path = os.path.join(meta["hf_dir"], "tokenizer.json")
+        if not os.path.exists(path):
+            raise ValueError(f"{meta['hf_dir']} has no tokenizer.json; pass token ids another way")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError("decoding this checkpoint needs the `tokenizers` package: "
+                             "pip install tokenizers") from None
+        tok = Tokenizer.from_file(path)
+        return (lambda s: tok.encode(s).ids), (lambda ids: tok.decode(ids))
+    enc, _ = get_tokenizer(meta.get("tokenizer", "bytes"))
+    return (lambda s: enc.encode(s)), (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
 
 # -----------------------------------------------------------------------------
 # statistics and shared pieces
@@ -29,23 +111,24 @@ from zaya import CheckpointError, KVCache, Zaya, causal_layout, tidar_step_layou
 class Stats:
     forwards: int = 0                 # model calls after prefill
     new_tokens: int = 0               # over all rows
-    tokens_per_forward: float = 0.0   # tokens produced by decode steps / decode steps, averaged over rows
+    tokens_per_forward: float = 0.0   # tokens per decode step, averaged over rows
     histogram: dict = field(default_factory=dict)   # tokens committed per step -> count (row-steps)
     seconds: float = 0.0
     tokens_per_s: float = 0.0
-    groups: tuple = ()                # TiDAR levels drafted each step (auto: the last ones; () after AR steps)
+    groups: tuple = ()                # TiDAR levels drafted each step (auto: the last; () after AR)
     note: str = ""                    # why groups="auto" chose what it chose
-    cache: object = field(default=None, repr=False)   # the final KVCache, for inspection
-    log: list = field(default_factory=list, repr=False)  # with record=True: row 0's (accepted drafts, own token)
+    cache: object = field(default=None, repr=False)      # the final KVCache, for inspection
+    log: list = field(default_factory=list, repr=False)  # record: row 0's (accepted, own token)
 
     def summary(self):
         hist = " ".join(f"{k}:{v}" for k, v in sorted(self.histogram.items()))
-        return (f"{self.new_tokens} tokens in {self.forwards} forwards ({self.tokens_per_forward:.2f} tokens/forward), "
-                f"{self.seconds:.2f} s, {self.tokens_per_s:.1f} tokens/s; committed per step {{{hist}}}")
+        return (f"{self.new_tokens} tokens in {self.forwards} forwards "
+                f"({self.tokens_per_forward:.2f} tokens/forward), {self.seconds:.2f} s, "
+                f"{self.tokens_per_s:.1f} tokens/s; committed per step {{{hist}}}")
 
 
 def _prepare(model, idx, max_new_tokens, extra):
-    """Prompts as a padded [B,Tmax] tensor + lengths, and an empty cache with room for the run."""
+    """Prompts as a padded [B, Tmax] tensor + lengths, and an empty cache with room for the run."""
     ragged = isinstance(idx, (list, tuple))
     rows = [torch.as_tensor(r, dtype=torch.long).flatten() for r in idx] if ragged else list(idx)
     if max_new_tokens < 1:
@@ -55,20 +138,21 @@ def _prepare(model, idx, max_new_tokens, extra):
     P = torch.tensor([len(r) for r in rows])
     limit = model.config.max_position_embeddings
     if int(P.max()) + max_new_tokens > limit:
-        raise ValueError(f"prompt ({int(P.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"context of {limit} tokens; shorten the prompt or ask for fewer tokens")
+        raise ValueError(
+            f"prompt ({int(P.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's context of {limit} tokens; shorten the prompt or ask for fewer")
     dev = model.embed_tokens.weight.device
-    x = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)        # [B, Tmax], right-padded with 0
-    cache = KVCache(model.config, len(rows), int(P.max()) + max_new_tokens + extra,
-                    dtype=model.embed_tokens.weight.dtype, device=dev)
+    x = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, Tmax], right-padded with 0
+    capacity = int(P.max()) + max_new_tokens + extra
+    cache = KVCache(model.config, len(rows), capacity, model.embed_tokens.weight.dtype, dev)
     return ragged, rows, x.to(dev), P.to(dev), cache
 
 
-def _logits(model, h):
-    """Verify/sample logits in fp32 even for a bf16 model (near-ties would flip between AR and TiDAR otherwise).
-    The fp32 copy of the tied head is made once per weight version, not every step (2 GiB at the 8B's V = 262k)."""
+def head_logits(model, h):
+    """Logits in fp32 even for a bf16 model (near-ties would flip between AR and TiDAR otherwise).
+    The fp32 copy of the tied head is made once per weight version (2 GiB at the 8B's V = 262k)."""
     w = model.embed_tokens.weight
-    if w.dtype == torch.float32 or w.dtype == torch.float64:
+    if w.dtype in (torch.float32, torch.float64):
         return F.linear(h.to(w.dtype), w)
     key = (w.data_ptr(), w._version)
     if getattr(model, "_head32", (None,))[0] != key:
@@ -89,23 +173,29 @@ def _process(logits, temperature, top_k, mask_id):
     return logits
 
 
-def _sample(logits, temperature, generator=None):
-    """argmax at temperature 0, else a draw from softmax(logits) (logits already processed). [..., V] -> [...]"""
+def sample(logits, temperature=0.0, top_k=None, mask_id=None, generator=None):
+    """Tokens from logits [..., V] -> [...]: the mask token banned, temperature and top-k applied,
+    then argmax at temperature 0, else a draw from the softmax."""
+    logits = _process(logits, temperature, top_k, mask_id)
     if temperature == 0:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
 class _Outputs:
-    """New tokens per row in one tensor (no per-token Python work, so a 30,000-row batch stays fast)."""
+    """New tokens per row in one tensor (no per-token Python work, so a 30,000-row batch stays
+    fast)."""
 
     def __init__(self, B, max_new, K, device, stop_at_eos, eos):
         self.buf = torch.zeros(B, max_new + 2 * K + 1, dtype=torch.long, device=device)
-        self.n = torch.zeros(B, dtype=torch.long, device=device)        # tokens written per row
-        self.steps, self.made = torch.zeros_like(self.n), torch.zeros_like(self.n)
+        self.n = torch.zeros(B, dtype=torch.long, device=device)      # tokens written per row
+        self.steps = torch.zeros_like(self.n)                          # decode steps per row
+        self.made = torch.zeros_like(self.n)                           # tokens those steps made
         self.hist = torch.zeros(K + 1, dtype=torch.long, device=device)
-        self.max_new, self.eos = max_new, (eos if stop_at_eos else None)
+        self.max_new = max_new
+        self.eos = eos if stop_at_eos else None
 
     def active(self):
         done = self.n >= self.max_new
@@ -115,7 +205,7 @@ class _Outputs:
         return ~done
 
     def append(self, tokens, count, active, decode=True):
-        """Row b gets tokens[b, :count[b]] where active[b]. tokens [B,K'], count [B]."""
+        """Row b gets tokens[b, :count[b]] where active[b]. tokens [B, K'], count [B]."""
         j = torch.arange(tokens.shape[1], device=tokens.device)[None]
         idx = self.n[:, None] + j
         keep = (j < count[:, None]) & active[:, None]
@@ -127,7 +217,8 @@ class _Outputs:
             self.hist += torch.bincount(count[active], minlength=len(self.hist))[:len(self.hist)]
 
     def finish(self, ragged, rows, stats, t0, cache):
-        """prompt + exactly max_new new tokens per row (fewer after an eos when asked to stop there); Stats."""
+        """prompt + exactly max_new new tokens per row (fewer after an eos when asked to stop);
+        Stats."""
         stats.cache = cache
         n = self.n.clamp(max=self.max_new)
         if self.eos is not None:
@@ -139,48 +230,66 @@ class _Outputs:
         stats.tokens_per_forward = float(rates.mean()) if len(rates) else 0.0
         stats.seconds = time.perf_counter() - t0
         stats.tokens_per_s = stats.new_tokens / max(stats.seconds, 1e-9)
+        buf = self.buf
         if not ragged and bool((n == self.max_new).all()):
-            return torch.cat([torch.stack(rows).to(self.buf.device), self.buf[:, :self.max_new]], 1), stats
-        return [torch.cat([r.to(self.buf.device), self.buf[b, :int(n[b])]]) for b, r in enumerate(rows)], stats
+            return torch.cat([torch.stack(rows).to(buf.device), buf[:, :self.max_new]], 1), stats
+        return [torch.cat([r.to(buf.device), buf[b, :int(n[b])]])
+                for b, r in enumerate(rows)], stats
+
+
+def _check_args(temperature, top_k, mix_weight=0.5, block_size=1, sampler="lossless"):
+    for bad, msg in (
+            (sampler not in ("lossless", "mix"),
+             f"sampler must be 'lossless' or 'mix', got {sampler!r}"),
+            (temperature < 0, f"temperature must be >= 0, got {temperature}"),
+            (top_k is not None and top_k < 1, f"top_k must be >= 1, got {top_k}"),
+            (not 0.0 <= mix_weight <= 1.0, f"mix_weight must be in [0, 1], got {mix_weight}"),
+            (block_size < 1, f"block_size must be >= 1, got {block_size}")):
+        if bad:
+            raise ValueError(msg)
 
 # -----------------------------------------------------------------------------
 # AR baseline
 
 
+def ar_step(model, cache, tok, active, how):
+    """One AR decode step: tok [B] goes in at each row's cached length, is committed where active,
+    and the next token [B] comes out (inactive rows keep tok).
+    how = (temperature, top_k, mask_id, generator)."""
+    pos, pred, mask = ar_step_layout(cache.lengths)
+    h = model.forward_hidden(tok[:, None], pos, pred, mask, cache)   # [B, 1, d]
+    cache.commit(active.long())
+    return torch.where(active, sample(head_logits(model, h[:, 0]), *how), tok)
+
+
 @torch.no_grad()
-def generate_ar(model, idx, max_new_tokens, temperature=0.0, top_k=None, stop_at_eos=False, generator=None):
-    """Plain autoregressive decoding on the static cache. idx: LongTensor [B,T] or a list of 1-D prompts.
-    Returns (prompt + exactly max_new_tokens new tokens per row [B,T+N] or a list, Stats)."""
+def generate_ar(model, idx, max_new_tokens, temperature=0.0, top_k=None, stop_at_eos=False,
+                generator=None):
+    """Plain autoregressive decoding on the static cache. idx: LongTensor [B, T] or a list of 1-D
+    prompts. Returns (prompt + exactly max_new_tokens new tokens per row [B, T+N] or a list, Stats).
+    """
     _check_args(temperature, top_k)
     t0 = time.perf_counter()
     c = model.config
+    how = (temperature, top_k, c.mask_token_id, generator)
     ragged, rows, x, P, cache = _prepare(model, idx, max_new_tokens, 1)
-    B, dev = len(rows), x.device
-    pos, pred, mask = causal_layout(x.shape[1], dev)
-    h = model.forward_hidden(x, pos, pred, mask, cache)
+    B = len(rows)
+    dev = x.device
+
+    pos, pred, mask = causal_layout(x.shape[1], dev)                 # prefill
+    h = model.forward_hidden(x, pos, pred, mask, cache)              # [B, T, d]
     cache.commit(P)
-    last = _process(_logits(model, h[torch.arange(B, device=dev), P - 1]), temperature, top_k, c.mask_token_id)
-    tok = _sample(last, temperature, generator)                        # [B]
+    tok = sample(head_logits(model, h[torch.arange(B, device=dev), P - 1]), *how)     # [B]
     out = _Outputs(B, max_new_tokens, 1, dev, stop_at_eos, c.eos_token_id)
-    out.append(tok[:, None], torch.ones_like(tok), torch.ones_like(tok, dtype=torch.bool), decode=False)
-    stats, one = Stats(), torch.ones(1, 1, dtype=torch.bool, device=dev)
+    one = torch.ones_like(tok)
+    out.append(tok[:, None], one, one.bool(), decode=False)
+
+    stats = Stats()
     while (active := out.active()).any():
-        h = model.forward_hidden(tok[:, None], cache.lengths[:, None], torch.ones_like(tok)[:, None], one, cache)
-        cache.commit(active.long())
-        tok = _sample(_process(_logits(model, h[:, 0]), temperature, top_k, c.mask_token_id), temperature, generator)
+        tok = ar_step(model, cache, tok, active, how)
         stats.forwards += 1
-        out.append(tok[:, None], torch.ones_like(tok), active)
+        out.append(tok[:, None], one, active)
     return out.finish(ragged, rows, stats, t0, cache)
-
-
-def _check_args(temperature, top_k, mix_weight=0.5, block_size=1, sampler="lossless"):
-    for bad, msg in ((sampler not in ("lossless", "mix"), f"sampler must be 'lossless' or 'mix', got {sampler!r}"),
-                     (temperature < 0, f"temperature must be >= 0, got {temperature}"),
-                     (top_k is not None and top_k < 1, f"top_k must be >= 1, got {top_k}"),
-                     (not 0.0 <= mix_weight <= 1.0, f"mix_weight must be in [0, 1], got {mix_weight}"),
-                     (block_size < 1, f"block_size must be >= 1, got {block_size}")):
-        if bad:
-            raise ValueError(msg)
 
 # -----------------------------------------------------------------------------
 # TiDAR
@@ -188,54 +297,94 @@ def _check_args(temperature, top_k, mix_weight=0.5, block_size=1, sampler="lossl
 
 def _verify(ar, drafts, draft_logits, valid, sampler, w, temperature, top_k, mask_id, generator):
     """One verification (TIDAR.md section 4), vectorised over rows.
-    ar [B,K,V]: AR logits at d_0..d_{K-1} (fp32); drafts [B,K-1]: d_1..d_{K-1}; draft_logits [B,K-1,V] that
-    proposed them; valid [B,K-1] (False: no draft, always rejected). Returns k [B] (accepted drafts) and the
-    next token [B] (the correction at the first rejection, or the bonus from the AR logits)."""
+    ar [B, K, V]: AR logits at d_0..d_{K-1} (fp32); drafts [B, K-1]: d_1..d_{K-1}; draft_logits
+    [B, K-1, V] that proposed them; valid [B, K-1] (False: no draft, always rejected). Returns k [B]
+    (accepted drafts) and the next token [B] (the correction at the first rejection, or the bonus).
+    """
     B, K, V = ar.shape
     target = ar[:, :-1]
     if sampler == "mix":
         target = torch.where(valid[..., None], w * target + (1 - w) * draft_logits, target)
-    target = _process(target, temperature, top_k, mask_id)                    # [B,K-1,V]
+    target = _process(target, temperature, top_k, mask_id)                    # [B, K-1, V]
     q_logits = _process(draft_logits, temperature, top_k, mask_id)
     if temperature == 0:
         ok = valid & (drafts == target.argmax(-1))
     else:
         p, q = target.softmax(-1), q_logits.softmax(-1)
-        pd, qd = p.gather(-1, drafts[..., None])[..., 0], q.gather(-1, drafts[..., None])[..., 0]
+        pd = p.gather(-1, drafts[..., None])[..., 0]
+        qd = q.gather(-1, drafts[..., None])[..., 0]
         u = torch.rand(pd.shape, generator=generator, device=pd.device)
-        ok = valid & (u * qd < pd)                                           # accept with prob min(1, p/q)
-    k = ok.long().cumprod(-1).sum(-1)                                        # leading accepted drafts
+        ok = valid & (u * qd < pd)                                            # prob min(1, p/q)
+    k = ok.long().cumprod(-1).sum(-1)                                         # leading accepted
     rows = torch.arange(B, device=ar.device)
-    bonus = _sample(_process(ar[rows, -1], temperature, top_k, mask_id), temperature, generator)
+    bonus = sample(ar[rows, -1], temperature, top_k, mask_id, generator)
     kk = k.clamp(max=K - 2)
     tk = target[rows, kk]
     if temperature == 0:
         corr = tk.argmax(-1)
-    else:                                                                    # residual max(0, p - q), renormalised
-        p, q = tk.softmax(-1), torch.where(valid[rows, kk, None], q_logits[rows, kk].softmax(-1), 0.0)
+    else:                                                   # residual max(0, p - q), renormalised
+        p = tk.softmax(-1)
+        q = torch.where(valid[rows, kk, None], q_logits[rows, kk].softmax(-1), 0.0)
         res = (p - q).clamp_min(0)
         res = torch.where(res.sum(-1, keepdim=True) > 0, res, p)
         corr = torch.multinomial(res, 1, generator=generator)[:, 0]
     return k, torch.where(k == K - 1, bonus, corr)
 
 
-@functools.lru_cache(maxsize=64)
-def _step_layout(K, groups, device):
-    """tidar_step_layout + level_of[k] (the closest level <= k) + group_of[level] (its index in groups), built once."""
+@lru_cache(maxsize=64)
+def _level_index(K, groups, device):
+    """level_of[k]: the closest drafted level <= k; group_of[level]: its index in `groups`."""
     level_of = torch.tensor([max(g for g in groups if g <= k) for k in range(K)], device=device)
     group_of = torch.zeros(K, dtype=torch.long, device=device)
     group_of[list(groups)] = torch.arange(len(groups), device=device)
-    return (*tidar_step_layout(K, groups, device), level_of, group_of)
+    return level_of, group_of
+
+
+def tidar_step(model, cache, d0, dlog, valid, groups, active, sampler, w, how):
+    """One TiDAR decode step (TIDAR.md 3-4): draft, one forward, verify, commit, next drafts.
+    d0 [B]: the token every row commits first; dlog [B, K-1, V]: the logits that draft d_1..d_{K-1};
+    valid [B, K-1]: which of those slots hold a draft. Returns k [B] (drafts accepted), the tokens
+    committed [B, K] (row b: its first k + 1), and the next dlog, valid and shift (slots of the next
+    drafts' group already behind us)."""
+    B, K = d0.shape[0], dlog.shape[1] + 1
+    dev = d0.device
+    mask_id = model.config.mask_token_id
+    drafts = torch.where(valid, sample(dlog, *how), 0)                      # [B, K-1]
+
+    # one forward over [d_0..d_{K-1} | K masks per level in `groups`]
+    pos, pred, mask = tidar_step_layout(K, groups, dev, start=cache.lengths[:, None])
+    masks = torch.full((B, K * len(groups)), mask_id, device=dev)
+    h = model.forward_hidden(torch.cat([d0[:, None], drafts, masks], 1), pos, pred, mask, cache)
+
+    # verify the drafts against the AR logits at d_0..d_{K-1}, keep d_0..d_k
+    k, nxt = _verify(head_logits(model, h[:, :K]), drafts, dlog, valid, sampler, w, *how)
+    cache.commit(torch.where(active, k + 1, 0))
+    committed = torch.cat([drafts, nxt[:, None]], 1)                         # [B, K]
+    committed.scatter_(1, k[:, None], nxt[:, None])                          # drafts[:k], then nxt
+
+    # next drafts: the group at level g = level_of[k]; its slot s predicts position L+g+1+s, and the
+    # next block starts at L+k+1, so it reads slots k-g+1.. of that group
+    level_of, group_of = _level_index(K, tuple(groups), dev)
+    g = level_of[k]
+    shift = k - g                                                            # [B]
+    src = shift[:, None] + 1 + torch.arange(K - 1, device=dev)[None]         # [B, K-1]
+    qidx = K + group_of[g][:, None] * K + src.clamp(max=K - 1)
+    rows = torch.arange(B, device=dev)[:, None]
+    dlog = torch.where(active[:, None, None], head_logits(model, h[rows, qidx]), dlog)
+    valid = torch.where(active[:, None], src < K, valid)
+    return k, committed, dlog, valid, shift
 
 
 @torch.no_grad()
-def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.5, temperature=0.0, top_k=None,
-                   block_size=None, groups=None, stop_at_eos=False, generator=None, record=False):
-    """Single-forward TiDAR decoding. `groups`: the acceptance levels that get a draft each step (default all
-    0..K-1; 0 is always included); after accepting k drafts, the next drafts come from the closest level <= k.
-    groups="auto" (or an AutoLevels) re-chooses the levels on this machine as it decodes, and takes plain AR steps
-    while no level set is predicted to beat AR (levels.py). record=True keeps row 0's steps in stats.log for --show.
-    Returns (tokens, Stats) like generate_ar."""
+def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.5, temperature=0.0,
+                   top_k=None, block_size=None, groups=None, stop_at_eos=False, generator=None,
+                   record=False):
+    """Single-forward TiDAR decoding. `groups`: the acceptance levels that get a draft each step
+    (default all 0..K-1; 0 is always included); after accepting k drafts, the next drafts come from
+    the closest level <= k. groups="auto" (or an AutoLevels) re-chooses the levels on this machine
+    as it decodes, and takes plain AR steps while no level set is predicted to beat AR (levels.py).
+    record=True keeps row 0's steps in stats.log for --show. Returns (tokens, Stats) like
+    generate_ar."""
     K = model.config.block_size if block_size is None else block_size
     _check_args(temperature, top_k, mix_weight, K, sampler)
     c = model.config
@@ -246,102 +395,187 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     if groups[-1] >= K:
         raise ValueError(f"groups must lie in 0..{K - 1}, got {groups}")
     t0 = time.perf_counter()
+    how = (temperature, top_k, c.mask_token_id, generator)
     ragged, rows, x, P, cache = _prepare(model, idx, max_new_tokens, K * (2 + K))
-    B, dev, Tp = len(rows), x.device, x.shape[1]
-    # prefill: [prompt (causal) | K masks at positions P..P+K-1, chain starting at the last prompt token]
-    t = torch.arange(Tp + K, device=dev)
-    pos = torch.where(t < Tp, t, P[:, None] + t - Tp)                        # [B, Tp+K]
-    pred = torch.where(t < Tp, t + 1, torch.where(t == Tp, P[:, None] + 1, t + 1))
-    qm, km = (t >= Tp)[:, None], (t >= Tp)[None, :]
-    mask = ((~qm & ~km & (t[None, :] <= t[:, None]))[None]
-            | (qm & ~km)[None] & (t[None, None, :] < P[:, None, None])
-            | (qm & km)[None])
-    xin = torch.cat([x, torch.full((B, K), c.mask_token_id, device=dev)], 1)
-    h = model.forward_hidden(xin, pos, pred, mask, cache)
+    B, T = len(rows), x.shape[1]
+    dev = x.device
+
+    # prefill: [prompt | K masks], the masks draft the first block
+    pos, pred, mask = tidar_prefill_layout(P, T, K)
+    masks = torch.full((B, K), c.mask_token_id, device=dev)
+    h = model.forward_hidden(torch.cat([x, masks], 1), pos, pred, mask, cache)   # [B, T+K, d]
     cache.commit(P)
-    rows_i, one = torch.arange(B, device=dev), torch.ones(B, dtype=torch.long, device=dev)
-    d0 = _sample(_process(_logits(model, h[rows_i, P - 1]), temperature, top_k, c.mask_token_id), temperature, generator)
-    dlog = _logits(model, h[:, Tp + 1:])                                     # [B,K-1,V] drafts for d_1..d_{K-1}
-    valid, shift = torch.ones(B, K - 1, dtype=torch.bool, device=dev), torch.zeros_like(one)
+    d0 = sample(head_logits(model, h[torch.arange(B, device=dev), P - 1]), *how)   # [B]
+    dlog = head_logits(model, h[:, T + 1:])                          # [B, K-1, V]: d_1..d_{K-1}
+    valid = torch.ones(B, K - 1, dtype=torch.bool, device=dev)
+    shift = torch.zeros(B, dtype=torch.long, device=dev)
     out = _Outputs(B, max_new_tokens, K, dev, stop_at_eos, c.eos_token_id)
+    one = torch.ones_like(d0)
     out.append(d0[:, None], one, one.bool(), decode=False)
     stats = Stats(log=[([], int(d0[0]))] if record else [])
     if auto:
-        auto.start(model, B, K, Tp)
+        auto.start(model, B, K, T)
+
     while (active := out.active()).any():
         if auto:
             new = auto.step()
-            if groups is None and new is not None:                           # back from AR steps: no drafts yet
+            if groups is None and new is not None:               # back from AR steps: no drafts yet
                 valid.fill_(False)
             groups = new
-        if groups is None:                                                   # a plain AR step (groups="auto")
-            h = model.forward_hidden(d0[:, None], cache.lengths[:, None], one[:, None], one[:1, None].bool(), cache)
-            cache.commit(torch.where(active, 1, 0))
-            stats.forwards += 1
-            d0 = torch.where(active, _sample(_process(_logits(model, h[:, 0]), temperature, top_k, c.mask_token_id),
-                                             temperature, generator), d0)
-            out.append(d0[:, None], one, active)
-            if record and active[0]:
-                stats.log.append(([], int(d0[0])))
-            continue
-        # one decode step = [d_0..d_{K-1} | K masks per level in `groups`]
-        offs, spred, smask, level_of, group_of = _step_layout(K, tuple(groups), dev)
-        drafts = _sample(_process(dlog, temperature, top_k, c.mask_token_id), temperature, generator)
-        drafts = torch.where(valid, drafts, 0)
-        q_in = torch.cat([d0[:, None], drafts, torch.full((B, K * len(groups)), c.mask_token_id, device=dev)], 1)
-        h = model.forward_hidden(q_in, cache.lengths[:, None] + offs, spred, smask, cache)
+        if groups is None:                                       # a plain AR step (groups="auto")
+            d0 = ar_step(model, cache, d0, active, how)
+            k = torch.zeros_like(d0)
+            committed = d0[:, None]
+        else:
+            k, committed, dlog, new_valid, new_shift = tidar_step(
+                model, cache, d0, dlog, valid, groups, active, sampler, mix_weight, how)
+            if auto:
+                auto.count(k, valid, shift, active)
+            valid, shift = new_valid, new_shift
+            d0 = torch.where(active, committed.gather(1, k[:, None])[:, 0], d0)
         stats.forwards += 1
-        ar = _logits(model, h[:, :K])                                        # [B,K,V]
-        k, nxt = _verify(ar, drafts, dlog, valid, sampler, mix_weight, temperature, top_k, c.mask_token_id, generator)
-        cache.commit(torch.where(active, k + 1, 0))                         # keep d_0..d_k
-        if auto:
-            auto.count(k, valid, shift, active)
-        # next drafts: the group at level g = level_of[k]; its slot s predicts position L+g+1+s, we need L+k+1+s'
-        g = level_of[k]
-        gi = group_of[g]                                                      # g's index in `groups`
-        shift = k - g                                                         # slots already behind us
-        src = shift[:, None] + 1 + torch.arange(K - 1, device=dev)[None]      # [B,K-1] slot index in the group
-        qidx = K + gi[:, None] * K + src.clamp(max=K - 1)
-        dlog = torch.where(active[:, None, None], _logits(model, h[rows_i[:, None], qidx]), dlog)  # [B,K-1,V]
-        valid = torch.where(active[:, None], src < K, valid)
-        accepted = torch.cat([drafts, nxt[:, None]], 1)                     # row b: drafts[:k] then nxt
-        accepted.scatter_(1, k[:, None], nxt[:, None])
-        out.append(accepted, k + 1, active)
+        out.append(committed, k + 1, active)
         if record and active[0]:
-            stats.log.append((drafts[0, :int(k[0])].tolist(), int(nxt[0])))
-        d0 = torch.where(active, nxt, d0)
-    stats.groups, stats.note = tuple(groups or ()), auto.note() if auto else ""
+            stats.log.append((committed[0, :int(k[0])].tolist(), int(committed[0, k[0]])))
+    stats.groups = tuple(groups or ())
+    stats.note = auto.note() if auto else ""
     return out.finish(ragged, rows, stats, t0, cache)
+
+# -----------------------------------------------------------------------------
+# the held-out decoding report of `python train.py`, and the level benchmark
+
+
+HAND_SETS = [[0], [0, 1], [0, 2], [0, 4], [0, 8], [0, 2, 4], [0, 4, 8, 12]]   # fixed sets, by hand
+LEVEL_SETTINGS = ["AR", "AR"] + [None] + HAND_SETS + ["auto"]  # AR twice: the 2nd shows the noise
+
+
+@torch.no_grad()
+def decode_report(model, prompts, out, blocks, weights, levels=(), new_tokens=96):
+    """Tokens per forward and tokens/s of greedy AR, lossless (= mix at w = 1) and mix at each
+    weight, on held-out prompts, one at a time (batch 1, one thread: a second one mostly adds noise
+    on a shared CPU); then the level settings (levels_report), a demo continuation of the first
+    prompt by each sampler, and out/decode.json."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _decode_report(model, prompts, out, blocks, weights, levels, new_tokens)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _decode_report(model, prompts, out, blocks, weights, levels, new_tokens):
+    _, decode = load_tokenizer(model)
+    ar = [generate_ar(model, p[None], new_tokens)[1] for p in prompts]
+    ar_tps = sum(s.tokens_per_s for s in ar) / len(ar)
+    print(f"held-out decoding, {len(prompts)} prompts x {new_tokens} tokens, batch 1, greedy; "
+          f"AR {ar_tps:.1f} tokens/s")
+    rows = []
+    for K in blocks:
+        for w in weights:
+            st = [generate_tidar(model, p[None], new_tokens, sampler="mix", mix_weight=w,
+                                 block_size=K)[1] for p in prompts]
+            tpf = sum(s.tokens_per_forward for s in st) / len(st)
+            tps = sum(s.tokens_per_s for s in st) / len(st)
+            rows.append(dict(block=K, w=w, tokens_per_forward=tpf, tokens_per_s=tps,
+                             speedup=tps / ar_tps))
+            name = "lossless" if w == 1 else f"mix w={w}"
+            print(f"  block {K:2d} {name:10s} {tpf:5.2f} tokens/forward, {tps:7.1f} tokens/s, "
+                  f"{tps / ar_tps:.2f}x AR")
+    if levels:                  # proposal levels chosen per machine (levels.py)
+        rounds = 3 if len(levels) > 2 else 1
+        rows += levels_report(model, prompts, blocks[-1], new_tokens, levels, rounds)
+        if len(levels) > 2:     # block 4: steps cheap enough for a fixed set
+            block4 = ["AR", "AR", None, [0], [0, 1], [0, 2], "auto"]
+            rows += levels_report(model, prompts, 4, new_tokens, block4, 3)
+    first = prompts[0][None]
+    for name, kw in (("AR", None), ("lossless", dict(sampler="lossless")),
+                     ("mix 0.5", dict(sampler="mix"))):
+        if kw is None:
+            toks = generate_ar(model, first, new_tokens)[0]
+        else:
+            toks = generate_tidar(model, first, new_tokens, block_size=blocks[-1], **kw)[0]
+        print(f"--- {name} continuation of held-out code:\n"
+              f"{decode(toks[0, first.shape[1]:].tolist())}")
+    acceptance = next((r["acceptance"] for r in rows if "acceptance" in r), None)
+    result = dict(ar_tokens_per_s=ar_tps, rows=rows, acceptance=acceptance)
+    path = os.path.join(out, "decode.json")
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result)))
+    return result
+
+
+def levels_report(model, prompts, K, new_tokens, settings, rounds=3, sampler="lossless", w=1.0):
+    """Tokens/s of AR and TiDAR level settings ("AR", None = dense, a fixed list, "auto"), side by
+    side: each round decodes every prompt with every setting, the order rotating per round, so a
+    busy spell on a shared machine hits all settings alike. auto's latency calibration is done first
+    (once per process) and timed apart. Prints a table with ratios to AR and to the best fixed set;
+    returns rows (the dense row has the per-slot acceptance)."""
+    curve = calibrate(model, 1, K, len(prompts[0]))
+    generate_tidar(model, prompts[0][None], new_tokens, block_size=K, groups="auto",
+                   sampler=sampler, mix_weight=w)
+
+    seconds = [0.0] * len(settings)
+    tokens = [0] * len(settings)
+    tpf = [0.0] * len(settings)
+    hist = {}
+    notes = {}
+    for r in range(rounds):
+        for p in prompts:
+            for i in [(j + r) % len(settings) for j in range(len(settings))]:
+                g = settings[i]
+                if g == "AR":
+                    st = generate_ar(model, p[None], new_tokens)[1]
+                else:
+                    st = generate_tidar(model, p[None], new_tokens, block_size=K, groups=g,
+                                        sampler=sampler, mix_weight=w)[1]
+                seconds[i] += st.seconds
+                tokens[i] += st.new_tokens
+                tpf[i] += st.tokens_per_forward
+                notes[i] = st.note
+                if g is None:
+                    for n, v in st.histogram.items():
+                        hist[n] = hist.get(n, 0) + v
+
+    tps = [n / s for n, s in zip(tokens, seconds)]
+    ar = next(tps[i] for i, g in enumerate(settings) if g == "AR")
+    fixed = [i for i, g in enumerate(settings) if isinstance(g, list)]
+    best = max(fixed, key=lambda i: tps[i]) if fixed else None
+    names = []
+    for i, g in enumerate(settings):
+        name = (g if isinstance(g, str) else "dense" if g is None
+                else "{" + ",".join(map(str, g)) + "}")
+        names.append(name + (" again" if g == "AR" and settings.index(g) < i else ""))
+    mixed = f" w={w}" if sampler == "mix" else ""
+    print(f"  levels, block {K}, {sampler}{mixed}: {rounds} rounds x {len(prompts)} prompts x "
+          f"{new_tokens} tokens, settings interleaved; auto's calibration took "
+          f"{curve.seconds:.2f} s, once")
+    rows = []
+    for i, g in enumerate(settings):
+        row = dict(block=K, w=w, groups=names[i], tokens_per_s=tps[i],
+                   tokens_per_forward=tpf[i] / len(prompts) / rounds, speedup=tps[i] / ar,
+                   vs_best_fixed=tps[i] / tps[best] if fixed else None, note=notes[i])
+        if g is None:
+            row["acceptance"] = acceptance_from_histogram(hist, K)
+        rows.append(row)
+        line = (f"    {names[i]:12s} {row['tokens_per_forward']:5.2f} tokens/forward "
+                f"{tps[i]:8.1f} tokens/s {tps[i] / ar:5.2f}x AR")
+        if fixed:
+            line += (f" {tps[i] / tps[best]:5.2f}x best fixed"
+                     + (" (best fixed)" if i == best else ""))
+        print(line + (f"  [{notes[i]}]" if notes[i] else ""))
+    return rows
 
 # -----------------------------------------------------------------------------
 # command line: python sample.py --init_from=out --prompt="def " --sampler=lossless --compare
 
 
-DEFAULTS = dict(init_from="out", prompt="def main(", sampler="lossless", mix_weight=0.5, temperature=0.0, top_k=0,
-                max_new_tokens=128, block_size=0, groups="auto", compare=False, show=False, json=False, seed=1337,
-                device="cpu", dtype="float32", bench=False)
-
-
-def load_tokenizer(model):
-    """(encode, decode) for a loaded checkpoint: our runs name their tiktoken tokenizer; HF dirs ship tokenizer.json."""
-    meta = getattr(model, "checkpoint_meta", {})
-    if "hf_dir" in meta:
-        path = os.path.join(meta["hf_dir"], "tokenizer.json")
-        if not os.path.exists(path):
-            raise ValueError(f"{meta['hf_dir']} has no tokenizer.json; pass token ids another way")
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ValueError("decoding this checkpoint needs the `tokenizers` package: pip install tokenizers") from None
-        tok = Tokenizer.from_file(path)
-        return (lambda s: tok.encode(s).ids), (lambda ids: tok.decode(ids))
-    from train import get_tokenizer
-    enc, _ = get_tokenizer(meta.get("tokenizer", "bytes"))                # train.UsageError is a ValueError
-    return (lambda s: enc.encode(s)), (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
+DEFAULTS = dict(init_from="out", prompt="def main(", sampler="lossless", mix_weight=0.5,
+                temperature=0.0, top_k=0, max_new_tokens=128, block_size=0, groups="auto",
+                compare=False, show=False, json=False, seed=1337, device="cpu", dtype="float32",
+                bench=False)
 
 
 def show_steps(decode, prompt_ids, log):
-    """Replay a decode step by step: accepted drafts green, the sampler's own token (correction/bonus) yellow."""
+    """Replay a decode step by step: accepted drafts green, the sampler's own token yellow."""
     green, yellow, dim, reset = "\033[32m", "\033[33m", "\033[2m", "\033[0m"
     print(dim + decode(prompt_ids) + reset, end="", flush=True)
     for accepted, own in log:
@@ -351,13 +585,14 @@ def show_steps(decode, prompt_ids, log):
 
 
 def main(argv):
-    if any(a in ("--bench", "--bench=True") for a in argv):              # python sample.py --bench [bench.py flags]
-        from bench import main as bench
-        return bench([a for a in argv if not a.startswith("--bench")])
-    from train import parse_args
+    if any(a in ("--bench", "--bench=True") for a in argv):  # an alias: python bench.py [its flags]
+        bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
+        rest = [a for a in argv if not a.startswith("--bench")]
+        os.execv(sys.executable, [sys.executable, bench, *rest])
     args = {**DEFAULTS, **parse_args(argv, DEFAULTS)}
     torch.manual_seed(args["seed"])
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}.get(args["dtype"])
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+    dtype = dtypes.get(args["dtype"])
     if dtype is None:
         raise ValueError(f"--dtype must be float32, bfloat16 or float64, got {args['dtype']!r}")
     model = Zaya.from_pretrained(args["init_from"], dtype=dtype, device=args["device"]).eval()
@@ -365,27 +600,35 @@ def main(argv):
     ids = encode(args["prompt"]) or [model.config.bos_token_id or 0]
     idx = torch.tensor([ids], device=args["device"])
     kw = dict(temperature=args["temperature"], top_k=args["top_k"] or None, stop_at_eos=False)
-    g = args["groups"]                                                 # auto | all | 0,4,8,12
-    groups = g if g == "auto" else None if g == "all" else [int(x) for x in g.split(",") if x.strip().isdigit()]
-    if groups == []:
-        raise ValueError(f"--groups={g}: use auto, all, or levels like 0,4,8,12")
-    if args["sampler"] == "ar":
-        out, st = generate_ar(model, idx, args["max_new_tokens"], **kw)
+    g = args["groups"]                                               # auto | all | 0,4,8,12
+    if g in ("auto", "all"):
+        groups = None if g == "all" else g
     else:
-        out, st = generate_tidar(model, idx, args["max_new_tokens"], sampler=args["sampler"], mix_weight=args["mix_weight"],
-                                 block_size=args["block_size"] or None, groups=groups, record=args["show"], **kw)
+        groups = [int(x) for x in g.split(",") if x.strip().isdigit()]
+        if not groups:
+            raise ValueError(f"--groups={g}: use auto, all, or levels like 0,4,8,12")
+    n = args["max_new_tokens"]
+    if args["sampler"] == "ar":
+        out, st = generate_ar(model, idx, n, **kw)
+    else:
+        out, st = generate_tidar(model, idx, n, sampler=args["sampler"],
+                                 mix_weight=args["mix_weight"],
+                                 block_size=args["block_size"] or None, groups=groups,
+                                 record=args["show"], **kw)
     if args["show"] and st.log:
         show_steps(decode, ids, st.log)
     else:
         print(decode(out[0].tolist()))
     print("---")
-    print(f"{args['sampler']}: {st.summary()}" + (f"; levels {list(st.groups)}" if st.groups else "")
-          + (f"\n{st.note}" if st.note else ""))
+    levels = f"; levels {list(st.groups)}" if st.groups else ""
+    print(f"{args['sampler']}: {st.summary()}{levels}" + (f"\n{st.note}" if st.note else ""))
     result = dict(sampler=args["sampler"], forwards=st.forwards, new_tokens=st.new_tokens,
-                  tokens_per_forward=round(st.tokens_per_forward, 4), tokens_per_s=round(st.tokens_per_s, 2))
+                  tokens_per_forward=round(st.tokens_per_forward, 4),
+                  tokens_per_s=round(st.tokens_per_s, 2))
     if args["compare"] and args["sampler"] != "ar":
-        _, ar = generate_ar(model, idx, args["max_new_tokens"], **kw)
-        result["ar_tokens_per_s"], result["speedup"] = round(ar.tokens_per_s, 2), round(st.tokens_per_s / ar.tokens_per_s, 3)
+        _, ar = generate_ar(model, idx, n, **kw)
+        result["ar_tokens_per_s"] = round(ar.tokens_per_s, 2)
+        result["speedup"] = round(st.tokens_per_s / ar.tokens_per_s, 3)
         print(f"ar: {ar.summary()}")
         print(f"speedup vs AR in this run: {result['speedup']:.2f}x")
     if args["json"]:
@@ -394,7 +637,8 @@ def main(argv):
 
 
 def cli(argv):
-    """main() with bad input reported as one line on stderr and a non-zero exit code, no traceback."""
+    """main() with bad input reported as one line on stderr and a non-zero exit code, no
+    traceback."""
     try:
         main(argv)
         return 0

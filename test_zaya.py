@@ -12,6 +12,7 @@ What they prove, with small random models and data made here:
 Tolerances: fp32 comparisons against the reference use 1e-4 on logits of size ~1-10 (float32 rounding of
 different but equivalent op orders, ~1e-6 seen); float64 comparisons of the same math use 1e-10.
 """
+import ast
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 import kernels
 import train
 from zaya import (CheckpointError, KVCache, Zaya, ZayaConfig, causal_layout, tidar_step_layout, tidar_train_layout)
-from sample import _verify, generate_ar, generate_tidar
+from sample import generate_ar, generate_tidar
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -565,8 +566,7 @@ def test_auto_trusts_measured_step_times_over_the_calibration():
 def test_acceptance_from_a_dense_histogram_predicts_its_tokens_per_forward():
     """A dense run starts every block at slot 1, so its histogram gives the per-slot acceptance exactly, and
     level_rate on that acceptance must give back the run's own tokens per forward."""
-    from bench import acceptance_from_histogram
-    from levels import level_rate
+    from levels import acceptance_from_histogram, level_rate
     m = model_accepting("partly")
     for K in (4, 8):
         st = generate_tidar(m, torch.randint(5, 97, (3, 8), generator=torch.Generator().manual_seed(K)), 60,
@@ -581,7 +581,7 @@ def test_acceptance_from_a_dense_histogram_predicts_its_tokens_per_forward():
 def test_levels_report_measures_every_setting_side_by_side(capsys):
     """The level benchmark's bookkeeping: one row per setting in order, AR at exactly 1.00x, a repeated AR row
     (this run's noise), ratios to the best fixed set, the dense run's per-slot acceptance, and auto's note."""
-    from bench import levels_report
+    from sample import levels_report
     m = model_accepting("partly", dtype=torch.float32)
     prompts = [torch.randint(5, 97, (8,), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
     rows = levels_report(m, prompts, 4, 12, ["AR", "AR", None, [0], [0, 2], "auto"], rounds=2)
@@ -692,7 +692,7 @@ def test_verify_logits_fp32_and_bf16_divergence_rate():
     """Greedy TiDAR must equal greedy AR in float32 and float64. In bf16 the multi-token step and the one-token
     AR step round differently, so near-ties can flip; the verify logits are fp32 (for exactly that reason) and
     the measured rate of diverging rows is printed (README: 'lossless under bf16')."""
-    from sample import _logits
+    from sample import head_logits as _logits
     prompts = torch.randint(5, 97, (48, 12), generator=torch.Generator().manual_seed(0))
     rates = {}
     for dt in (torch.float32, torch.bfloat16):
@@ -841,11 +841,11 @@ def test_balancing_controller_balances_and_never_touches_skip():
 
 
 def test_parse_args_is_strict_and_typed():
-    o = train.parse_args(["--lr=1e-3", "--max_iters=7", "--compile=True", "--mode=tidar"])
+    o = train.parse_args(["--lr=1e-3", "--max_iters=7", "--compile=True", "--mode=tidar"], train.DEFAULTS)
     assert o == dict(lr=1e-3, max_iters=7, compile=True, mode="tidar") and type(o["max_iters"]) is int
     for bad in (["--nope=1"], ["--max_iters=1.5"], ["--compile=yes"], ["max_iters=3"], ["--lr"]):
         with pytest.raises(train.UsageError):
-            train.parse_args(bad)
+            train.parse_args(bad, train.DEFAULTS)
 
 
 def test_bytes_tokenizer_and_corpus_cache(tmp_path):
@@ -1058,46 +1058,6 @@ def fast_model():
     kernels.disable(m)
 
 # -----------------------------------------------------------------------------
-# attention
-
-
-def _qkv(B, T, S, device="cpu", seed=0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, device=device)
-    return r(B, 4, T, 16), r(B, 2, S, 16), r(B, 2, S, 16)
-
-
-def test_flex_attention_under_layout_block_masks_equals_sdpa():
-    S, K = 32, 4
-    q, k, v = _qkv(2, 2 * S, 2 * S)
-    dense = tidar_train_layout(S, K)[2]
-    with torch.no_grad():
-        want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
-        torch.testing.assert_close(kernels.attention(q, k, v, dense, kernels.tidar_train_block_mask(S, K)), want,
-                                   atol=1e-5, rtol=0)
-    assert kernels.tidar_train_block_mask(S, K) is kernels.tidar_train_block_mask(S, K)   # cached per shape
-    # a decode step behind per-row cached prefixes: the same mask zaya's _attend_cache builds, over the capacity
-    m = krandomised(tiny_config())
-    cache = KVCache(m.config, 2, 48)
-    cache.lengths = torch.tensor([5, 17])
-    step = tidar_step_layout(4)[2]                                    # 20 queries
-    q, k, v = _qkv(2, 20, 20, seed=1)
-    zk, zv, zmask = m.layers[0].self_attn._attend_cache(cache, k, v, step)
-    full = kernels.cache_mask(step, cache.lengths, cache.capacity)
-    assert torch.equal(full[..., :zmask.shape[-1]], zmask) and not full[..., zmask.shape[-1]:].any()
-    with torch.no_grad():
-        want = F.scaled_dot_product_attention(q, zk, zv, attn_mask=zmask[:, None], enable_gqa=True)
-        got = kernels.attention(q, cache.k[0], cache.v[0], full, kernels.block_mask(full))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-
-
-def test_attention_falls_back_to_sdpa_for_gradients_on_cpu():
-    q, k, v = (t.requires_grad_() for t in _qkv(1, 8, 8))
-    dense = causal_layout(8)[2]
-    kernels.attention(q, k, v, dense, kernels.block_mask(dense)).sum().backward()
-    assert q.grad is not None and k.grad.abs().sum() > 0
-
-# -----------------------------------------------------------------------------
 # experts
 
 
@@ -1133,7 +1093,8 @@ def test_compiled_experts_equal_reference_with_gradients():
     assert kernels.grouped_mm_runs("cpu", torch.float32, 48, 32) and not kernels.grouped_mm_runs("cpu", torch.float64)
     x.requires_grad_()
     want = ex(x, choice, w)
-    got = kernels.compile_fn(kernels.experts_forward)(x, choice, w, ex.gate_up_proj, ex.down_proj)
+    fast = torch.compile(kernels.experts_forward, dynamic=False, fullgraph=True)
+    got = fast(x, choice, w, ex.gate_up_proj, ex.down_proj)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(torch.autograd.grad(got.square().sum(), (x, ex.down_proj)),
                     torch.autograd.grad(want.square().sum(), (x, ex.down_proj))):
@@ -1144,53 +1105,6 @@ def test_compiled_experts_equal_reference_with_gradients():
         got = kernels.experts_forward(x.bfloat16(), choice, w.bfloat16(), exb.gate_up_proj, exb.down_proj)
     torch.testing.assert_close(got, want, atol=2e-2 * float(want.abs().max()), rtol=2e-2)   # bf16 rounding
 
-
-# -----------------------------------------------------------------------------
-# small fused ops
-
-
-def test_residual_norm_equals_residual_scale_then_rmsnorm():
-    m = krandomised(tiny_config())
-    layer, nxt = m.layers[0], m.layers[1].input_layernorm
-    s = layer.post_mlp_residual_scale
-    branch, resid = torch.randn(2, 7, 48), torch.randn(2, 7, 48) * 10
-    with torch.no_grad():
-        h = s(branch, resid)
-        got_h, got_x = kernels.residual_norm(branch, resid, s.hidden_states_scale, s.hidden_states_bias,
-                                             s.residual_scale, s.residual_bias, nxt.weight,
-                                             torch.tensor(m.config.rms_norm_eps))
-    torch.testing.assert_close(got_h, h, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_x, nxt(h), atol=1e-5, rtol=1e-5)
-
-
-def test_greedy_verify_equals_sample_verify():
-    B, K, V, mask_id = 64, 4, 97, 3
-    g = torch.Generator().manual_seed(0)
-    ar = torch.randn(B, K, V, generator=g)
-    ar[:8, :, mask_id] = 100.0                                        # the mask token is never the answer
-    best = ar.clone()
-    best[..., mask_id] = float("-inf")
-    drafts = torch.where(torch.rand(B, K - 1, generator=g) < 0.8, best.argmax(-1)[:, :-1],
-                         torch.randint(0, V, (B, K - 1), generator=g))
-    valid = torch.rand(B, K - 1, generator=g) < 0.9
-    k, nxt = kernels.greedy_verify(ar, drafts, valid, torch.tensor(mask_id))
-    want_k, want_next = _verify(ar, drafts, torch.zeros(B, K - 1, V), valid, "lossless", 0.5, 0.0, None, mask_id, None)
-    assert torch.equal(k, want_k) and torch.equal(nxt, want_next)
-    assert len(set(k.tolist())) == K                                  # every acceptance count occurs
-
-
-def test_chunked_cross_entropy_equals_full_logits():
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(300, 48, generator=g, requires_grad=True)
-    w = (torch.randn(97, 48, generator=g) * 0.3).requires_grad_()
-    t = torch.randint(0, 97, (300,), generator=g)
-    t[::7] = -1
-    want = F.cross_entropy(F.linear(h, w).float(), t, ignore_index=-1)
-    want_grads = torch.autograd.grad(want * 3, (h, w))
-    got = kernels.chunked_cross_entropy(h, w, t, chunk=128)           # 300 = 2 chunks + a padded one
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for a, b in zip(torch.autograd.grad(got * 3, (h, w)), want_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 # -----------------------------------------------------------------------------
 # the model on the fast paths
@@ -1246,19 +1160,114 @@ def test_fast_path_keeps_the_eager_errors_and_disable_restores(fast_model):
     assert "forward_hidden" not in m.__dict__ and "_attend_cache" not in m.layers[0].self_attn.__dict__
 
 # -----------------------------------------------------------------------------
+# the house: imports point one way, layouts live in zaya.py (STYLE.md)
+
+
+PROGRAMS = ["zaya.py", "train.py", "sample.py", "kernels.py", "levels.py", "bench.py"]
+
+
+def _our_imports(path):
+    """Every module of ours that a file imports, at the top or inside a function."""
+    ours = {p[:-3] for p in PROGRAMS}
+    found = set()
+    for node in ast.walk(ast.parse(open(os.path.join(HERE, path)).read())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & ours
+
+
+def test_imports_point_one_way_towards_zaya():
+    """kernels.py and levels.py import only zaya.py; sample.py neither train.py nor bench.py; nothing
+    imports bench.py; the graph has no cycle, so `python train.py` cannot reach bench.py's code."""
+    graph = {p[:-3]: _our_imports(p) for p in PROGRAMS}
+    assert graph["zaya"] == set()
+    assert graph["kernels"] <= {"zaya"} and graph["levels"] <= {"zaya"}
+    assert not graph["sample"] & {"train", "bench"}
+    assert not any("bench" in deps for deps in graph.values())
+
+    def reach(m, seen=()):
+        assert m not in seen, f"import cycle through {m}: {seen}"
+        return set().union({m}, *(reach(d, seen + (m,)) for d in graph[m]))
+    for m in graph:
+        reach(m)
+    assert "bench" not in reach("train") and reach("sample") <= {"sample", "zaya", "levels", "kernels"}
+    assert train.reproduce.__module__ == "train" and train.dry_run.__module__ == "train"
+
+
+def _layout_violations(path):
+    """Calls of forward_hidden whose (pos, pred, mask) do not come straight from a zaya *_layout call
+    (or pass through the caller's own parameters), and attention calls made outside zaya.py."""
+    tree = ast.parse(open(os.path.join(HERE, path)).read())
+    bad = []
+    tops = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    tops += [m for c in tree.body if isinstance(c, ast.ClassDef) for m in c.body
+             if isinstance(m, ast.FunctionDef)]
+    for fn in tops:                                  # nested functions and lambdas count as their outer
+        params = {a.arg for n in ast.walk(fn) if isinstance(n, (ast.FunctionDef, ast.Lambda))
+                  for a in n.args.args}
+        from_layout = set()
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+                f = node.value.func
+                name = f.id if isinstance(f, ast.Name) else getattr(f, "attr", "")
+                if name.endswith("_layout"):
+                    for tgt in node.targets:
+                        from_layout |= {n.id for n in ast.walk(tgt) if isinstance(n, ast.Name)}
+        for node in ast.walk(fn):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "forward_hidden"):
+                continue
+            args = node.args[1:4]
+            if len(args) == 1 and isinstance(args[0], ast.Starred):
+                f = args[0].value.func
+                ok = isinstance(args[0].value, ast.Call) and getattr(f, "id", "").endswith("_layout")
+            else:
+                ok = all(isinstance(a, ast.Name) and a.id in from_layout | params for a in args)
+            if not ok:
+                bad.append(f"{path}:{node.lineno}")
+    source = open(os.path.join(HERE, path)).read()
+    for word in ("scaled_dot_product_attention", "flex_attention", "create_block_mask", ".tril(", ".triu("):
+        if word in source:
+            bad.append(f"{path}: {word}")
+    return bad
+
+
+def test_only_zaya_builds_masks_positions_and_predecessors():
+    """Every forward outside zaya.py gets its positions, predecessors and mask from a zaya layout
+    function, and only zaya.py calls attention. The checker itself flags a hand-built mask."""
+    assert [v for p in PROGRAMS if p != "zaya.py" for v in _layout_violations(p)] == []
+    probe = os.path.join(HERE, "tmp-layout-probe.py")
+    with open(probe, "w") as f:
+        f.write("def f(m, x, cache):\n    t = torch.arange(4)\n"
+                "    return m.forward_hidden(x, t, t + 1, t[:, None] >= t[None, :], cache)\n")
+    try:
+        assert _layout_violations("tmp-layout-probe.py") == ["tmp-layout-probe.py:3"]
+    finally:
+        os.remove(probe)
+
+
+def test_kernels_holds_only_what_programs_call():
+    """Every function in kernels.py is reachable from what train.py, sample.py or bench.py call
+    (kernels.X), through kernels.py's own calls and registrations; none is there only for tests."""
+    tree = ast.parse(open(os.path.join(HERE, "kernels.py")).read())
+    bodies = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    names_in = lambda node: {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+    roots = {n for n in bodies for p in ("train.py", "sample.py", "bench.py")
+             if f"kernels.{n}(" in open(os.path.join(HERE, p)).read()}
+    assert "enable" in roots
+    for stmt in tree.body:                             # module level: the custom ops' registrations
+        if not isinstance(stmt, ast.FunctionDef):
+            roots |= names_in(stmt) & set(bodies)
+    reachable, frontier = set(roots), set(roots)
+    while frontier:
+        new = (names_in(bodies[frontier.pop()]) & set(bodies)) - reachable
+        reachable |= new
+        frontier |= new
+    assert set(bodies) == reachable, set(bodies) - reachable
+
+# -----------------------------------------------------------------------------
 # GPU only (each has a CPU twin above)
-
-
-@needs_cuda
-def test_cuda_flex_training_mask_with_gradients():
-    S, K = 256, 16
-    q, k, v = (t.requires_grad_() for t in _qkv(1, 2 * S, 2 * S, device="cuda"))
-    dense = tidar_train_layout(S, K, "cuda")[2]
-    got = kernels.attention(q, k, v, dense, kernels.tidar_train_block_mask(S, K, "cuda"))
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
-    torch.testing.assert_close(got, want, atol=1e-2, rtol=0)                   # TF32 matmuls allowed on the GPU
-    for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
-        torch.testing.assert_close(a, b, atol=1e-2, rtol=0)
 
 
 @needs_cuda

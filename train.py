@@ -1,16 +1,18 @@
 """
 Train ZAYA1 (zaya.py) on text: autoregressive pre-training, or TiDAR conversion of an AR checkpoint.
 
-  python train.py                     # the small reproduction: AR, TiDAR conversion (K=16), held-out decoding report
-  python train.py --preset=tiny --max_iters=300             # one AR run from scratch, ~15 s on a CPU
+  python train.py  # the small reproduction: AR, TiDAR conversion (K=16), held-out decoding report
+  python train.py --preset=tiny --max_iters=300           # one AR run from scratch, ~15 s on a CPU
   python train.py --mode=tidar --init_from=out/ar/ckpt.pt --out_dir=out-tidar --data_cache=out/data
-  torchrun --nproc_per_node=8 train.py --preset=medium      # DDP; add --fsdp=True for FSDP2
-  python train.py --preset=zaya1-8b --dry_run=True --gpus=64  # parameters, memory, FLOPs; allocates nothing
+  torchrun --nproc_per_node=8 train.py --preset=medium    # DDP; add --fsdp=True for FSDP2
+  python train.py --preset=zaya1-8b --dry_run=True --gpus=64  # parameters, memory, FLOPs;
+                                                              # allocates nothing
 
-TiDAR (../shared/docs/TIDAR.md): section 1 gives the layout [x_0..x_{S-1} | S masks], both halves at positions
-0..S-1, the labels (clean i -> x_{i+1}, mask i -> x_i) and the loss (alpha CE_AR + CE_diff) / (1 + alpha); section 2
-the CCA predecessor chain (both built by zaya.tidar_train_layout). MoE balance without an auxiliary loss: a bias
-controller (DeepSeek-V3, arXiv 2412.19437 section 2.1.2), see update_balancing_biases.
+TiDAR (../shared/docs/TIDAR.md): section 1 gives the layout [x_0..x_{S-1} | S masks], both halves
+at positions 0..S-1, the labels (clean i -> x_{i+1}, mask i -> x_i) and the loss
+(alpha CE_AR + CE_diff) / (1 + alpha); section 2 the CCA predecessor chain (both built by
+zaya.tidar_train_layout). MoE balance without an auxiliary loss: a bias controller (DeepSeek-V3,
+arXiv 2412.19437 section 2.1.2), see update_balancing_biases.
 """
 import gc
 import json
@@ -28,37 +30,38 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from zaya import CheckpointError, Zaya, ZayaConfig, _atomic_write, causal_layout, tidar_train_layout
+from sample import LEVEL_SETTINGS, UsageError, check, decode_report, get_tokenizer, parse_args
+from zaya import CheckpointError, Zaya, ZayaConfig, _atomic_write, causal_layout
 
 # -----------------------------------------------------------------------------
 # settings: every key can be overridden with --key=value (parsed to the default's type)
 
 DEFAULTS = dict(
-    preset="tiny", mode="ar",      # zaya.PRESETS name; ar: next-token loss | tidar: AR + diffusion loss (TIDAR.md 1)
-    init_from="scratch",           # scratch | resume (out_dir/ckpt.pt) | PATH: a ckpt.pt, a dir holding one, an HF dir
-    data="stdlib",                 # stdlib (this Python's own .py sources) | PATH to a text file or a folder of them
-    tokenizer="bytes",             # bytes (built in code, offline) | a tiktoken encoding name, e.g. gpt2
+    preset="tiny",                 # zaya.PRESETS name
+    mode="ar",                     # ar: next-token loss | tidar: AR + diffusion loss (TIDAR.md 1)
+    init_from="scratch",           # scratch | resume (out_dir/ckpt.pt) | PATH: a ckpt.pt, a dir
+                                   # holding one, an HF dir
+    data="stdlib",                 # stdlib (this Python's own .py sources) | PATH to a text file
+                                   # or a folder of them
+    tokenizer="bytes",             # bytes (built in, offline) | a tiktoken encoding name, e.g. gpt2
     out_dir="out", data_cache="",  # token cache folder ("" = out_dir/data)
     max_iters=300, batch_size=16, seq_len=128, block_size=16, alpha=1.0,
-    lr=3e-3, min_lr=3e-4, warmup_iters=20, lr_decay_iters=0, weight_decay=0.1, grad_clip=1.0, bias_update_rate=1e-3,
+    lr=3e-3, min_lr=3e-4, warmup_iters=20, lr_decay_iters=0, weight_decay=0.1, grad_clip=1.0,
+    bias_update_rate=1e-3,
     eval_interval=100, eval_iters=4, log_interval=20, seed=1337,
-    device="auto", dtype="auto",   # auto: cuda and bfloat16 autocast if there is a GPU, else cpu and float32
+    device="auto", dtype="auto",   # auto: cuda + bfloat16 autocast given a GPU, else cpu + float32
     compile=False, grad_checkpointing=False, fsdp=False,
     loss_chunk=1024,               # tokens per cross-entropy chunk (0 = one chunk, full logits)
-    pipeline="",              # default | long: AR, then TiDAR K=16, then decoding on held-out code | eval: only that
+    pipeline="",                   # default | long: AR, then TiDAR K=16, then decoding on held-out
+                                   # code | eval: only that
     dry_run=False, gpus=8,         # dry_run: print sizes for --gpus GPUs and exit
 )
-
-
-class UsageError(ValueError):
-    """Bad input; __main__ prints it as one line and exits with status 2, no traceback."""
 
 
 class Interrupted(Exception):
@@ -66,60 +69,26 @@ class Interrupted(Exception):
 
 
 class Diverged(Exception):
-    """A non-finite loss or gradient: the run stops (status 1) and the last good checkpoint stays as it was."""
+    """A non-finite loss or gradient: the run stops (status 1) and the last good checkpoint stays as
+    it was."""
 
-
-def check(ok, msg):
-    if not ok:
-        raise UsageError(msg)
-
-
-def parse_args(argv, defaults=DEFAULTS):
-    """--key=value pairs -> dict of overrides of `defaults` (sample.py's too). Unknown keys are rejected, values
-    take the default's type, a bare --flag is --flag=True for a bool."""
-    out = {}
-    for arg in argv:
-        key, eq, val = arg.removeprefix("--").partition("=")
-        kind = type(defaults.get(key))
-        check(arg.startswith("--") and key in defaults and (eq or kind is bool),
-              f"unknown or malformed flag {arg!r}; do use --key=value with key one of: {', '.join(defaults)}")
-        try:
-            out[key] = {"True": True, "False": False}[val or "True"] if kind is bool else kind(val)
-        except (KeyError, ValueError):
-            want = "True or False" if kind is bool else kind.__name__
-            raise UsageError(f"--{key}={val}: expected {want}; do write e.g. --{key}={defaults[key]}") from None
-    return out
 
 # -----------------------------------------------------------------------------
-# tokenizer and data
-
-
-def get_tokenizer(name):
-    """(tiktoken.Encoding, ids), ids = dict(eot, mask, pad, vocab_size). vocab_size is the model's, n_vocab rounded
-    up to a multiple of 64: drop ids >= enc.n_vocab before enc.decode(ids)."""
-    if name == "bytes":        # 256 single-byte tokens, no merges: offline, and any text encodes
-        enc = tiktoken.Encoding("bytes", pat_str=r"[^\n]+|\n", mergeable_ranks={bytes([i]): i for i in range(256)},
-                                special_tokens={"<|endoftext|>": 256, "<|mask|>": 257, "<|pad|>": 258})
-    else:                      # a tiktoken encoding with <|mask|> and <|pad|> appended after its last id
-        try:
-            base = tiktoken.get_encoding(name)
-        except Exception as e:
-            raise UsageError(f"no tiktoken encoding {name!r} ({type(e).__name__}); do use --tokenizer=bytes") from None
-        n = base.n_vocab
-        enc = tiktoken.Encoding(f"{name}-tidar", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
-                                special_tokens={**base._special_tokens, "<|mask|>": n, "<|pad|>": n + 1})
-    ids = dict(eot=enc.eot_token, mask=enc.encode_single_token("<|mask|>"), pad=enc.encode_single_token("<|pad|>"))
-    return enc, dict(ids, vocab_size=(enc.n_vocab + 63) // 64 * 64)
+# data (the tokenizers and the flag parser live in sample.py, which both CLIs share)
 
 
 def corpus_files(data):
-    """Sorted (relative path, path): Python's stdlib .py files (no test dirs, no site-packages), one file, or every
-    file under a folder (hidden entries skipped; binary files are dropped when read)."""
-    check(data == "stdlib" or os.path.exists(data), f"--data={data} does not exist; do pass a text file or a folder")
+    """Sorted (relative path, path): Python's stdlib .py files (no test dirs, no site-packages), one
+    file, or every file under a folder (hidden entries skipped; binary files are dropped when read).
+    """
+    check(data == "stdlib" or os.path.exists(data),
+          f"--data={data} does not exist; do pass a text file or a folder")
     if data != "stdlib" and os.path.isfile(data):
         return [(os.path.basename(data), data)]
     root, ext = (sysconfig.get_paths()["stdlib"], ".py") if data == "stdlib" else (data, "")
-    skip, files = {"site-packages", "dist-packages", "test", "tests", "idle_test"} if data == "stdlib" else set(), []
+    skip = ({"site-packages", "dist-packages", "test", "tests", "idle_test"} if data == "stdlib"
+            else set())
+    files = []
     for d, dirs, names in os.walk(root):
         dirs[:] = [x for x in dirs if x not in skip and not x.startswith(".")]
         files += [(os.path.relpath(os.path.join(d, f), root), os.path.join(d, f))
@@ -128,11 +97,13 @@ def corpus_files(data):
 
 
 def load_corpus(data, tokenizer, cache_dir, min_tokens=2):
-    """(train, val) token arrays (memmaps). A file goes to val when crc32(relative path) % 20 == 0 (~5%); each
-    document is <|endoftext|> then its tokens. Cached as uint16 (uint32 for big vocabs) .bin files keyed by the
-    data path, file sizes and times, and the tokenizer. A split under min_tokens: the last 5% of all become val."""
+    """(train, val) token arrays (memmaps). A file goes to val when crc32(relative path) % 20 == 0
+    (~5%); each document is <|endoftext|> then its tokens. Cached as uint16 (uint32 for big vocabs)
+    .bin files keyed by the data path, file sizes and times, and the tokenizer. A split under
+    min_tokens: the last 5% of all become val."""
     files = corpus_files(data)
-    stat = [os.path.abspath(data), tokenizer] + [(rel, os.path.getsize(p), os.path.getmtime(p)) for rel, p in files]
+    stat = [os.path.abspath(data), tokenizer] + [(rel, os.path.getsize(p), os.path.getmtime(p))
+                                                 for rel, p in files]
     key = f"{tokenizer}-{zlib.crc32(json.dumps(stat).encode()):08x}"
     enc, ids = get_tokenizer(tokenizer)
     dtype = np.uint16 if ids["vocab_size"] <= 2**16 else np.uint32
@@ -141,26 +112,31 @@ def load_corpus(data, tokenizer, cache_dir, min_tokens=2):
         docs = ([], [])
         for rel, p in files:
             raw = Path(p).read_bytes()
-            if raw and b"\0" not in raw[:8192]:                    # NUL bytes: a binary file
-                docs[zlib.crc32(rel.encode()) % 20 == 0].append(raw.decode("utf-8", errors="replace"))
+            if raw and b"\0" not in raw[:8192]:  # NUL bytes: a binary file
+                docs[zlib.crc32(rel.encode()) % 20 == 0].append(
+                    raw.decode("utf-8", errors="replace"))
         os.makedirs(cache_dir, exist_ok=True)
-        for path, texts in zip(paths, docs):                       # atomic: concurrent ranks may both write
+        for path, texts in zip(paths, docs):  # atomic: concurrent ranks may both write
             toks = [t for doc in enc.encode_ordinary_batch(texts) for t in [ids["eot"], *doc]]
             _atomic_write(path, np.array(toks, dtype=dtype).tofile)
-    train, val = (np.memmap(p, dtype=dtype, mode="r") if os.path.getsize(p) else np.zeros(0, dtype) for p in paths)
+    train, val = (np.memmap(p, dtype=dtype, mode="r") if os.path.getsize(p) else np.zeros(0, dtype)
+                  for p in paths)
     if len(train) < min_tokens or len(val) < min_tokens:
         every = np.concatenate([train, val])
         n_val = max(len(every) // 20, min_tokens)
-        check(len(every) - n_val >= min_tokens, f"--data={data}: {len(every)} tokens, fewer than seq_len+1 = "
-              f"{min_tokens} per split; do add text or shorten --seq_len")
+        check(len(every) - n_val >= min_tokens,
+              f"--data={data}: {len(every)} tokens, fewer than seq_len+1 = {min_tokens} per split; "
+              "do add text or shorten --seq_len")
         train, val = every[:-n_val], every[-n_val:]
     return train, val
 
 
 def get_batch(ids, batch_size, seq_len, gen=None, rank=0, world=1, device="cpu"):
-    """Random windows [batch_size, seq_len+1] (int64). Every rank draws the same global batch of batch_size * world
-    windows (same seed, gen or torch's global RNG) and keeps its slice: the global batch ignores the process count."""
-    ix = torch.randint(len(ids) - seq_len, (batch_size * world,), generator=gen)[rank * batch_size:][:batch_size]
+    """Random windows [batch_size, seq_len+1] (int64). Every rank draws the same global batch of
+    batch_size * world windows (same seed, gen or torch's global RNG) and keeps its slice: the
+    global batch ignores the process count."""
+    ix = torch.randint(len(ids) - seq_len, (batch_size * world,), generator=gen)
+    ix = ix[rank * batch_size:][:batch_size]
     w = torch.from_numpy(np.stack([ids[i:i + seq_len + 1].astype(np.int64) for i in ix.tolist()]))
     return w.pin_memory().to(device, non_blocking=True) if "cuda" in str(device) else w
 
@@ -169,36 +145,41 @@ def get_batch(ids, batch_size, seq_len, gen=None, rank=0, world=1, device="cpu")
 
 
 def chunked_cross_entropy(h, weight, targets, chunk=0):
-    """Mean CE of F.linear(h, weight) against targets (-1 ignored) and per-token top-1 hits, `chunk` tokens at a
-    time under activation checkpointing: backward recomputes a chunk's logits, so no (N, V) logits ever exist
-    (at V = 262k a 1024-token chunk is 1 GiB in fp32). chunk = 0: one chunk, no recomputation."""
+    """Mean CE of F.linear(h, weight) against targets (-1 ignored) and per-token top-1 hits, `chunk`
+    tokens at a time under activation checkpointing: backward recomputes a chunk's logits, so no
+    (N, V) logits ever exist (at V = 262k a 1024-token chunk is 1 GiB in fp32). chunk = 0: one
+    chunk, no recomputation."""
     def ce(h, y):
         logits = F.linear(h, weight)                                # (n, V), this chunk only
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits, y, ignore_index=-1, reduction="sum"), logits.argmax(-1) == y
     h, y = h.reshape(-1, h.shape[-1]), targets.reshape(-1)         # (N, d), (N,)
-    chunk, total, hits = chunk or len(y), 0.0, []
+    chunk = chunk or len(y)
+    total, hits = 0.0, []
     for i in range(0, len(y), chunk):
-        args, recompute = (h[i:i + chunk], y[i:i + chunk]), torch.is_grad_enabled() and chunk < len(y)
+        args = (h[i:i + chunk], y[i:i + chunk])
+        recompute = torch.is_grad_enabled() and chunk < len(y)
         s, hit = grad_checkpoint(ce, *args, use_reentrant=False) if recompute else ce(*args)
         total, hits = total + s, hits + [hit]
     return total / (y != -1).sum().clamp_min(1), torch.cat(hits)
 
 
 def tidar_loss(model, w, alpha=1.0, K=16, chunk=0):
-    """TiDAR loss (TIDAR.md 1) on windows w [B, S+1] -> (loss, ar, diff, hits [B, S] of the diffusion argmax).
-    One forward over [x_0..x_{S-1} | S masks]; the (S+1)-token window gives every clean position a label."""
+    """TiDAR loss (TIDAR.md 1) on windows w [B, S+1] -> (loss, ar, diff, hits [B, S] of the
+    diffusion argmax). One forward over [x_0..x_{S-1} | S masks]; the (S+1)-token window gives every
+    clean position a label."""
     B, S = w.shape[0], w.shape[1] - 1
     idx = w[:, :S]
-    x = torch.cat([idx, torch.full_like(idx, model.config.mask_token_id)], 1)      # (B, 2S)
-    h = model.forward_hidden(x, *tidar_train_layout(S, K, w.device))             # (B, 2S, d)
-    ar, _ = chunked_cross_entropy(h[:, :S], model.embed_tokens.weight, w[:, 1:], chunk)    # clean i -> x_{i+1}
-    diff, hits = chunked_cross_entropy(h[:, S:], model.embed_tokens.weight, idx, chunk)   # mask i -> x_i
+    h = model.tidar_hidden(idx, K)                                # (B, 2S, d) over [idx | S masks]
+    weight = model.embed_tokens.weight                            # the tied lm_head
+    ar, _ = chunked_cross_entropy(h[:, :S], weight, w[:, 1:], chunk)   # clean i -> x_{i+1}
+    diff, hits = chunked_cross_entropy(h[:, S:], weight, idx, chunk)   # mask i -> x_i
     return (alpha * ar + diff) / (1 + alpha), ar, diff, hits.view(B, S)
 
 
 class TrainLoss(nn.Module):
-    """The loss as one module forward: what DDP / FSDP wrap, so their hooks see every weight use (tied lm_head too)."""
+    """The loss as one module forward: what DDP / FSDP wrap, so their hooks see every weight use
+    (tied lm_head too)."""
 
     def __init__(self, model, c):
         super().__init__()
@@ -206,7 +187,8 @@ class TrainLoss(nn.Module):
 
     def forward(self, w):
         """windows w [B, S+1] -> (loss, ar, diff, hits); for AR: (loss, loss, None, None)."""
-        c, m, S = self.c, self.model, w.shape[1] - 1
+        c, m = self.c, self.model
+        S = w.shape[1] - 1
         if c.mode == "tidar":
             return tidar_loss(m, w, c.alpha, c.block_size, c.loss_chunk)
         h = m.forward_hidden(w[:, :S], *causal_layout(S, w.device))
@@ -216,11 +198,13 @@ class TrainLoss(nn.Module):
 
 @torch.no_grad()
 def update_balancing_biases(model, rate):
-    """Aux-loss-free load balancing, DeepSeek-V3's sign rule, after every optimizer step. For each MoE layer, with
-    load_e = tokens routed to expert e in this step (summed over ranks) and mean = the mean over experts:
-        b_e <- b_e + rate * sign(mean - load_e)      for e < E; the skip class b_E (= -1) is never touched
-    The biases only move the argmax (zaya.Router), never the gate weight, so they add no gradient. Returns the
-    imbalance max_e load_e / mean, averaged over layers (1.0 = balanced)."""
+    """Aux-loss-free load balancing, DeepSeek-V3's sign rule, after every optimizer step. For each
+    MoE layer, with load_e = tokens routed to expert e in this step (summed over ranks) and mean =
+    the mean over experts:
+        b_e <- b_e + rate * sign(mean - load_e)      for e < E;
+    the skip class b_E (= -1) is never touched. The biases only move the argmax (zaya.Router), never
+    the gate weight, so they add no gradient. Returns the imbalance max_e load_e / mean, averaged
+    over layers (1.0 = balanced)."""
     moes = [layer.mlp for layer in model.layers]
     loads = torch.stack([m.load[:-1] for m in moes]).float()      # (L, E)
     if dist.is_initialized():
@@ -235,7 +219,8 @@ def get_lr(it, c):
     """Linear warmup to lr, then cosine down to min_lr at lr_decay_iters (0 = max_iters)."""
     if it < c.warmup_iters:
         return c.lr * (it + 1) / (c.warmup_iters + 1)
-    ratio = min(1.0, (it - c.warmup_iters) / max(1, (c.lr_decay_iters or c.max_iters) - c.warmup_iters))
+    ratio = min(1.0, (it - c.warmup_iters)
+                / max(1, (c.lr_decay_iters or c.max_iters) - c.warmup_iters))
     return c.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (c.lr - c.min_lr)
 
 
@@ -253,106 +238,141 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}); do pass a train.py ckpt.pt") from None
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}); "
+                              "do pass a train.py ckpt.pt") from None
 
 
 def run(overrides):
     """One run (ar or tidar). Returns a summary dict, also written to out_dir/log.json."""
-    # ---- settings: DEFAULTS <- on resume the checkpoint's, on init from our checkpoint its tokenizer <- overrides
-    ck, base, src = None, {}, overrides.get("init_from", "scratch")
+    # ---- settings: DEFAULTS <- the checkpoint's on resume, or its tokenizer on init <- overrides
+    ck = None
+    base = {}
+    src = overrides.get("init_from", "scratch")
     if src == "resume":
         path = os.path.join(overrides.get("out_dir", DEFAULTS["out_dir"]), "ckpt.pt")
-        check(os.path.isfile(path), f"no checkpoint to resume at {path}; do pass the run's --out_dir")
+        check(os.path.isfile(path),
+              f"no checkpoint to resume at {path}; do pass the run's --out_dir")
         ck = read_checkpoint(path)
         base = {k: v for k, v in ck["train_cfg"].items() if k in DEFAULTS}
     elif src != "scratch":
-        check(os.path.exists(src), f"init checkpoint {src} not found; do train one first (python train.py) or pass "
+        check(os.path.exists(src),
+              f"init checkpoint {src} not found; do train one first (python train.py) or pass "
               "--init_from=PATH to a ckpt.pt or a Hugging Face directory")
         own = os.path.join(src, "ckpt.pt") if os.path.isdir(src) else src
-        base = {"tokenizer": read_checkpoint(own).get("tokenizer", "bytes")} if os.path.isfile(own) else {}
+        base = ({"tokenizer": read_checkpoint(own).get("tokenizer", "bytes")}
+                if os.path.isfile(own) else {})
     c = SimpleNamespace(**{**DEFAULTS, **base, **overrides})
     check(c.mode in ("ar", "tidar"), f"--mode={c.mode} is unknown; do use ar or tidar")
-    check(c.dtype in ("auto", "float32", "bfloat16"), f"--dtype={c.dtype} is unknown; do use auto, float32 or bfloat16")
-    for k, v in vars(c).items():                                    # sizes and intervals >= 1, other numbers >= 0
-        lo = int(k in ("batch_size", "seq_len", "block_size", "eval_interval", "eval_iters", "log_interval", "gpus"))
-        check(type(v) not in (int, float) or v >= lo, f"--{k}={v} must be >= {lo}; do pass a value >= {lo}")
-    check(c.mode == "ar" or c.seq_len % c.block_size == 0, f"--seq_len={c.seq_len} is not a multiple of --block_size="
-          f"{c.block_size}; do make it one, e.g. --seq_len={max(1, c.seq_len // c.block_size) * c.block_size}")
+    check(c.dtype in ("auto", "float32", "bfloat16"),
+          f"--dtype={c.dtype} is unknown; do use auto, float32 or bfloat16")
+    for k, v in vars(c).items():  # sizes and intervals >= 1, other numbers >= 0
+        lo = int(k in ("batch_size", "seq_len", "block_size", "eval_interval", "eval_iters",
+                       "log_interval", "gpus"))
+        check(type(v) not in (int, float) or v >= lo,
+              f"--{k}={v} must be >= {lo}; do pass a value >= {lo}")
+    check(c.mode == "ar" or c.seq_len % c.block_size == 0,
+          f"--seq_len={c.seq_len} is not a multiple of --block_size={c.block_size}; do make it "
+          f"one, e.g. --seq_len={max(1, c.seq_len // c.block_size) * c.block_size}")
     if c.dry_run:
-        from bench import dry_run
         return dry_run(c)
+
     # ---- processes and device
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    world, rank, local = (int(os.environ.get(k, d))
+                          for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     device = c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     cuda = device.startswith("cuda")
-    check(not cuda or torch.cuda.is_available(), f"--device={device} but CUDA is not available; do use --device=cpu")
-    check(not c.fsdp or world > 1, "--fsdp=True needs several processes; do launch with torchrun --nproc_per_node=N")
+    check(not cuda or torch.cuda.is_available(),
+          f"--device={device} but CUDA is not available; do use --device=cpu")
+    check(not c.fsdp or world > 1,
+          "--fsdp=True needs several processes; do launch with torchrun --nproc_per_node=N")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         device = f"cuda:{local}" if world > 1 else device
         torch.cuda.set_device(device)
     dtype = c.dtype if c.dtype != "auto" else "bfloat16" if cuda else "float32"
-    autocast = torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=dtype == "bfloat16")
+    autocast = torch.autocast("cuda" if cuda else "cpu", torch.bfloat16,
+                              enabled=dtype == "bfloat16")
     log = print if rank == 0 else (lambda *a: None)
     os.makedirs(c.out_dir, exist_ok=True)
     torch.manual_seed(c.seed)
     np.random.seed(c.seed)
     random.seed(c.seed)
+
     # ---- tokenizer and data (a cold cache is built by every rank; the writes are atomic)
     enc, ids = get_tokenizer(c.tokenizer)
-    train_ids, val_ids = load_corpus(c.data, c.tokenizer, c.data_cache or f"{c.out_dir}/data", c.seq_len + 1)
+    train_ids, val_ids = load_corpus(c.data, c.tokenizer, c.data_cache or f"{c.out_dir}/data",
+                                     c.seq_len + 1)
     log(f"data {c.data}: {len(train_ids):,} train / {len(val_ids):,} val tokens ({c.tokenizer})")
-    # ---- model, wrapped for DDP / FSDP, and optimizer; checkpoints hold the full state, gathered to rank 0's CPU
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    # ---- model, wrapped for DDP / FSDP, and optimizer; checkpoints: full state on rank 0's CPU
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                         set_state_dict)
     full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if c.init_from in ("scratch", "resume"):
         model = Zaya(ZayaConfig(**ck["config"]) if ck else ZayaConfig.from_name(
-            c.preset, vocab_size=ids["vocab_size"], bos_token_id=ids["eot"], eos_token_id=ids["eot"],
-            pad_token_id=ids["pad"], mask_token_id=ids["mask"], block_size=c.block_size))
+            c.preset, vocab_size=ids["vocab_size"], bos_token_id=ids["eot"],
+            eos_token_id=ids["eot"], pad_token_id=ids["pad"], mask_token_id=ids["mask"],
+            block_size=c.block_size))
     else:                                                           # an AR checkpoint to convert
         model = Zaya.from_pretrained(c.init_from, dtype=torch.float32)
         model.config.block_size = c.block_size
         if model.config.mask_token_id is None:
             model.config.mask_token_id = ids["mask"]
-    check(enc.n_vocab <= model.config.vocab_size, f"tokenizer {c.tokenizer} has {enc.n_vocab} ids but the model's "
-          f"vocab_size is {model.config.vocab_size}; do use the tokenizer the checkpoint was trained with")
-    check(c.seq_len <= model.config.max_position_embeddings, f"--seq_len={c.seq_len} is longer than the model's context "
-          f"(max_position_embeddings={model.config.max_position_embeddings}); do pass a shorter --seq_len")
+    check(enc.n_vocab <= model.config.vocab_size,
+          f"tokenizer {c.tokenizer} has {enc.n_vocab} ids but the model's vocab_size is "
+          f"{model.config.vocab_size}; do use the tokenizer the checkpoint was trained with")
+    check(c.seq_len <= model.config.max_position_embeddings,
+          f"--seq_len={c.seq_len} is longer than the model's context (max_position_embeddings="
+          f"{model.config.max_position_embeddings}); do pass a shorter --seq_len")
     model.to(device).grad_checkpointing = c.grad_checkpointing
     loss_model = TrainLoss(model, c)
     if c.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(torch.bfloat16 if dtype == "bfloat16" else None, reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(torch.bfloat16 if dtype == "bfloat16" else None,
+                                  reduce_dtype=torch.float32)
         for layer in model.layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(loss_model, mp_policy=mp)
     elif world > 1:
         loss_model = nn.parallel.DistributedDataParallel(loss_model, broadcast_buffers=False)
-    fwd = torch.compile(loss_model) if c.compile else loss_model
+    if c.compile:                                                   # zaya's own forward, compiled
+        import kernels
+        kernels.enable(model)
+    fwd = loss_model
     params = list(loss_model.parameters())
-    opt = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=c.weight_decay),
+    opt = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2],
+                                  weight_decay=c.weight_decay),
                              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
                             lr=c.lr, betas=(0.9, 0.95), fused=cuda)
+
+    # ---- resume: weights, optimizer, counters, RNGs
     it, best = 0, float("inf")
-    if ck:                                                          # resume: weights, optimizer, counters, RNGs
-        set_state_dict(loss_model, opt, model_state_dict={"model." + k: v for k, v in ck["model"].items()},
+    if ck:
+        set_state_dict(loss_model, opt,
+                       model_state_dict={"model." + k: v for k, v in ck["model"].items()},
                        optim_state_dict=ck["optimizer"], options=full_state)
-        it, best, r = ck["iter_num"], ck["best_val_loss"], ck["rng"]
+        it, best = ck["iter_num"], ck["best_val_loss"]
+        r = ck["rng"]
         torch.set_rng_state(r["torch"])                             # draws the training batches
         random.setstate(r["python"])
-        np.random.set_state((r["numpy"][0], np.array(r["numpy"][1], dtype=np.uint32), *r["numpy"][2:]))
-    log(f"{c.mode} from {c.init_from}: {model.num_params():,} params, {world} process(es), {device}, {dtype}")
+        np.random.set_state((r["numpy"][0], np.array(r["numpy"][1], dtype=np.uint32),
+                             *r["numpy"][2:]))
+    log(f"{c.mode} from {c.init_from}: {model.num_params():,} params, {world} process(es), "
+        f"{device}, {dtype}")
 
     @torch.no_grad()
     def evaluate():
-        """Val losses on fixed batches (own generator) and diffusion top-1 accuracy by position in the block."""
+        """Val losses on fixed batches (own generator) and diffusion top-1 accuracy by position in
+        the block."""
         fwd.eval()
-        val_gen, K = torch.Generator().manual_seed(c.seed + 1), c.block_size
+        val_gen = torch.Generator().manual_seed(c.seed + 1)
+        K = c.block_size
         sums = torch.zeros(3 + K, device=device)
         for _ in range(c.eval_iters):
             with autocast:
-                loss, ar, diff, hits = fwd(get_batch(val_ids, c.batch_size, c.seq_len, val_gen, rank, world, device))
+                loss, ar, diff, hits = fwd(get_batch(val_ids, c.batch_size, c.seq_len, val_gen,
+                                                     rank, world, device))
             acc = hits.view(-1, K).float().mean(0) if hits is not None else sums.new_zeros(K)
             sums += torch.cat([torch.stack([loss, ar, ar if diff is None else diff]).float(), acc])
         fwd.train()
@@ -360,24 +380,31 @@ def run(overrides):
         return dict(iter=it, loss=m[0], ar=m[1], diff=m[2], acc=m[3:])
 
     def save_checkpoint(path):
-        """Full (unsharded) state from rank 0, via a temp file. 'optimizer' is keyed by name: any DDP/FSDP layout."""
+        """Full (unsharded) state from rank 0, via a temp file. 'optimizer' is keyed by name: any
+        DDP/FSDP layout."""
         msd, osd = get_state_dict(loss_model, opt, options=full_state)  # a collective under FSDP
         if rank != 0:
             return
         npr = np.random.get_state()
-        state = dict(config=asdict(model.config), model={k.removeprefix("model."): v for k, v in msd.items()},
-                     optimizer=osd, iter_num=it, best_val_loss=best, mode=c.mode, tokenizer=c.tokenizer, data=c.data,
-                     train_cfg=vars(c), rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
-                                                 numpy=[npr[0], npr[1].tolist(), *npr[2:]]))
+        state = dict(config=asdict(model.config),
+                     model={k.removeprefix("model."): v for k, v in msd.items()},
+                     optimizer=osd, iter_num=it, best_val_loss=best, mode=c.mode,
+                     tokenizer=c.tokenizer, data=c.data, train_cfg=vars(c),
+                     rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
+                              numpy=[npr[0], npr[1].tolist(), *npr[2:]]))
 
-        def write(tmp):                   # via a file object: torch.save(obj, name) rejects zaya's ".tmp-" names
+        def write(tmp):  # via a file object: torch.save(obj, name) rejects zaya's ".tmp-" names
             with open(tmp, "wb") as f:
                 torch.save(state, f)
         _atomic_write(path, write)
+
     # ---- the loop
-    ckpt, history, evals, t_start = os.path.join(c.out_dir, "ckpt.pt"), [], [], time.time()
-    start, it_log, t_log, tokens = it, it, t_start, c.batch_size * world * c.seq_len   # tokens per iteration
-    stop = []                                                       # Ctrl-C: finish this step, save, exit (status 130)
+    ckpt = os.path.join(c.out_dir, "ckpt.pt")
+    history, evals = [], []
+    start, t_start = it, time.time()                                # for the eta
+    it_log, t_log = it, t_start                                     # the last log line
+    tokens = c.batch_size * world * c.seq_len                       # tokens per iteration
+    stop = []  # Ctrl-C: finish this step, save, exit (status 130)
     if rank == 0 and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, lambda *_: stop.append(it))
     while it < c.max_iters and not stop:
@@ -385,52 +412,145 @@ def run(overrides):
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast:
-            loss, ar, diff, _ = fwd(get_batch(train_ids, c.batch_size, c.seq_len, None, rank, world, device))
+            loss, ar, diff, _ = fwd(get_batch(train_ids, c.batch_size, c.seq_len, None, rank,
+                                              world, device))
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float("inf"))
-        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()   # a DTensor under FSDP
-        stats = all_mean(torch.stack([loss, ar, ar if diff is None else diff]).detach().float()).tolist()
+        # a DTensor under FSDP
+        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+        stats = all_mean(
+            torch.stack([loss, ar, ar if diff is None else diff]).detach().float()).tolist()
         if not all(map(math.isfinite, stats + [norm])):
-            raise Diverged(f"loss {stats[0]}, grad norm {norm} at iter {it}; do lower --lr, resume from {ckpt} (kept)")
+            raise Diverged(f"loss {stats[0]}, grad norm {norm} at iter {it}; "
+                           f"do lower --lr, resume from {ckpt} (kept)")
         opt.step()
         opt.zero_grad(set_to_none=True)
         imbalance = update_balancing_biases(model, c.bias_update_rate)
-        history.append(dict(iter=it, loss=stats[0], ar=stats[1], diff=stats[2] if c.mode == "tidar" else None))
+        history.append(dict(iter=it, loss=stats[0], ar=stats[1],
+                            diff=stats[2] if c.mode == "tidar" else None))
         it += 1
         if (it - 1) % c.log_interval == 0 or it == c.max_iters:
-            now, diff_s = time.time(), f", diff {stats[2]:.4f}" if c.mode == "tidar" else ""
-            tok_s, eta = (it - it_log) * tokens / (now - t_log), (now - t_start) / (it - start) * (c.max_iters - it)
-            log(f"iter {it - 1}: loss {stats[0]:.4f} (ar {stats[1]:.4f}{diff_s}), lr {lr:.2e}, norm {norm:.2f}, "
-                f"imbalance {imbalance:.2f}, {tok_s:,.0f} tok/s, eta {eta:.0f}s")
+            now = time.time()
+            diff_s = f", diff {stats[2]:.4f}" if c.mode == "tidar" else ""
+            tok_s = (it - it_log) * tokens / (now - t_log)
+            eta = (now - t_start) / (it - start) * (c.max_iters - it)
+            log(f"iter {it - 1}: loss {stats[0]:.4f} (ar {stats[1]:.4f}{diff_s}), lr {lr:.2e}, "
+                f"norm {norm:.2f}, imbalance {imbalance:.2f}, {tok_s:,.0f} tok/s, eta {eta:.0f}s")
             t_log, it_log = now, it
         if it % c.eval_interval == 0 or it == c.max_iters:
             evals.append(evaluate())
-            best, ev = min(best, evals[-1]["loss"]), evals[-1]
+            best = min(best, evals[-1]["loss"])
+            ev = evals[-1]
             acc = " ".join(f"{100 * a:.0f}" for a in ev["acc"])
             acc = f"; diffusion top-1 % by block position 0..{c.block_size - 1}: {acc}"
-            log(f"eval {it}: val ar {ev['ar']:.4f}" + (f", diff {ev['diff']:.4f}{acc}" if c.mode == "tidar" else ""))
+            log(f"eval {it}: val ar {ev['ar']:.4f}"
+                + (f", diff {ev['diff']:.4f}{acc}" if c.mode == "tidar" else ""))
             save_checkpoint(ckpt)
     if stop:
         save_checkpoint(ckpt)
-        raise Interrupted(f"interrupted at iter {it}: saved {ckpt}; do continue with --init_from=resume --out_dir={c.out_dir}")
+        raise Interrupted(f"interrupted at iter {it}: saved {ckpt}; "
+                          f"do continue with --init_from=resume --out_dir={c.out_dir}")
     summary = dict(mode=c.mode, iter=it, losses=history, evals=evals, best_val_loss=best, ckpt=ckpt)
     if rank == 0:                                                   # for plots and tests
         Path(c.out_dir, "log.json").write_text(json.dumps(summary))
     return summary
 
 
+# -----------------------------------------------------------------------------
+# the dry run: sizes of a run, allocating nothing
+
+
+def dry_run(c):
+    """Parameters, memory per GPU under FSDP, training FLOPs. Bytes for N params, G GPUs,
+    t = batch_size T tokens per GPU (T = S for AR, 2S for TiDAR): states 16 N / G (fp32 weights
+    + grads, AdamW m, v; sharded); gathered bf16 2 (2 N_layer + V d) (layer in use + prefetched
+    + embedding); activations t (4 L d + a) (fp32 residual per layer,
+    a = 2 (16 d + 6 (nq+nkv) hd + 4 I) for one recomputed layer, L of them without
+    grad_checkpointing) + 12 V per loss_chunk token + T^2 (mask). FLOPs per data token:
+    6 (N_active + V d) per forwarded token (T / S of them) + 12 L nq hd per attended key (AR S/2;
+    TiDAR S/2 clean + S/2 + K/2 masked: the pairs its mask allows)."""
+    cfg = ZayaConfig.from_name(c.preset, block_size=c.block_size)
+    with torch.device("meta"):
+        model = Zaya(cfg)
+    N = model.num_params()
+    Na = model.num_params(active=True)
+    L, d, V, S = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, c.seq_len
+    I = cfg.moe_intermediate_size
+    C = (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
+    A = cfg.num_attention_heads * cfg.head_dim
+    GiB = 2**30
+    states = 16 * N / c.gpus
+    gathered = 2 * (2 * (N - V * d) / L + V * d)
+    print(f"{c.preset}: {N:,} parameters, {Na:,} active per token "
+          "(one expert, embedding excluded)\n"
+          f"per GPU, FSDP over {c.gpus} GPUs, batch_size {c.batch_size}, seq_len {S}, "
+          f"grad_checkpointing={c.grad_checkpointing}, loss_chunk {c.loss_chunk}: "
+          f"states 16 N / G = {states / GiB:.1f} GiB, gathered bf16 = {gathered / GiB:.1f} GiB "
+          "(formulas: train.dry_run.__doc__)")
+    for mode, T, keys in (("AR", S, S / 2), ("TiDAR", 2 * S, S + c.block_size / 2)):
+        t = c.batch_size * T
+        act = t * (4 * L * d + 2 * (16 * d + 6 * C + 4 * I) * (1 if c.grad_checkpointing else L))
+        act += 12 * min(c.loss_chunk or t, t) * V + T * T
+        flops = T // S * 6 * (Na + V * d) + 12 * L * A * keys
+        print(f"  {mode:5s} T={T}: activations {act / GiB:.1f} GiB, total "
+              f"{(states + gathered + act) / GiB:.1f} GiB; training FLOPs per data token "
+              f"{flops / 1e9:.2f} GFLOP")
+    return dict(params=N, active=Na)
+
+# -----------------------------------------------------------------------------
+# the small reproduction: `python train.py` (README, "Results")
+
+
+PIPELINES = {  # (AR pretraining, TiDAR conversion); measured 11 min / 87 min on a 2-core CPU
+    "default": (dict(preset="small", max_iters=1500, eval_interval=500, log_interval=100),
+                dict(max_iters=900, lr=2e-3, min_lr=2e-4, eval_interval=300, log_interval=100)),
+    "long": (dict(preset="medium", max_iters=2000, lr=2e-3, eval_interval=500, log_interval=100),
+             dict(max_iters=1000, lr=1e-3, min_lr=1e-4, eval_interval=250, log_interval=50))}
+
+
+def reproduce(o):
+    """AR pretraining -> TiDAR conversion (block 16) -> decoding report on held-out code; the
+    converted model ends in out_dir/ckpt.pt. --pipeline=eval runs only the report, with every
+    table."""
+    out = o.get("out_dir", DEFAULTS["out_dir"])
+    if o["pipeline"] != "eval":
+        check(o["pipeline"] in PIPELINES,
+              f"--pipeline={o['pipeline']} is unknown; do use default, long or eval")
+        ar, tidar = PIPELINES[o["pipeline"]]
+        rest = {k: v for k, v in o.items() if k not in ("pipeline", "out_dir")}
+        rest = {"data_cache": f"{out}/data", **rest}
+        run({**ar, **rest, "mode": "ar", "out_dir": f"{out}/ar"})
+        run({**tidar, **rest, "mode": "tidar", "init_from": f"{out}/ar/ckpt.pt", "out_dir": out})
+    model, prompts = heldout_prompts(out, o.get("data", "stdlib"), 8)
+    if o["pipeline"] == "eval":                                    # the README's whole table
+        return decode_report(model, prompts, out, (4, 8, 16), (1.0, 0.75, 0.5, 0.25),
+                             LEVEL_SETTINGS)
+    return decode_report(model, prompts, out, (16,), (1.0, 0.5), ["AR", "auto"])
+
+
+def heldout_prompts(out, data, n_prompts):
+    """The model in out/ckpt.pt and n 128-token prompts spread over the held-out split (val files,
+    never trained on)."""
+    model = Zaya.from_pretrained(os.path.join(out, "ckpt.pt")).eval()
+    name = model.checkpoint_meta.get("tokenizer", "bytes")
+    _, val = load_corpus(data, name, os.path.join(out, "data"), 129)
+    starts = torch.linspace(0, len(val) - 129, n_prompts).long().tolist()
+    return model, [torch.from_numpy(val[s:s + 128].astype("int64")) for s in starts]
+
+
 def main(argv=None):
-    """Parse --key=value flags and run once; no flags: the small reproduction (--pipeline=default)."""
+    """Parse --key=value flags and run once; no flags: the small reproduction
+    (--pipeline=default)."""
     argv = sys.argv[1:] if argv is None else argv
-    overrides = parse_args(argv or ["--pipeline=default"])
+    overrides = parse_args(argv or ["--pipeline=default"], DEFAULTS)
     try:
-        if overrides.get("pipeline"):                               # bench.reproduce: AR -> TiDAR -> decoding report
-            from bench import reproduce
+        if overrides.get("pipeline"):                               # AR -> TiDAR -> decoding report
             return reproduce(overrides)
         return run(overrides)
     finally:
         if dist.is_initialized():
-            gc.collect()        # free FSDP's sharded tensors (in reference cycles) first, or exit can abort (gloo)
+            # free FSDP's sharded tensors (in reference cycles) first, or exit can abort (gloo)
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -439,5 +559,6 @@ if __name__ == "__main__":
         main()
     except (UsageError, ValueError, Diverged, Interrupted) as e:   # CheckpointError is a ValueError
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {' '.join(str(e).split())}", file=sys.stderr)
+            print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: "
+                  f"{' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(130 if isinstance(e, Interrupted) else 1 if isinstance(e, Diverged) else 2)

@@ -1,22 +1,23 @@
 """
-ZAYA1 in one file: the model, its inference cache, the TiDAR layouts, and Hugging Face checkpoints.
+ZAYA1 in one file: the model, its inference cache, the TiDAR layouts and Hugging Face checkpoints.
 
 ZAYA1 (Zyphra, 2025) is a decoder-only MoE transformer. Each layer is
-  Compressed Convolutional Attention (CCA, arXiv 2510.04476): q/k from two kernel-2 convolutions over
-    time plus a "qk-mean" residual, values half from the current token and half from the previous one,
-    L2 qk-norm with a learned per-KV-head key temperature, partial NeoX RoPE, GQA;
+  Compressed Convolutional Attention (CCA, arXiv 2510.04476): q/k from two kernel-2 convolutions
+    over time plus a "qk-mean" residual, values half from the current token and half from the
+    previous one, L2 qk-norm with a learned per-KV-head key temperature, partial NeoX RoPE, GQA;
   a top-1 MoE whose router is a small MLP fed by a state carried across layers (EDA), with balancing
     biases that steer only the choice, and a 17th "skip" class that computes nothing;
 and learned residual scaling around both, with the residual stream kept in fp32.
 Facts: ../shared/docs/ZAYA1.md. The parity oracle is transformers' ZayaForCausalLM (v5.24.0).
 
 TiDAR (arXiv 2511.08923) needs attention masks and CCA time-mixing other than "causal over a flat
-sequence". So there is ONE general forward, `forward_hidden(idx, pos, pred, mask, cache)`: every token has
-a position id, a predecessor (the token CCA's convolutions and delayed value read as "t-1", see
-../shared/docs/TIDAR.md section 2), and a boolean attention mask. The plain causal forward, the TiDAR
-training layout and the single-forward TiDAR decode step are just different (pos, pred, mask) built
-by the layout functions below, which are the only place the mask predicates live.
+sequence". So there is ONE general forward, `forward_hidden(idx, pos, pred, mask, cache)`: every
+token has a position id, a predecessor (the token CCA's convolutions and delayed value read as
+"t-1", see ../shared/docs/TIDAR.md section 2), and a boolean attention mask. The plain causal
+forward, the TiDAR training layout and the single-forward TiDAR decode step are just different
+(pos, pred, mask) built by the layout functions below, the only place the mask predicates live.
 """
+import functools
 import json
 import math
 import os
@@ -60,11 +61,13 @@ class ZayaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.num_key_value_heads * self.head_dim % 2:
-            raise ValueError("num_key_value_heads * head_dim must be even (half the values are delayed)")
+            raise ValueError("num_key_value_heads * head_dim must be even "
+                             "(half the values are delayed)")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id"):
             v = getattr(self, name)
             if v is not None and not 0 <= v < self.vocab_size:
-                raise ValueError(f"{name}={v} is outside the vocabulary (vocab_size={self.vocab_size})")
+                raise ValueError(f"{name}={v} is outside the vocabulary "
+                                 f"(vocab_size={self.vocab_size})")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
@@ -79,39 +82,49 @@ class ZayaConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-# The byte-level tokenizer of train.py has 256 bytes + <|endoftext|> 256 + <|mask|> 257 (+ pad 258).
-_BYTES = dict(vocab_size=320, pad_token_id=258, bos_token_id=256, eos_token_id=256, mask_token_id=257,
-              max_position_embeddings=2048, rope_theta=10_000.0)
+# train.py's byte-level tokenizer: 256 bytes + <|endoftext|> 256 + <|mask|> 257 (+ pad 258).
+_BYTES = dict(vocab_size=320, pad_token_id=258, bos_token_id=256, eos_token_id=256,
+              mask_token_id=257, max_position_embeddings=2048, rope_theta=10_000.0)
 PRESETS = {
     "zaya1-8b": dict(pad_token_id=0, bos_token_id=2, eos_token_id=106, mask_token_id=4),
-    "tiny": dict(_BYTES, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=16, num_experts=4, moe_intermediate_size=64, router_hidden_size=32),
-    "small": dict(_BYTES, hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
-                  head_dim=32, num_experts=8, moe_intermediate_size=256, router_hidden_size=64),
-    "medium": dict(_BYTES, hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
-                   head_dim=64, num_experts=16, moe_intermediate_size=512, router_hidden_size=128),
+    "tiny": dict(_BYTES, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, num_experts=4, moe_intermediate_size=64,
+                 router_hidden_size=32),
+    "small": dict(_BYTES, hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=32, num_experts=8, moe_intermediate_size=256,
+                  router_hidden_size=64),
+    "medium": dict(_BYTES, hidden_size=384, num_hidden_layers=8, num_attention_heads=6,
+                   num_key_value_heads=2, head_dim=64, num_experts=16, moe_intermediate_size=512,
+                   router_hidden_size=128),
 }
 
 # -----------------------------------------------------------------------------
 # layouts: (pos, pred, mask) for every way the model is run. pred indexes the "extended" sequence
-# [cached token L-2, cached token L-1, current token 0, ..., current token T-1]; so pred = 1 means "the last
-# cached token" (zeros when there is no cache: the reference's left zero padding), pred = j + 2 means
-# current token j. mask[q, k] = True where current query q may attend to current key k; every query also
-# sees the whole cached prefix.
+# [cached token L-2, cached token L-1, current token 0, ..., current token T-1]; so pred = 1 means
+# "the last cached token" (zeros when there is no cache: the reference's left zero padding),
+# pred = j + 2 means current token j. mask[q, k] = True where current query q may attend to
+# current key k; every query also sees the whole cached prefix.
 
 
-def causal_layout(T, device=None):
-    """Plain AR: positions 0..T-1, predecessor t-1, causal mask. Shapes: [T], [T], [T, T]."""
+def causal_layout(T, device=None, start=0):
+    """Plain AR: positions start..start+T-1, predecessor t-1, causal mask. Shapes: [T], [T], [T, T]
+    (positions [B, T] when start is a [B, 1] tensor of cached lengths)."""
     t = torch.arange(T, device=device)
-    return t, t + 1, t[:, None] >= t[None, :]
+    return start + t, t + 1, t[:, None] >= t[None, :]
+
+
+def ar_step_layout(lengths):
+    """One AR decode token per row after a cache of lengths [B]: positions [B, 1], predecessor the
+    last cached token [1], mask [1, 1]."""
+    return causal_layout(1, lengths.device, lengths[:, None])
 
 
 def tidar_train_layout(S, K, device=None):
-    """TiDAR training layout over [clean x_0..x_{S-1} | S masks] (TIDAR.md sections 1-2). Shapes [2S], [2S], [2S, 2S].
+    """TiDAR training layout over [clean x_0..x_{S-1} | S masks] (TIDAR.md sections 1-2).
 
-    clean->clean causal; mask->clean only strictly before the mask's own block; mask->mask within its block.
-    Predecessors: clean t -> clean t-1; first mask of block b -> clean bK-1; other masks -> the mask before.
-    """
+    Shapes [2S], [2S], [2S, 2S]. clean->clean causal; mask->clean only strictly before the mask's
+    own block; mask->mask within its block. Predecessors: clean t -> clean t-1; first mask of block
+    b -> clean bK-1; other masks -> the mask before."""
     if K < 1 or S % K:
         raise ValueError(f"seq_len {S} must be a positive multiple of block_size {K}")
     t = torch.arange(S, device=device)
@@ -119,33 +132,54 @@ def tidar_train_layout(S, K, device=None):
     is_mask = torch.arange(2 * S, device=device) >= S
     blk = pos // K
     qm, km = is_mask[:, None], is_mask[None, :]
-    mask = ((~qm & ~km & (pos[None, :] <= pos[:, None]))              # clean -> clean: causal
-            | (qm & ~km & (pos[None, :] < blk[:, None] * K))          # mask -> clean: before own block
-            | (qm & km & (blk[None, :] == blk[:, None])))             # mask -> mask: own block
-    pred_clean = t + 1                                                # ext index of clean t-1 is (t-1)+2
-    pred_mask = torch.where(t % K == 0, t + 1, S + t + 1)            # clean bK-1, or mask t-1
+    mask = ((~qm & ~km & (pos[None, :] <= pos[:, None]))       # clean -> clean: causal
+            | (qm & ~km & (pos[None, :] < blk[:, None] * K))   # mask -> clean: before own block
+            | (qm & km & (blk[None, :] == blk[:, None])))      # mask -> mask: own block
+    pred_clean = t + 1                                         # ext index of clean t-1 is (t-1)+2
+    pred_mask = torch.where(t % K == 0, t + 1, S + t + 1)     # clean bK-1, or mask t-1
     return pos, torch.cat([pred_clean, pred_mask]), mask
 
 
-def tidar_step_layout(K, groups=None, device=None):
-    """Single-forward TiDAR decode step (TIDAR.md section 3), relative to the committed length L.
+def tidar_prefill_layout(lengths, T, K):
+    """TiDAR prefill (TIDAR.md section 3): prompts right-padded to T (row b holds lengths[b]
+    tokens), then K masks at positions L_b..L_b+K-1, whose predecessor chain starts at the row's
+    last prompt token. Shapes [B, T+K], [B, T+K], [B, T+K, T+K]."""
+    t = torch.arange(T + K, device=lengths.device)
+    P = lengths[:, None]                                    # [B, 1]
+    pos = torch.where(t < T, t, P + t - T)
+    pred = torch.where(t == T, P + 1, t + 1)                # ext index of prompt token P-1 is P+1
+    qm, km = (t >= T)[:, None], (t >= T)[None, :]
+    real = t[None, None, :] < lengths[:, None, None]        # [B, 1, T+K]: a real prompt token
+    mask = ((~qm & ~km & (t[None, :] <= t[:, None]))[None]  # prompt -> prompt: causal
+            | (qm & ~km)[None] & real                       # masks -> the row's prompt
+            | (qm & km)[None])                              # masks -> masks: bidirectional
+    return pos, pred, mask
 
-    Query = [d_0..d_{K-1} | group g_0 | group g_1 | ...], each group K masks; `groups` (default all 0..K-1)
-    says which acceptance levels get a draft. Returns offsets (position - L), pred, mask for K + K*len(groups)
-    tokens: drafts are causal among themselves; group g sees d_0..d_g and itself (bidirectionally), its
-    predecessor chain starts at d_g.
-    """
-    groups = list(range(K)) if groups is None else list(groups)
+
+def tidar_step_layout(K, groups=None, device=None, start=0):
+    """Single-forward TiDAR decode step (TIDAR.md section 3), at positions start + offsets (start:
+    the committed length L, 0 or a [B, 1] tensor). Built once per (K, groups, device).
+
+    Query = [d_0..d_{K-1} | group g_0 | group g_1 | ...], each group K masks; `groups` (default all
+    0..K-1) says which acceptance levels get a draft. Returns offsets (position - L), pred, mask for
+    K + K*len(groups) tokens: drafts are causal among themselves; group g sees d_0..d_g and itself
+    (bidirectionally), its predecessor chain starts at d_g."""
+    groups = tuple(range(K)) if groups is None else tuple(groups)
+    offs, pred, mask = _tidar_step(K, groups, torch.device(device or "cpu"))
+    return start + offs, pred, mask
+
+
+@functools.lru_cache(maxsize=64)
+def _tidar_step(K, groups, device):
     j = torch.arange(K, device=device)
-    offs, preds = [j], [j + 1]                                       # d_j at L+j, predecessor d_{j-1}/cache
+    N = K + K * len(groups)
+    offs, preds = [j], [j + 1]                        # d_j at L+j, predecessor d_{j-1}/cache
+    owner = torch.full((N,), -1, device=device)       # -1 for drafts, else the group's level
     for i, g in enumerate(groups):
-        base = K + i * K                                             # query index of the group's first slot
+        base = K + i * K                              # query index of the group's first slot
         offs.append(g + 1 + j)
         preds.append(torch.where(j == 0, torch.full_like(j, g + 2), base + j + 1))
-    N = K + K * len(groups)
-    owner = torch.full((N,), -1, device=device)                      # -1 for drafts, else the group's level
-    for i, g in enumerate(groups):
-        owner[K + i * K:K + (i + 1) * K] = g
+        owner[base:base + K] = g
     q, k = torch.arange(N, device=device)[:, None], torch.arange(N, device=device)[None, :]
     grp_q, grp_k = (q - K) // K, (k - K) // K
     mask = ((q < K) & (k <= q)                                       # drafts: causal
@@ -158,33 +192,33 @@ def tidar_step_layout(K, groups=None, device=None):
 
 
 class KVCache:
-    """Static-shape cache: per layer K/V [B, n_kv, capacity, hd] plus the CCA state, and per-row lengths.
+    """Static-shape cache: per-layer K/V [B, n_kv, capacity, hd], the CCA state and per-row lengths.
 
-    A forward writes every query token's K/V at slots L_b.. and keeps its raw conv inputs aside; `commit(n)`
-    then keeps only the first n_b of them per row (the rest, e.g. TiDAR's rejected drafts and mask groups,
-    are truncated away) and sets the CCA state to that of the last kept token, without recomputation.
-    CCA state per layer: raw conv inputs [q|k] of the last two committed tokens [B, 2, C] and the last
-    token's delayed-value projection [B, hv], kept in fp32 (fp64 for a float64 model) as the reference does for serving.
-    """
+    A forward writes every query token's K/V at slots L_b.. and keeps its raw conv inputs aside;
+    `commit(n)` then keeps only the first n_b of them per row (the rest, e.g. TiDAR's rejected
+    drafts and mask groups, are truncated away) and sets the CCA state to that of the last kept
+    token, without recomputation. CCA state per layer: raw conv inputs [q|k] of the last two
+    committed tokens [B, 2, C] and the last token's delayed-value projection [B, hv], kept in fp32
+    (fp64 for a float64 model) as the reference does for serving."""
 
     def __init__(self, config, batch_size, capacity, dtype=torch.float32, device=None):
-        c, L = config, config.num_hidden_layers
-        C = (c.num_attention_heads + c.num_key_value_heads) * c.head_dim
-        self.k = torch.zeros(L, batch_size, c.num_key_value_heads, capacity, c.head_dim, dtype=dtype, device=device)
+        L, nkv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        C = (config.num_attention_heads + nkv) * hd
+        self.k = torch.zeros(L, batch_size, nkv, capacity, hd, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         state = torch.float64 if dtype == torch.float64 else torch.float32
         self.conv = torch.zeros(L, batch_size, 2, C, dtype=state, device=device)
-        self.vdel = torch.zeros(L, batch_size, c.num_key_value_heads * c.head_dim // 2, dtype=state, device=device)
+        self.vdel = torch.zeros(L, batch_size, nkv * hd // 2, dtype=state, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.capacity = capacity
-        self.pending = [None] * L                      # per layer: (c_ext, vdel_ext) of the last forward
+        self.pending = [None] * L             # per layer: (c_ext, vdel_ext) of the last forward
 
     def commit(self, n):
-        """Keep the first n[b] tokens of the last forward in row b (n: LongTensor [B], 0 keeps nothing)."""
+        """Keep row b's first n[b] tokens of the last forward (n: LongTensor [B]; 0: keep none)."""
         n = n.to(self.lengths.device)
         rows = torch.arange(len(n), device=n.device)
-        for i, (c_ext, v_ext) in enumerate(self.pending):   # ext index of the last kept token is n + 1
-            cols = torch.stack([n, n + 1], 1)                # [B, 2]: tokens L+n-2, L+n-1 in ext indexing
+        for i, (c_ext, v_ext) in enumerate(self.pending):   # ext index of the last kept is n + 1
+            cols = torch.stack([n, n + 1], 1)                # [B, 2]: ext tokens L+n-2, L+n-1
             self.conv[i] = c_ext[rows[:, None], cols].to(self.conv.dtype)
             self.vdel[i] = v_ext[rows, n + 1].to(self.vdel.dtype)
         self.lengths += n
@@ -197,11 +231,13 @@ class KVCache:
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
     def forward(self, x):  # w * normalise(x in fp32), cast back before the weight (not 1 + w)
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class ResidualScale(nn.Module):
@@ -209,8 +245,10 @@ class ResidualScale(nn.Module):
 
     def __init__(self, dim):
         super().__init__()
-        self.hidden_states_scale, self.hidden_states_bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
-        self.residual_scale, self.residual_bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        self.hidden_states_scale = nn.Parameter(torch.ones(dim))
+        self.hidden_states_bias = nn.Parameter(torch.zeros(dim))
+        self.residual_scale = nn.Parameter(torch.ones(dim))
+        self.residual_bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, branch, residual):
         return ((branch + self.hidden_states_bias) * self.hidden_states_scale
@@ -218,11 +256,17 @@ class ResidualScale(nn.Module):
 
 
 def apply_rope(x, cos, sin):
-    """Partial NeoX RoPE: rotate_half on the first rotary_dim channels of each head. x [B,T,H,hd], cos [B,T,1,r]."""
+    """Partial NeoX RoPE: rotate_half on the first rotary_dim channels of each head.
+    x [B,T,H,hd], cos [B,T,1,r]."""
     r = cos.shape[-1]
     xr, xp = x[..., :r], x[..., r:]
     x1, x2 = xr[..., :r // 2], xr[..., r // 2:]
     return torch.cat([xr * cos + torch.cat([-x2, x1], -1) * sin, xp], -1)
+
+
+def gather_time(x, idx):
+    """Rows of x along time: out[b, t] = x[b, idx[b, t]]. x (B, S, C), idx (B, T) -> (B, T, C)."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
 class CCAProjection(nn.Module):
@@ -234,7 +278,7 @@ class CCAProjection(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, nkv * hd, bias=False)
         self.v_proj_current = nn.Linear(c.hidden_size, nkv * hd // 2, bias=False)
         self.v_proj_delayed = nn.Linear(c.hidden_size, nkv * hd // 2, bias=False)
-        self.conv_qk_depthwise = nn.Conv1d(C, C, 2, groups=C)           # weights only; applied by hand below
+        self.conv_qk_depthwise = nn.Conv1d(C, C, 2, groups=C)   # weights only; applied by hand
         self.conv_qk_grouped = nn.Conv1d(C, C, 2, groups=nq + nkv)
 
 
@@ -258,63 +302,76 @@ class CCA(nn.Module):
         B, T, _ = x.shape
         nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         G = nq // nkv
-        q0, k0 = p.q_proj(x), p.k_proj(x)                              # [B,T,nq*hd], [B,T,nkv*hd]
+        q0, k0 = p.q_proj(x), p.k_proj(x)                      # (B, T, nq*hd), (B, T, nkv*hd)
+
         # qk-mean residual: each query head averaged with its KV head, keys = mean over the group
-        q_res = (q0.view(B, T, nq, hd) + k0.view(B, T, nkv, 1, hd).expand(B, T, nkv, G, hd).reshape(B, T, nq, hd)) / 2
-        k_res = q_res.view(B, T, nkv, G, hd).mean(3)                   # [B,T,nkv,hd]
-        # two kernel-2 convolutions on the raw [q|k] channels, along the predecessor chain (tap 0 = older token)
-        raw = torch.cat([q0, k0], -1)                                  # [B,T,C]
-        prev = cache.conv[self.layer_idx].to(raw.dtype) if cache is not None else raw.new_zeros(B, 2, raw.shape[-1])
-        c_ext = torch.cat([prev, raw], 1)                              # [B,2+T,C]
+        k_rep = k0.view(B, T, nkv, 1, hd).expand(B, T, nkv, G, hd)     # (B, T, nkv, G, hd)
+        k_rep = k_rep.reshape(B, T, nq, hd)                            # (B, T, nq, hd)
+        q_res = (q0.view(B, T, nq, hd) + k_rep) / 2                    # (B, T, nq, hd)
+        k_res = q_res.view(B, T, nkv, G, hd).mean(3)                   # (B, T, nkv, hd)
+
+        # two kernel-2 convolutions on the raw [q|k] channels, along the predecessor chain
+        raw = torch.cat([q0, k0], -1)                                  # (B, T, C)
+        prev = (cache.conv[self.layer_idx].to(raw.dtype) if cache is not None
+                else raw.new_zeros(B, 2, raw.shape[-1]))               # (B, 2, C)
+        c_ext = torch.cat([prev, raw], 1)                              # (B, 2+T, C)
         pred_ext = torch.cat([pred.new_zeros(B, 2), pred], 1)          # pred of "L-1" is "L-2"
-        p2 = pred_ext.gather(1, pred)                                  # 2nd predecessor [B,T]
-        take = lambda idx: c_ext.gather(1, idx[..., None].expand(-1, -1, c_ext.shape[-1]))
-        c1, c2 = take(pred), take(p2)
-        w1, b1 = p.conv_qk_depthwise.weight[:, 0, :], p.conv_qk_depthwise.bias  # [C,2], [C]
-        h_t = c1 * w1[:, 0] + raw * w1[:, 1] + b1                     # 1st conv at t
-        h_p = c2 * w1[:, 0] + c1 * w1[:, 1] + b1                      # 1st conv at pred(t) (= bias if none)
-        w2 = p.conv_qk_grouped.weight.view(nq + nkv, hd, hd, 2)        # [group, out, in, tap]
-        qk = (torch.einsum("btgi,goi->btgo", h_p.view(B, T, nq + nkv, hd), w2[..., 0])
-              + torch.einsum("btgi,goi->btgo", h_t.view(B, T, nq + nkv, hd), w2[..., 1])
-              + p.conv_qk_grouped.bias.view(nq + nkv, hd))
-        q, k = qk[:, :, :nq] + q_res, qk[:, :, nq:] + k_res            # [B,T,nq,hd], [B,T,nkv,hd]
-        # values: first half of the channels from this token, second half the predecessor's delayed projection
-        vd = p.v_proj_delayed(x)                                       # [B,T,hv]
-        prev_v = cache.vdel[self.layer_idx].to(vd.dtype)[:, None] if cache is not None else vd.new_zeros(B, 1, vd.shape[-1])
-        v_ext = torch.cat([torch.zeros_like(prev_v), prev_v, vd], 1)   # [B,2+T,hv]
-        v_prev = v_ext.gather(1, pred[..., None].expand(-1, -1, vd.shape[-1]))
-        v = torch.cat([p.v_proj_current(x), v_prev], -1).view(B, T, nkv, hd)
+        p2 = pred_ext.gather(1, pred)                                  # 2nd predecessor (B, T)
+        c1, c2 = gather_time(c_ext, pred), gather_time(c_ext, p2)      # (B, T, C) each
+        w1, b1 = p.conv_qk_depthwise.weight[:, 0, :], p.conv_qk_depthwise.bias  # (C, 2), (C,)
+        h_t = c1 * w1[:, 0] + raw * w1[:, 1] + b1                      # 1st conv at t (tap 0 older)
+        h_p = c2 * w1[:, 0] + c1 * w1[:, 1] + b1                       # at pred(t) (= bias if none)
+        w2 = p.conv_qk_grouped.weight.view(nq + nkv, hd, hd, 2)        # (group, out, in, tap)
+        h_p, h_t = h_p.view(B, T, nq + nkv, hd), h_t.view(B, T, nq + nkv, hd)  # (B, T, group, in)
+        qk = (torch.einsum("btgi,goi->btgo", h_p, w2[..., 0])
+              + torch.einsum("btgi,goi->btgo", h_t, w2[..., 1])
+              + p.conv_qk_grouped.bias.view(nq + nkv, hd))             # (B, T, nq+nkv, hd)
+        q, k = qk[:, :, :nq] + q_res, qk[:, :, nq:] + k_res            # (B, T, nq|nkv, hd)
+
+        # values: half the channels from this token, half the predecessor's delayed projection
+        vd = p.v_proj_delayed(x)                                       # (B, T, hv)
+        prev_v = (cache.vdel[self.layer_idx].to(vd.dtype)[:, None] if cache is not None
+                  else vd.new_zeros(B, 1, vd.shape[-1]))               # (B, 1, hv)
+        v_ext = torch.cat([torch.zeros_like(prev_v), prev_v, vd], 1)   # (B, 2+T, hv)
+        v_prev = gather_time(v_ext, pred)                              # (B, T, hv)
+        v = torch.cat([p.v_proj_current(x), v_prev], -1).view(B, T, nkv, hd)  # (B, T, nkv, hd)
+
         # L2 qk-norm to sqrt(hd), key temperature per KV head, partial RoPE
         eps = torch.finfo(q.dtype).eps
-        q = q * (hd ** 0.5 / q.norm(dim=-1, keepdim=True).clamp_min(eps))
-        k = k * (hd ** 0.5 / k.norm(dim=-1, keepdim=True).clamp_min(eps)) * self.qk_norm.temp[:, None]
+        q = q * (hd**0.5 / q.norm(dim=-1, keepdim=True).clamp_min(eps))
+        k = k * (hd**0.5 / k.norm(dim=-1, keepdim=True).clamp_min(eps)) * self.qk_norm.temp[:, None]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
+
         if cache is not None:
             cache.pending[self.layer_idx] = (c_ext, v_ext)
             k, v, mask = self._attend_cache(cache, k, v, mask)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None] if mask.dim() == 3 else mask,
-                                           enable_gqa=True)           # (B, nq, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, nq * hd))
+        attn_mask = mask[:, None] if mask.dim() == 3 else mask         # (B, 1, T, S) or (T, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nq * hd))   # y: (B, nq, T, hd)
 
     def _attend_cache(self, cache, k, v, mask):
-        """Write k/v at slots L_b..L_b+T-1; return keys over slots [0, max L + T) and the mask over them."""
+        """Write k/v at slots L_b..L_b+T-1; return keys and mask over slots [0, max L + T)."""
         B, _, T, _ = k.shape
         L = cache.lengths
-        if int(L.max()) + T > cache.capacity:
-            raise ValueError(f"KV cache full: {int(L.max())} + {T} tokens > capacity {cache.capacity}")
-        rows, slots = torch.arange(B, device=L.device)[:, None], L[:, None] + torch.arange(T, device=L.device)
+        compiled = torch.compiler.is_compiling()                 # static shapes; kernels.py checks
+        if not compiled and int(L.max()) + T > cache.capacity:
+            raise ValueError(f"KV cache full: {int(L.max())} + {T} tokens > capacity "
+                             f"{cache.capacity}")
+        rows = torch.arange(B, device=L.device)[:, None]         # [B, 1]
+        slots = L[:, None] + torch.arange(T, device=L.device)    # [B, T]
         ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
-        ck[rows, :, slots], cv[rows, :, slots] = k.transpose(1, 2).to(ck.dtype), v.transpose(1, 2).to(cv.dtype)
-        Lk = int(L.max()) + T
-        rel = torch.arange(Lk, device=L.device)[None, :] - L[:, None]        # [B,Lk] key slot - L_b
+        ck[rows, :, slots] = k.transpose(1, 2).to(ck.dtype)
+        cv[rows, :, slots] = v.transpose(1, 2).to(cv.dtype)
+        Lk = ck.shape[2] if compiled else int(L.max()) + T       # key slots attended
+        rel = torch.arange(Lk, device=L.device)[None, :] - L[:, None]   # [B,Lk] key slot - L_b
         mask = mask.expand(B, T, T) if mask.dim() == 2 else mask
-        cur = mask.gather(2, rel.clamp(0, T - 1)[:, None, :].expand(B, T, Lk)) & (rel < T)[:, None, :]
+        cur = mask.gather(2, rel.clamp(0, T - 1)[:, None].expand(B, T, Lk)) & (rel < T)[:, None]
         return ck[:, :, :Lk].to(k.dtype), cv[:, :, :Lk].to(v.dtype), (rel < 0)[:, None, :] | cur
 
 
 class Router(nn.Module):
-    """ZAYA1 router: down-proj + EDA state, RMSNorm -> fc1 -> GELU -> fc2 -> GELU -> out_proj (E+1 classes)."""
+    """ZAYA1 router: down-proj + EDA state, RMSNorm, fc1, GELU, fc2, GELU, out_proj: E+1 classes."""
 
     def __init__(self, c, layer_idx):
         super().__init__()
@@ -326,32 +383,36 @@ class Router(nn.Module):
         self.router_mlp.norm = RMSNorm(R, c.rms_norm_eps)
         self.router_mlp.fc1, self.router_mlp.fc2 = nn.Linear(R, R), nn.Linear(R, R)
         self.router_mlp.out_proj = nn.Linear(R, E + 1, bias=False)
-        self.register_buffer("balancing_biases", torch.tensor([0.0] * E + [-1.0]))  # steer the argmax only
+        self.register_buffer("balancing_biases", torch.tensor([0.0] * E + [-1.0]))  # argmax only
 
     def forward(self, x, r):
         z = self.down_proj(x)
         if r is not None and hasattr(self, "router_states_scale"):
-            z = z + r * self.router_states_scale                        # EDA: carry the previous layer's state
+            z = z + r * self.router_states_scale           # EDA: carry the previous layer's state
         m = self.router_mlp
         logits = m.out_proj(F.gelu(m.fc2(F.gelu(m.fc1(m.norm(z))))))
-        probs = logits.softmax(-1)                                     # [B,T,E+1]
+        probs = logits.softmax(-1)                                   # [B,T,E+1]
         choice = (probs.detach().float() + self.balancing_biases).argmax(-1)   # [B,T]
-        weight = probs.gather(-1, choice[..., None])                   # top-1 prob, NOT renormalised
+        weight = probs.gather(-1, choice[..., None])                 # top-1 prob, NOT renormalised
         return choice, weight, z
 
 
 class Experts(nn.Module):
+    dispatch = None   # kernels.enable: host-sync-free, traced by torch.compile instead of the loop
+
     def __init__(self, c):
         super().__init__()
         E, I, d = c.num_experts, c.moe_intermediate_size, c.hidden_size
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, d))      # rows 0..I-1 gate, I..2I-1 up
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, d))    # rows 0..I-1 gate, I..2I-1 up
         self.down_proj = nn.Parameter(torch.empty(E, d, I))
 
     def forward(self, x, choice, weight):
-        """Reference dispatch (as DeepSeek-V3's): loop over the experts that received tokens, index_add back.
-        x [N,d], choice [N] (E = skip: contributes zero), weight [N,1]."""
+        """Reference dispatch (as DeepSeek-V3's): loop over the experts that received tokens,
+        index_add back. x [N,d], choice [N] (E = skip: contributes zero), weight [N,1]."""
+        if Experts.dispatch is not None and torch.compiler.is_compiling():
+            return Experts.dispatch(x, choice, weight, self.gate_up_proj, self.down_proj)
         y = torch.zeros_like(x)
-        if x.is_meta:                                                  # shapes only (e.g. the 8B on meta)
+        if x.is_meta:                                          # shapes only (e.g. the 8B on meta)
             return y
         counts = torch.bincount(choice, minlength=self.gate_up_proj.shape[0] + 1).tolist()
         for e, n in enumerate(counts[:-1]):
@@ -359,7 +420,8 @@ class Experts(nn.Module):
                 continue
             idx = (choice == e).nonzero()[:, 0]
             gate, up = F.linear(x[idx], self.gate_up_proj[e]).chunk(2, -1)
-            y.index_add_(0, idx, (F.linear(F.silu(gate) * up, self.down_proj[e]) * weight[idx]).to(x.dtype))
+            out = F.linear(F.silu(gate) * up, self.down_proj[e]) * weight[idx]
+            y.index_add_(0, idx, out.to(x.dtype))
         return y
 
 
@@ -367,14 +429,16 @@ class MoE(nn.Module):
     def __init__(self, c, layer_idx):
         super().__init__()
         self.gate, self.experts = Router(c, layer_idx), Experts(c)
-        self.load = None                                               # tokens per class of the last forward
+        self.load = None                                # tokens per class of the last forward
 
     def forward(self, x, r):
         B, T, d = x.shape
         choice, weight, r = self.gate(x, r)
         if not x.is_meta:
-            self.load = torch.bincount(choice.flatten().detach(), minlength=self.experts.gate_up_proj.shape[0] + 1)
-        return self.experts(x.reshape(B * T, d), choice.flatten(), weight.reshape(B * T, 1)).view(B, T, d), r
+            E = self.experts.gate_up_proj.shape[0]
+            self.load = F.one_hot(choice.flatten().detach(), E + 1).sum(0)   # tokens per class
+        y = self.experts(x.reshape(B * T, d), choice.flatten(), weight.reshape(B * T, 1))
+        return y.view(B, T, d), r
 
 
 class Block(nn.Module):
@@ -388,8 +452,9 @@ class Block(nn.Module):
         self.post_mlp_residual_scale = ResidualScale(c.hidden_size)
 
     def forward(self, h, r, cos, sin, pred, mask, cache):
-        dt = self.input_layernorm.weight.dtype                         # h is the fp32 residual stream
-        h = self.post_attention_residual_scale(self.self_attn(self.input_layernorm(h.to(dt)), cos, sin, pred, mask, cache), h)
+        dt = self.input_layernorm.weight.dtype                       # h is the fp32 residual stream
+        a = self.self_attn(self.input_layernorm(h.to(dt)), cos, sin, pred, mask, cache)
+        h = self.post_attention_residual_scale(a, h)
         m, r = self.mlp(self.post_attention_layernorm(h.to(dt)), r)
         return self.post_mlp_residual_scale(m, h), r
 
@@ -409,12 +474,13 @@ class Zaya(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Init for training from scratch. Linear/embedding/expert weights N(0, 0.02), output projections
-        (o_proj, expert down_proj) N(0, 0.02/sqrt(2L)) as GPT-2; conv weights N(0, 0.02) with zero biases (so
-        q, k start close to the qk-mean residual); key temperature 1 (the reference's 0 zeroes every key);
-        norms and residual scales 1, residual biases 0; router state scale 1; balancing biases 0 with the
-        skip class at -1 (never chosen)."""
-        std, out_std = self.config.initializer_range, self.config.initializer_range / math.sqrt(2 * len(self.layers))
+        """Init for training from scratch. Linear/embedding/expert weights N(0, 0.02), output
+        projections (o_proj, expert down_proj) N(0, 0.02/sqrt(2L)) as GPT-2; conv weights N(0, 0.02)
+        with zero biases (so q, k start close to the qk-mean residual); key temperature 1 (the
+        reference's 0 zeroes every key); norms and residual scales 1, residual biases 0; router
+        state scale 1; balancing biases 0 with the skip class at -1 (never chosen)."""
+        std = self.config.initializer_range
+        out_std = self.config.initializer_range / math.sqrt(2 * len(self.layers))
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "experts.down_proj")):
                 nn.init.normal_(p, 0.0, out_std)
@@ -424,56 +490,64 @@ class Zaya(nn.Module):
                 nn.init.ones_(p)
             else:
                 nn.init.zeros_(p)
+        biases = torch.tensor([0.0] * self.config.num_experts + [-1.0])
         for layer in self.layers:
-            layer.mlp.gate.balancing_biases.copy_(torch.tensor([0.0] * self.config.num_experts + [-1.0]))
+            layer.mlp.gate.balancing_biases.copy_(biases)
 
     def num_params(self, active=False):
-        """All parameters (tied embedding counted once), or those used per token: no embedding, one expert."""
+        """Parameters (tied embedding once), or those used per token: no embedding, one expert."""
         n = sum(p.numel() for p in self.parameters())
         if active:
             E = self.config.num_experts
+            experts = [layer.mlp.experts for layer in self.layers]
             n -= self.embed_tokens.weight.numel() + sum(
-                (E - 1) * (l.mlp.experts.gate_up_proj.numel() + l.mlp.experts.down_proj.numel()) // E for l in self.layers)
+                (E - 1) * (x.gate_up_proj.numel() + x.down_proj.numel()) // E for x in experts)
         return n
 
     def rope(self, pos, dtype):
-        """cos, sin [B,T,1,rotary_dim] for position ids pos [B,T] (NeoX layout: frequencies repeated twice)."""
+        """cos, sin [B,T,1,rotary_dim] at positions pos [B,T]; NeoX layout: each frequency twice."""
         r = self.config.rotary_dim
-        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, r, 2, device=pos.device, dtype=torch.float) / r))
+        exponents = torch.arange(0, r, 2, device=pos.device, dtype=torch.float) / r
+        inv_freq = 1.0 / (self.config.rope_theta ** exponents)
         f = pos[..., None].float() * inv_freq
         emb = torch.cat([f, f], -1)[:, :, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward_hidden(self, idx, pos, pred, mask, cache=None):
-        """The one general forward. idx, pos, pred [B,T] (or [T], broadcast); mask [T,T] or [B,T,T] bool.
-        With a cache, pos is absolute and every query also sees the cached prefix. Returns the final-normed
-        hidden states [B,T,d] in the model's dtype."""
+        """The one general forward. idx, pos, pred [B,T] (or [T], broadcast); mask [T,T] or [B,T,T]
+        bool. With a cache, pos is absolute and every query also sees the cached prefix. Returns the
+        final-normed hidden states [B,T,d] in the model's dtype."""
         B, T = idx.shape
         pos, pred = pos.expand(B, T), pred.expand(B, T)
-        if not pos.is_meta and int(pos.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"the input reaches position {int(pos.max())} but the model's context is "
-                             f"max_position_embeddings={self.config.max_position_embeddings} tokens; shorten it")
+        n_ctx = self.config.max_position_embeddings
+        check = not pos.is_meta and not torch.compiler.is_compiling()   # kernels.py checks before
+        if check and int(pos.max()) >= n_ctx:
+            raise ValueError(f"the input reaches position {int(pos.max())} but the model's context "
+                             f"is max_position_embeddings={n_ctx} tokens; shorten it")
         dt = self.embed_tokens.weight.dtype
-        h = ((self.embed_tokens(idx) + self.input_hidden_states_bias) * self.input_hidden_states_scale).float()
+        e = self.embed_tokens(idx)
+        h = ((e + self.input_hidden_states_bias) * self.input_hidden_states_scale).float()
         cos, sin = self.rope(pos, dt)
         r = None
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
-                h, r = grad_checkpoint(layer, h, r, cos, sin, pred, mask, cache, use_reentrant=False)
+                h, r = grad_checkpoint(layer, h, r, cos, sin, pred, mask, cache,
+                                       use_reentrant=False)
             else:
                 h, r = layer(h, r, cos, sin, pred, mask, cache)
         return self.norm(h.to(dt))
 
     def _check_length(self, T):
-        if T > self.config.max_position_embeddings:
-            raise ValueError(f"input of {T} tokens is longer than the model's context, max_position_embeddings="
-                             f"{self.config.max_position_embeddings}; shorten it")
+        n_ctx = self.config.max_position_embeddings
+        if T > n_ctx:
+            raise ValueError(f"input of {T} tokens is longer than the model's context, "
+                             f"max_position_embeddings={n_ctx}; shorten it")
 
     def lm_head(self, h):
         return F.linear(h, self.embed_tokens.weight)                   # tied embeddings
 
     def forward(self, idx, targets=None):
-        """nanoGPT's interface: logits [B,T,V] and, given targets [B,T] (-1 = ignore), the mean cross-entropy."""
+        """As nanoGPT: logits [B,T,V]; with targets [B,T] (-1 = ignore), the mean cross-entropy."""
         self._check_length(idx.shape[1])
         pos, pred, mask = causal_layout(idx.shape[1], idx.device)
         logits = self.lm_head(self.forward_hidden(idx, pos, pred, mask))
@@ -483,66 +557,78 @@ class Zaya(nn.Module):
         return logits, loss
 
     def forward_tidar(self, idx, block_size=None):
-        """One forward over [idx | all-mask] with the TiDAR training mask (TIDAR.md 1-2). idx [B,S] ->
-        (ar_logits, diff_logits), both [B,S,V]: ar_logits[:, i] predicts x_{i+1}, diff_logits[:, i] predicts x_i."""
-        B, S = idx.shape
+        """One forward over [idx | all-mask] with the TiDAR training mask (TIDAR.md 1-2). idx [B,S]
+        -> (ar_logits, diff_logits), both [B,S,V]: ar_logits[:, i] predicts x_{i+1},
+        diff_logits[:, i] predicts x_i."""
+        S = idx.shape[1]
         self._check_length(S)
         if self.config.mask_token_id is None:
             raise ValueError("config.mask_token_id is not set: TiDAR needs a mask token")
-        pos, pred, mask = tidar_train_layout(S, block_size or self.config.block_size, idx.device)
-        x = torch.cat([idx, torch.full_like(idx, self.config.mask_token_id)], 1)
-        logits = self.lm_head(self.forward_hidden(x, pos, pred, mask))
+        logits = self.lm_head(self.tidar_hidden(idx, block_size))
         return logits[:, :S], logits[:, S:]
+
+    def tidar_hidden(self, idx, block_size=None):
+        """Hidden states [B, 2S, d] of one forward over [idx | S masks], TiDAR training layout."""
+        S = idx.shape[1]
+        pos, pred, mask = tidar_train_layout(S, block_size or self.config.block_size, idx.device)
+        x = torch.cat([idx, torch.full_like(idx, self.config.mask_token_id)], 1)    # [B, 2S]
+        return self.forward_hidden(x, pos, pred, mask)
 
     # -------------------------------------------------------------------------
     # checkpoints
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):
-        """Load a local HF directory (native or legacy Megatron layout, single or sharded safetensors) or one
-        of this project's training checkpoints (a .pt file, or a directory holding ckpt.pt). The model is built
-        on the meta device and the loaded tensors are assigned, so a load needs one copy of the weights."""
+        """Load a local HF directory (native or legacy Megatron layout, single or sharded
+        safetensors) or one of this project's training checkpoints (a .pt file, or a directory
+        holding ckpt.pt). The model is built on the meta device and the loaded tensors are assigned,
+        so a load needs one copy of the weights."""
         config, sd, meta = load_checkpoint(path)
         with torch.device("meta"):
             model = cls(config)
-        model.checkpoint_meta = meta                                   # e.g. the tokenizer a run trained with
+        model.checkpoint_meta = meta                       # e.g. the tokenizer a run trained with
         expected = model.state_dict()
         missing = sorted(set(expected) - set(sd))
         unexpected = sorted(set(sd) - set(expected))
         shapes = sorted(f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k].shape)})"
                         for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
         if missing or unexpected or shapes:
-            parts = [f"{what}: {', '.join(items)}" for what, items in
-                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if items]
-            raise CheckpointError(f"checkpoint {path} does not match its config; " + "; ".join(parts))
+            problems = (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+            bad = [f"{what}: {', '.join(items)}" for what, items in problems if items]
+            raise CheckpointError(f"checkpoint {path} does not match its config; " + "; ".join(bad))
         dtype = dtype or next(iter(sd.values())).dtype
-        sd = {k: v.to(device=device, dtype=torch.float32 if k.endswith("balancing_biases") else dtype)
-              for k, v in sd.items()}
+        dtypes = {k: torch.float32 if k.endswith("balancing_biases") else dtype for k in sd}
+        sd = {k: v.to(device=device, dtype=dtypes[k]) for k, v in sd.items()}
         model.load_state_dict(sd, assign=True)
         return model
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
-        """Write the native HF layout (config.json + safetensors, sharded with an index above max_shard_bytes)
-        that transformers' ZayaForCausalLM loads. Each file is written to a temp name and renamed."""
+        """Write the native HF layout (config.json + safetensors, sharded with an index above
+        max_shard_bytes) that transformers' ZayaForCausalLM loads. Each file is written to a temp
+        name and renamed."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         sd = {"model." + k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        shards, cur, size = [], {}, 0
+        shards, size = [{}], 0                                         # size: bytes in shards[-1]
         for k, v in sd.items():
-            if cur and size + v.numel() * v.element_size() > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k], size = v, size + v.numel() * v.element_size()
-        shards.append(cur)
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+            if shards[-1] and size + v.numel() * v.element_size() > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += v.numel() * v.element_size()
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        names = ["model.safetensors"] if len(shards) == 1 else names
         for name, shard in zip(names, shards):
-            _atomic_write(os.path.join(path, name), lambda f, s=shard: save_file(s, f, metadata={"format": "pt"}))
+            _atomic_write(os.path.join(path, name),
+                          lambda f, s=shard: save_file(s, f, metadata={"format": "pt"}))
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            index = {"metadata": {"total_size": total},
                      "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-            _atomic_write(os.path.join(path, "model.safetensors.index.json"), lambda f: Path(f).write_text(json.dumps(index, indent=2)))
-        _atomic_write(os.path.join(path, "config.json"), lambda f: Path(f).write_text(json.dumps(hf_config(self.config), indent=2)))
+            _atomic_write(os.path.join(path, "model.safetensors.index.json"),
+                          lambda f: Path(f).write_text(json.dumps(index, indent=2)))
+        _atomic_write(os.path.join(path, "config.json"),
+                      lambda f: Path(f).write_text(json.dumps(hf_config(self.config), indent=2)))
 
 # -----------------------------------------------------------------------------
 # checkpoint formats
@@ -566,19 +652,21 @@ def _atomic_write(path, write):
 
 def hf_config(c):
     """Our config as the native config.json of transformers' ZayaConfig (plus the TiDAR fields)."""
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta, "partial_rotary_factor": c.partial_rotary_factor}
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta,
+            "partial_rotary_factor": c.partial_rotary_factor}
     d = {k: v for k, v in asdict(c).items() if k not in ("rope_theta", "partial_rotary_factor")}
-    return {"architectures": ["ZayaForCausalLM"], "model_type": "zaya", **d, "num_experts_per_tok": 1,
-            "cca_time0": 2, "cca_time1": 2, "tie_word_embeddings": True, "lm_head_bias": False,
-            "rope_parameters": {"hybrid": rope, "hybrid_sliding": dict(rope)}}
+    return dict(architectures=["ZayaForCausalLM"], model_type="zaya", **d, num_experts_per_tok=1,
+                cca_time0=2, cca_time1=2, tie_word_embeddings=True, lm_head_bias=False,
+                rope_parameters={"hybrid": rope, "hybrid_sliding": dict(rope)})
 
 
-# legacy (Megatron) config keys -> ours; values may need a transform (80 sub-layers -> 40 layers, etc.)
-_LEGACY_CONFIG = {"num_hidden_layers": ("num_hidden_layers", lambda n: n // 2),
-                  "ffn_hidden_size": ("moe_intermediate_size", lambda n: n // 2),
-                  "zaya_mlp_expansion": ("router_hidden_size", int), "num_query_groups": ("num_key_value_heads", int),
-                  "norm_epsilon": ("rms_norm_eps", float), "kv_channels": ("head_dim", int),
-                  "rotary_base": ("rope_theta", float), "rotary_percent": ("partial_rotary_factor", float)}
+# legacy (Megatron) config keys -> ours, with a transform (80 sub-layers -> 40 layers, etc.)
+_LEGACY_CONFIG = dict(num_hidden_layers=("num_hidden_layers", lambda n: n // 2),
+                      ffn_hidden_size=("moe_intermediate_size", lambda n: n // 2),
+                      zaya_mlp_expansion=("router_hidden_size", int),
+                      num_query_groups=("num_key_value_heads", int), kv_channels=("head_dim", int),
+                      norm_epsilon=("rms_norm_eps", float), rotary_base=("rope_theta", float),
+                      rotary_percent=("partial_rotary_factor", float))
 
 
 def config_from_hf(d):
@@ -617,11 +705,12 @@ def _rename(name, table):
 def legacy_to_native(sd, n_layers):
     """Rename a legacy Megatron-layout state dict (80 sub-layers) to ours (ZAYA1.md section 3.2)."""
     out, experts = {}, {}
-    attn = {"qkv.linear_q": "qkv_proj.q_proj", "qkv.linear_k": "qkv_proj.k_proj", "qkv.val_proj1": "qkv_proj.v_proj_current",
-            "qkv.val_proj2": "qkv_proj.v_proj_delayed", "qkv.conv_qk.0": "qkv_proj.conv_qk_depthwise",
-            "qkv.conv_qk.1": "qkv_proj.conv_qk_grouped", "qkv.temp": "qk_norm.temp", "o_proj": "o_proj"}
-    router = {"rmsnorm_eda": "router_mlp.norm", "router_mlp.0": "router_mlp.fc1", "router_mlp.2": "router_mlp.fc2",
-              "router_mlp.4": "router_mlp.out_proj"}
+    attn = {"qkv.linear_q": "qkv_proj.q_proj", "qkv.linear_k": "qkv_proj.k_proj",
+            "qkv.val_proj1": "qkv_proj.v_proj_current", "qkv.val_proj2": "qkv_proj.v_proj_delayed",
+            "qkv.conv_qk.0": "qkv_proj.conv_qk_depthwise", "qkv.temp": "qk_norm.temp",
+            "qkv.conv_qk.1": "qkv_proj.conv_qk_grouped", "o_proj": "o_proj"}
+    router = {"rmsnorm_eda": "router_mlp.norm", "router_mlp.0": "router_mlp.fc1",
+              "router_mlp.2": "router_mlp.fc2", "router_mlp.4": "router_mlp.out_proj"}
     for k, v in sd.items():
         k = k.removeprefix("model.")
         if k.startswith("res_scale."):
@@ -635,9 +724,11 @@ def legacy_to_native(sd, n_layers):
             if rest.startswith("res_scale."):
                 s = rest[len("res_scale."):]
                 k = (f"input_{s}" if j == 0 else
-                     f"layers.{i}.post_attention_residual_scale.{s}" if odd else f"layers.{i - 1}.post_mlp_residual_scale.{s}")
+                     f"layers.{i}.post_attention_residual_scale.{s}" if odd else
+                     f"layers.{i - 1}.post_mlp_residual_scale.{s}")
             elif rest.startswith("input_norm."):
-                k = f"layers.{i}.{'post_attention_layernorm' if odd else 'input_layernorm'}.{rest[len('input_norm.'):]}"
+                norm = "post_attention_layernorm" if odd else "input_layernorm"
+                k = f"layers.{i}.{norm}.{rest[len('input_norm.'):]}"
             elif rest.startswith("self_attn."):
                 k = f"layers.{i}.self_attn.{_rename(rest[len('self_attn.'):], attn)}"
             elif rest.startswith("zaya_block.router."):
@@ -656,8 +747,9 @@ def legacy_to_native(sd, n_layers):
 
 
 def load_checkpoint(path):
-    """(ZayaConfig, state dict with our names, metadata) from any supported checkpoint; CheckpointError otherwise.
-    Metadata: our checkpoints' other entries (tokenizer, iter_num, ...) without optimizer state; for HF, the dir."""
+    """(ZayaConfig, state dict with our names, metadata) from any supported checkpoint;
+    CheckpointError otherwise. Metadata: our checkpoints' other entries (tokenizer, iter_num, ...)
+    without optimizer state; for HF, the dir."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "ckpt.pt")):
         path = os.path.join(path, "ckpt.pt")
     if os.path.isfile(path):                                           # our own training checkpoint
@@ -666,10 +758,12 @@ def load_checkpoint(path):
             meta = {k: v for k, v in ck.items() if k not in ("model", "optimizer", "rng")}
             return ZayaConfig(**ck["config"]), ck["model"], meta
         except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}") from None
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{path} is neither a checkpoint file nor a directory with config.json or ckpt.pt")
+        raise CheckpointError(f"{path} is neither a checkpoint file nor a directory with "
+                              "config.json or ckpt.pt")
     try:
         with open(cfg_path) as f:
             raw = json.load(f)
@@ -690,7 +784,8 @@ def load_checkpoint(path):
         try:
             sd.update(load_file(os.path.join(path, name)))
         except Exception as e:
-            raise CheckpointError(f"cannot read {os.path.join(path, name)}: {str(e).splitlines()[0][:200]}") from None
+            raise CheckpointError(f"cannot read {os.path.join(path, name)}: "
+                                  f"{str(e).splitlines()[0][:200]}") from None
     if is_legacy_config(raw) or any("zaya_block" in k for k in sd):
         sd = legacy_to_native(sd, config.num_hidden_layers)
     else:
