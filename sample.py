@@ -7,6 +7,8 @@ generate_tidar  one forward per step verifies K drafts causally AND drafts the n
                 acceptance length (K mask groups, or a subset `groups`), sharing one KV cache:
                 accepted tokens' K/V and CCA state are committed without recomputation, the rest
                 is truncated.
+generate_lookup the no-training baseline: prompt-lookup (n-gram) drafts from the context, verified
+                with the same lossless rule and KV-cache rollback.
 Samplers: "lossless" = speculative sampling against the model's own AR distribution (Leviathan et
 al. 2023; greedy: token for token the greedy AR output); "mix" = Zyphra's logit mixing, target
 w * AR + (1 - w) * draft.
@@ -442,6 +444,83 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     return out.finish(ragged, rows, stats, t0, cache)
 
 # -----------------------------------------------------------------------------
+# the no-training baseline: prompt-lookup drafting, verified like TiDAR's drafts
+
+
+def lookup_drafts(ctx, lengths, ngram, D):
+    """Prompt-lookup (n-gram) drafts, vectorised over rows: for the longest n <= ngram whose last n
+    tokens occurred earlier in the row's context (prompt + output so far), the D tokens that
+    followed their latest earlier occurrence. ctx [B, Lmax] (row b: its first lengths[b] tokens)
+    -> drafts [B, D] and valid [B, D] (False: no draft in that slot)."""
+    B, Lmax = ctx.shape
+    dev = ctx.device
+    drafts = torch.zeros(B, D, dtype=torch.long, device=dev)
+    valid = torch.zeros(B, D, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev)[:, None]
+    for n in range(min(ngram, Lmax - 1), 0, -1):
+        last_n = (lengths[:, None] - n + torch.arange(n, device=dev)).clamp(min=0)
+        tail = ctx[rows, last_n]                                       # [B, n]: the row's last n
+        windows = ctx.unfold(1, n, 1)                                  # [B, Lmax-n+1, n]
+        starts = torch.arange(windows.shape[1], device=dev)[None]      # [1, W]
+        hit = (windows == tail[:, None]).all(-1) & (starts + n < lengths[:, None])
+        last = torch.where(hit, starts, -1).max(1).values              # latest earlier occurrence
+        found = (last >= 0) & ~valid[:, 0]                             # longer n already won
+        src = last[:, None] + n + torch.arange(D, device=dev)[None]    # [B, D]
+        ok = found[:, None] & (src < lengths[:, None])
+        drafts = torch.where(ok, ctx[rows, src.clamp(max=Lmax - 1)], drafts)
+        valid |= ok
+    return drafts, valid
+
+
+@torch.no_grad()
+def generate_lookup(model, idx, max_new_tokens, temperature=0.0, top_k=None, num_draft=15, ngram=3,
+                    stop_at_eos=False, generator=None):
+    """Prompt-lookup decoding (Saxena 2023), the no-training baseline for TiDAR: each step drafts up
+    to num_draft tokens copied from the context (lookup_drafts) and verifies them in one causal
+    forward with the same lossless rule and KV-cache rollback as generate_tidar. The proposal is a
+    point mass, so min(1, p/q) = p(draft) and the residual is p without the draft. Returns
+    (tokens, Stats) like generate_ar."""
+    _check_args(temperature, top_k)
+    t0 = time.perf_counter()
+    c = model.config
+    how = (temperature, top_k, c.mask_token_id, generator)
+    ragged, rows, x, P, cache = _prepare(model, idx, max_new_tokens, num_draft + 1)
+    B, dev = len(rows), x.device
+
+    pos, pred, mask = causal_layout(x.shape[1], dev)                 # prefill, as generate_ar
+    h = model.forward_hidden(x, pos, pred, mask, cache)
+    cache.commit(P)
+    tok = sample(head_logits(model, h[torch.arange(B, device=dev), P - 1]), *how)     # [B]
+    out = _Outputs(B, max_new_tokens, num_draft + 1, dev, stop_at_eos, c.eos_token_id)
+    one = torch.ones_like(tok)
+    out.append(tok[:, None], one, one.bool(), decode=False)
+    ctx = torch.cat([x, torch.zeros_like(out.buf)], 1)              # [B, T + room]: prompt + output
+    stats = Stats()
+
+    while (active := out.active()).any():
+        length = P + out.n
+        ctx.scatter_(1, P[:, None] + torch.arange(out.buf.shape[1], device=dev), out.buf)
+        drafts, valid = lookup_drafts(ctx, length, ngram, num_draft)
+        valid &= active[:, None] & (drafts != c.mask_token_id)
+        D = int(valid.sum(1).max())                                   # trim to what is drafted
+        drafts, valid = drafts[:, :D], valid[:, :D]
+
+        pos, pred, mask = causal_layout(D + 1, dev, start=cache.lengths[:, None])
+        h = model.forward_hidden(torch.cat([tok[:, None], drafts], 1), pos, pred, mask, cache)
+        ar = head_logits(model, h)                                    # [B, D+1, V]
+        if D == 0:
+            k, nxt = torch.zeros_like(tok), sample(ar[:, 0], *how)
+        else:
+            q = torch.full_like(ar[:, :-1], float("-inf")).scatter(-1, drafts[..., None], 0.0)
+            k, nxt = _verify(ar, drafts, q, valid, "lossless", 1.0, *how)
+        cache.commit(torch.where(active, k + 1, 0))
+        committed = torch.cat([drafts, nxt[:, None]], 1).scatter(1, k[:, None], nxt[:, None])
+        stats.forwards += 1
+        out.append(committed, k + 1, active)
+        tok = torch.where(active, nxt, tok)
+    return out.finish(ragged, rows, stats, t0, cache)
+
+# -----------------------------------------------------------------------------
 # the held-out decoding report of `python train.py`, and the level benchmark
 
 
@@ -481,6 +560,14 @@ def _decode_report(model, prompts, out, blocks, weights, levels, new_tokens):
             name = "lossless" if w == 1 else f"mix w={w}"
             print(f"  block {K:2d} {name:10s} {tpf:5.2f} tokens/forward, {tps:7.1f} tokens/s, "
                   f"{tps / ar_tps:.2f}x AR")
+    D = blocks[-1] - 1                                   # as many drafts as TiDAR's last block
+    st = [generate_lookup(model, p[None], new_tokens, num_draft=D)[1] for p in prompts]
+    tpf = sum(s.tokens_per_forward for s in st) / len(st)
+    tps = sum(s.tokens_per_s for s in st) / len(st)
+    rows.append(dict(block=D + 1, w=1.0, groups="prompt lookup", tokens_per_forward=tpf,
+                     tokens_per_s=tps, speedup=tps / ar_tps))
+    print(f"  prompt lookup, {D} drafts (no training) {tpf:5.2f} tokens/forward, "
+          f"{tps:7.1f} tokens/s, {tps / ar_tps:.2f}x AR")
     if levels:                  # proposal levels chosen per machine (levels.py)
         rounds = 3 if len(levels) > 2 else 1
         rows += levels_report(model, prompts, blocks[-1], new_tokens, levels, rounds)

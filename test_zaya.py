@@ -419,6 +419,58 @@ def test_lossless_sampling_matches_ar_distribution():
     assert chi2 < _wilson_hilferty(df), (chi2, df)
 
 
+def test_prompt_lookup_drafts_copy_the_latest_longest_match():
+    """lookup_drafts against a direct search: the longest n <= 3 whose last n tokens occur earlier,
+    its latest occurrence, and the tokens after it (cut at the row's end)."""
+    from sample import lookup_drafts
+    ctx = torch.tensor([[1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3, 0, 0],       # "1 2 3" last seen at 4
+                        [4, 5, 6, 4, 8, 6, 4, 0, 0, 0, 0, 0, 0, 0],       # "6 4" at 2 (n=3 fails)
+                        [1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0]])      # no repeat at all
+    lengths = torch.tensor([12, 7, 5])
+    drafts, valid = lookup_drafts(ctx, lengths, 3, 4)
+    assert drafts[0].tolist() == [7, 5, 1, 2] and valid[0].all()
+    assert drafts[1, :3].tolist() == [8, 6, 4] and valid[1].tolist() == [True, True, True, False]
+    assert not valid[2].any()
+
+
+def test_prompt_lookup_is_lossless():
+    """Prompt-lookup decoding verifies with the lossless rule: greedy output equals greedy AR in
+    float64 (ragged prompts, with drafts accepted and rejected), and at temperature 1 the first 3 new
+    tokens follow the exact AR distribution (chi-square, false-failure probability 1e-3, as in
+    test_lossless_sampling_matches_ar_distribution)."""
+    from sample import generate_lookup
+    m = model_accepting("partly")
+    prompts = [torch.tensor([5, 6, 7, 8] * 3), torch.tensor([9, 10, 11, 9, 10])]
+    want, _ = generate_ar(m, prompts, 48)
+    got, st = generate_lookup(m, prompts, 48, num_draft=6)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert max(st.histogram) > 1 and 1 in st.histogram                   # accepted and rejected
+
+    cfg = small_config(vocab_size=5, mask_token_id=4, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                       num_hidden_layers=2)
+    m = randomised(cfg, seed=3, std=0.5)
+    prompt = torch.tensor([1, 3, 2, 0, 1, 3])
+    with torch.no_grad():
+        seqs = torch.tensor([[a, b] for a in range(4) for b in range(4)])                  # [16, 2]
+        lp = m(torch.cat([prompt.expand(16, -1), seqs], 1))[0][..., :4].double().log_softmax(-1)
+    p1 = lp[0, 5].exp()
+    p2 = lp[::4, 6].exp()
+    p3 = lp[:, 7].exp().view(4, 4, 4)
+    exact = (p1[:, None, None] * p2[:, :, None] * p3).flatten()
+    n = 12_000
+    got, st = generate_lookup(m, prompt.expand(n, -1), 3, temperature=1.0, num_draft=3,
+                              generator=torch.Generator().manual_seed(0))
+    assert sum((k - 1) * c for k, c in st.histogram.items()) > 1000 and st.histogram[1] > 1000
+    new = got[:, 6:]
+    counts = torch.bincount(new[:, 0] * 16 + new[:, 1] * 4 + new[:, 2], minlength=64).double()
+    expected = exact * n
+    keep = expected >= 5
+    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    assert chi2 < _wilson_hilferty(len(obs) - 1), chi2
+
+
 def test_batches_and_ragged_prompts_equal_per_row_decoding():
     m = model_accepting("partly")
     g = torch.Generator().manual_seed(7)
