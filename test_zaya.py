@@ -408,15 +408,19 @@ def test_lossless_sampling_matches_ar_distribution():
                              generator=torch.Generator().manual_seed(0))
     assert sum((k - 1) * c for k, c in st.histogram.items()) > 1000                         # drafts accepted...
     assert st.histogram.get(1, 0) > 1000                                                     # ...and rejected
-    new = got[:, 4:]
+    chi2, df = _chi_square(got[:, 4:], exact)
+    assert chi2 < _wilson_hilferty(df), (chi2, df)
+
+
+def _chi_square(new, exact):
+    """Pearson chi-square of 3-token draws new [n, 3] over a 4-token vocabulary against the exact joint
+    law exact [64]; cells expected below 5 are pooled into one. Returns (chi2, degrees of freedom)."""
     counts = torch.bincount(new[:, 0] * 16 + new[:, 1] * 4 + new[:, 2], minlength=64).double()
-    expected = exact * n
+    expected = exact * len(new)
     keep = expected >= 5
     obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
     exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
-    chi2 = float(((obs - exp) ** 2 / exp).sum())
-    df = len(obs) - 1
-    assert chi2 < _wilson_hilferty(df), (chi2, df)
+    return float(((obs - exp) ** 2 / exp).sum()), len(obs) - 1
 
 
 def test_prompt_lookup_drafts_copy_the_latest_longest_match():
@@ -461,14 +465,8 @@ def test_prompt_lookup_is_lossless():
     got, st = generate_lookup(m, prompt.expand(n, -1), 3, temperature=1.0, num_draft=3,
                               generator=torch.Generator().manual_seed(0))
     assert sum((k - 1) * c for k, c in st.histogram.items()) > 1000 and st.histogram[1] > 1000
-    new = got[:, 6:]
-    counts = torch.bincount(new[:, 0] * 16 + new[:, 1] * 4 + new[:, 2], minlength=64).double()
-    expected = exact * n
-    keep = expected >= 5
-    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
-    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
-    chi2 = float(((obs - exp) ** 2 / exp).sum())
-    assert chi2 < _wilson_hilferty(len(obs) - 1), chi2
+    chi2, df = _chi_square(got[:, 6:], exact)
+    assert chi2 < _wilson_hilferty(df), (chi2, df)
 
 
 def test_batches_and_ragged_prompts_equal_per_row_decoding():
