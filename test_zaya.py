@@ -424,8 +424,8 @@ def _chi_square(new, exact):
 
 
 def test_prompt_lookup_drafts_copy_the_latest_longest_match():
-    """lookup_drafts against a direct search: the longest n <= 3 whose last n tokens occur earlier,
-    its latest occurrence, and the tokens after it (cut at the row's end)."""
+    """lookup_drafts on hand-worked rows, then against a direct Python search on 64 random rows: the
+    longest n <= 3 whose last n tokens occur earlier, its latest occurrence, the tokens after it."""
     from sample import lookup_drafts
     ctx = torch.tensor([[1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3, 0, 0],       # "1 2 3" last seen at 4
                         [4, 5, 6, 4, 8, 6, 4, 0, 0, 0, 0, 0, 0, 0],       # "6 4" at 2 (n=3 fails)
@@ -435,6 +435,20 @@ def test_prompt_lookup_drafts_copy_the_latest_longest_match():
     assert drafts[0].tolist() == [7, 5, 1, 2] and valid[0].all()
     assert drafts[1, :3].tolist() == [8, 6, 4] and valid[1].tolist() == [True, True, True, False]
     assert not valid[2].any()
+
+    def direct(row, n_max, D):                       # the rule, one Python search per row
+        for n in range(n_max, 0, -1):
+            ends = [i for i in range(len(row) - n) if row[i:i + n] == row[len(row) - n:]]
+            if ends and len(row) > n:
+                return row[ends[-1] + n:ends[-1] + n + D]
+        return []
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(0, 3, (64, 30), generator=g)                 # 3 symbols: many repeats
+    lengths = torch.randint(1, 31, (64,), generator=g)
+    drafts, valid = lookup_drafts(ctx, lengths, 3, 5)
+    for b in range(64):
+        want = direct(ctx[b, :lengths[b]].tolist(), 3, 5)
+        assert drafts[b, :int(valid[b].sum())].tolist() == want and valid[b].sum() == len(want), b
 
 
 def test_prompt_lookup_is_lossless():
