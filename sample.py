@@ -529,64 +529,88 @@ LEVEL_SETTINGS = ["AR", "AR"] + [None] + HAND_SETS + ["auto"]  # AR twice: the 2
 
 
 @torch.no_grad()
-def decode_report(model, prompts, out, blocks, weights, levels=(), new_tokens=96):
-    """Tokens per forward and tokens/s of greedy AR, lossless (= mix at w = 1) and mix at each
-    weight, on held-out prompts, one at a time (batch 1, one thread: a second one mostly adds noise
-    on a shared CPU); then the level settings (levels_report), a demo continuation of the first
-    prompt by each sampler, and out/decode.json."""
+def decode_report(model, prompts, out, K=16, weights=(0.5,), seeds=(0,), levels=(),
+                  new_tokens=128):
+    """The held-out evaluation (ACCEPTANCE.md, "measuring"): each prompt alone (batch 1, one thread:
+    a second one mostly adds noise on a shared CPU), block K, every level drafted. Rows: greedy AR;
+    lossless greedy; lossless at temperature 1 over `seeds`; mix at each weight (greedy); prompt
+    lookup. Each gives tokens per forward as mean and spread over prompts, tokens/s, and the AR
+    head's mean log-likelihood of the text it made; lossless greedy also splits its steps into
+    copies (2+ tokens already in the context) and the rest. Then the level settings
+    (levels_report), a demo continuation, and out/decode.json."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _decode_report(model, prompts, out, blocks, weights, levels, new_tokens)
+        return _decode_report(model, prompts, out, K, weights, seeds, levels, new_tokens)
     finally:
         torch.set_num_threads(threads)
 
 
-def _decode_report(model, prompts, out, blocks, weights, levels, new_tokens):
+@torch.no_grad()
+def log_likelihood(model, tokens, P):
+    """The AR head's mean log p(x_t | x_<t) over tokens[P:] (tokens [T], a prompt of P first)."""
+    h = model.forward_hidden(tokens[None], *causal_layout(len(tokens), tokens.device))
+    logp = head_logits(model, h[0, P - 1:-1]).log_softmax(-1)
+    return float(logp.gather(-1, tokens[P:, None]).mean())
+
+
+def copy_steps(prompt, log):
+    """A recorded run's steps (stats.log) -> (copies, their tokens, steps, tokens): a copy commits
+    2+ tokens that already occur, in order, in the context (prompt and output) before it."""
+    ctx, copies, made, total = list(prompt) + [log[0][1]], 0, 0, 0
+    for acc, own in log[1:]:
+        step, n = acc + [own], len(acc) + 1
+        if n > 1 and any(ctx[j:j + n] == step for j in range(len(ctx) - n + 1)):
+            copies, made = copies + 1, made + n
+        ctx, total = ctx + step, total + n
+    return copies, made, len(log) - 1, total
+
+
+def _decode_report(model, prompts, out, K, weights, seeds, levels, new_tokens):
     _, decode = load_tokenizer(model)
-    ar = [generate_ar(model, p[None], new_tokens)[1] for p in prompts]
-    ar_tps = sum(s.tokens_per_s for s in ar) / len(ar)
-    print(f"held-out decoding, {len(prompts)} prompts x {new_tokens} tokens, batch 1, greedy; "
-          f"AR {ar_tps:.1f} tokens/s")
+    n = new_tokens
+
+    def tidar(**kw):
+        return lambda p, s=None: generate_tidar(model, p, n, block_size=K, **kw, generator=(
+            None if s is None else torch.Generator().manual_seed(s)))
+    runs = {"AR": lambda p, s: generate_ar(model, p, n), "lossless": tidar(record=True),
+            **{f"lossless T=1 seed {s}": tidar(temperature=1.0) for s in seeds},
+            **{f"mix w={w}": tidar(sampler="mix", mix_weight=w) for w in weights},
+            "prompt lookup": lambda p, s: generate_lookup(model, p, n, num_draft=K - 1)}
+    got = {name: [] for name in runs}                 # name -> per prompt (Stats, log-lik, tokens)
+    for p in prompts:
+        for name, fn in runs.items():
+            toks, st = fn(p[None], int(name.split()[-1]) if "seed" in name else None)
+            got[name].append((st, log_likelihood(model, toks[0], len(p)), toks[0, len(p):]))
+    print(f"held-out decoding: {len(prompts)} prompts x {n} tokens, batch 1, block {K}, every "
+          "level drafted; tokens/forward as mean +- sd over prompts")
     rows = []
-    for K in blocks:
-        for w in weights:
-            st = [generate_tidar(model, p[None], new_tokens, sampler="mix", mix_weight=w,
-                                 block_size=K)[1] for p in prompts]
-            tpf = sum(s.tokens_per_forward for s in st) / len(st)
-            tps = sum(s.tokens_per_s for s in st) / len(st)
-            rows.append(dict(block=K, w=w, tokens_per_forward=tpf, tokens_per_s=tps,
-                             speedup=tps / ar_tps))
-            name = "lossless" if w == 1 else f"mix w={w}"
-            print(f"  block {K:2d} {name:10s} {tpf:5.2f} tokens/forward, {tps:7.1f} tokens/s, "
-                  f"{tps / ar_tps:.2f}x AR")
-    D = blocks[-1] - 1                                   # as many drafts as TiDAR's last block
-    st = [generate_lookup(model, p[None], new_tokens, num_draft=D)[1] for p in prompts]
-    tpf = sum(s.tokens_per_forward for s in st) / len(st)
-    tps = sum(s.tokens_per_s for s in st) / len(st)
-    rows.append(dict(block=D + 1, w=1.0, groups="prompt lookup", tokens_per_forward=tpf,
-                     tokens_per_s=tps, speedup=tps / ar_tps))
-    print(f"  prompt lookup, {D} drafts (no training) {tpf:5.2f} tokens/forward, "
-          f"{tps:7.1f} tokens/s, {tps / ar_tps:.2f}x AR")
+    for name, res in got.items():
+        st, ll, _ = zip(*res)
+        tpf = torch.tensor([s.tokens_per_forward for s in st])
+        tps = sum(s.new_tokens for s in st) / sum(s.seconds for s in st)
+        rows.append(dict(name=name, block=K, tokens_per_forward=float(tpf.mean()),
+                         sd=float(tpf.std()), tokens_per_s=tps, log_likelihood=sum(ll) / len(ll),
+                         speedup=tps / rows[0]["tokens_per_s"] if rows else 1.0))
+        print(f"  {name:22s} {tpf.mean():5.2f} +- {tpf.std():4.2f} tokens/forward {tps:7.1f} "
+              f"tokens/s {rows[-1]['speedup']:5.2f}x AR, AR log-lik {sum(ll) / len(ll):6.3f}")
+    c, made, steps, total = map(sum, zip(*(copy_steps(p.tolist(), st.log)
+                                           for p, (st, _, _) in zip(prompts, got["lossless"]))))
+    print(f"  lossless copies: {c}/{steps} steps commit 2+ tokens already in the context, "
+          f"{made / max(c, 1):.2f} tokens each; the other steps "
+          f"{(total - made) / max(steps - c, 1):.2f} tokens/forward")
+    hist = {}
+    for st, _, _ in got["lossless"]:
+        for k, v in st.histogram.items():
+            hist[k] = hist.get(k, 0) + v
     if levels:                  # proposal levels chosen per machine (levels.py)
-        rounds = 3 if len(levels) > 2 else 1
-        rows += levels_report(model, prompts, blocks[-1], new_tokens, levels, rounds)
-        if len(levels) > 2:     # block 4: steps cheap enough for a fixed set
-            block4 = ["AR", "AR", None, [0], [0, 1], [0, 2], "auto"]
-            rows += levels_report(model, prompts, 4, new_tokens, block4, 3)
-    first = prompts[0][None]
-    for name, kw in (("AR", None), ("lossless", dict(sampler="lossless")),
-                     ("mix 0.5", dict(sampler="mix"))):
-        if kw is None:
-            toks = generate_ar(model, first, new_tokens)[0]
-        else:
-            toks = generate_tidar(model, first, new_tokens, block_size=blocks[-1], **kw)[0]
-        print(f"--- {name} continuation of held-out code:\n"
-              f"{decode(toks[0, first.shape[1]:].tolist())}")
-    acceptance = next((r["acceptance"] for r in rows if "acceptance" in r), None)
-    result = dict(ar_tokens_per_s=ar_tps, rows=rows, acceptance=acceptance)
-    path = os.path.join(out, "decode.json")
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result)))
+        rows += levels_report(model, prompts, K, n, levels, 3 if len(levels) > 2 else 1)
+    for name in ("AR", "lossless", f"mix w={weights[0]}"):
+        print(f"--- {name} continuation of held-out code:\n{decode(got[name][0][2].tolist())}")
+    result = dict(ar_tokens_per_s=rows[0]["tokens_per_s"], rows=rows, acceptance=(
+        acceptance_from_histogram(hist, K)), copies=dict(steps=c, of=steps, tokens=made))
+    _atomic_write(os.path.join(out, "decode.json"),
+                  lambda tmp: Path(tmp).write_text(json.dumps(result)))
     return result
 
 

@@ -483,6 +483,33 @@ def test_prompt_lookup_is_lossless():
     assert chi2 < _wilson_hilferty(df), (chi2, df)
 
 
+def test_evaluation_counts_copies_and_scores_text_with_the_ar_head():
+    """decode_report's two new measures. copy_steps: on a recorded TiDAR run, a step is a copy exactly when its
+    2+ committed tokens occur in order in the context before it (checked against a direct search over the
+    rebuilt context), and the totals are the run's steps and tokens. log_likelihood: the mean of the AR head's
+    log p(x_t | x_<t), each term from its own forward over the prefix (float64)."""
+    from sample import copy_steps, log_likelihood
+    m = model_accepting("always")                       # one token forever: long accepted copies
+    prompt = torch.tensor([5, 6, 7, 8, 5, 6, 7, 8, 5, 6])
+    _, st = generate_tidar(m, prompt[None], 40, record=True)
+    copies, made, steps, total = copy_steps(prompt.tolist(), st.log)
+    ctx, want = prompt.tolist() + [st.log[0][1]], []
+    for acc, own in st.log[1:]:
+        step = acc + [own]
+        text = " " + " ".join(map(str, ctx)) + " "
+        want.append(len(step) > 1 and (" " + " ".join(map(str, step)) + " ") in text)
+        ctx += step
+    assert (copies, made) == (sum(want), sum(len(a) + 1 for (a, _), w in zip(st.log[1:], want) if w))
+    assert steps == st.forwards and total == sum(len(a) + 1 for a, _ in st.log[1:])
+    assert copies > 0
+    toks = torch.randint(0, m.config.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
+    terms = []
+    for t in range(6, 20):
+        h = m.forward_hidden(toks[None, :t], *causal_layout(t))
+        terms.append((h[0, -1] @ m.embed_tokens.weight.T).log_softmax(-1)[toks[t]])
+    assert abs(log_likelihood(m, toks, 6) - float(torch.stack(terms).mean())) < 1e-9
+
+
 def test_batches_and_ragged_prompts_equal_per_row_decoding():
     m = model_accepting("partly")
     g = torch.Generator().manual_seed(7)
@@ -880,6 +907,77 @@ def test_chunked_cross_entropy_equals_full_value_and_gradient():
     for a, b in zip(g, g_full):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert torch.equal(hits, ((h @ weight.T).argmax(-1) == y).flatten())
+
+
+def test_shaped_tidar_loss_equals_a_direct_computation():
+    """ACCEPTANCE.md's loss terms against a direct computation on a tiny float64 model: block-position weights
+    (slot0, exp(-(k-1)/pos_decay)), soft targets from a separate causal forward over x_<i (the AR head's
+    p(x_i | x_<i)), no AR loss on distilled rows, and real_diffusion=False (real rows causal, diffusion on the
+    distilled ones). float64: agreement to 1e-9 is rounding only."""
+    from types import SimpleNamespace
+    m = tiny_model()
+    K, S = 4, 12
+    w = torch.randint(0, 256, (3, S + 1), generator=torch.Generator().manual_seed(3))
+    c = SimpleNamespace(**{**train.DEFAULTS, "mode": "tidar", "block_size": K, "pos_decay": 2.0, "slot0": 0.3,
+                           "kl": 0.6, "alpha": 0.7, "loss_chunk": 5})
+    idx, V = w[:, :S], m.config.vocab_size
+    logits_m = m.embed_tokens.weight @ m.tidar_hidden(idx, K)[:, S:].transpose(1, 2)       # [B, V, S]
+    num = den = 0.0
+    for b in range(3):
+        for i in range(S):
+            k = i % K
+            wt = 0.3 if k == 0 else math.exp(-(k - 1) / 2.0)
+            logq = logits_m[b, :, i].log_softmax(-1)
+            ce = -logq[idx[b, i]]
+            if i > 0:                                         # the AR head over x_<i, run on its own
+                h = m.forward_hidden(idx[b:b + 1, :i], *causal_layout(i))
+                p = (h[0, -1] @ m.embed_tokens.weight.T).softmax(-1)
+                ce = 0.4 * ce - 0.6 * (p * logq).sum()
+            num, den = num + wt * ce, den + wt
+    diff = num / den
+    ar_real = F.cross_entropy((m.embed_tokens.weight @ m.forward_hidden(
+        idx[:2], *causal_layout(S)).transpose(1, 2)), w[:2, 1:])                         # rows 0, 1 are real
+    loss, ar, d, _ = train.tidar_loss(m, w, c, real=2)
+    torch.testing.assert_close(d, diff, atol=1e-9, rtol=0)
+    torch.testing.assert_close(ar, ar_real, atol=1e-9, rtol=0)
+    torch.testing.assert_close(loss, (0.7 * ar_real + diff) / 1.7, atol=1e-9, rtol=0)
+    # real_diffusion=False: the same AR loss from a causal forward of the real rows, diffusion from the rest
+    c.real_diffusion = False
+    loss2, ar2, d2, _ = train.TrainLoss(m, c)(w[:2], w[2:])
+    _, _, d_extra, _ = train.tidar_loss(m, w[2:], c, real=0)
+    torch.testing.assert_close(ar2, ar_real, atol=1e-9, rtol=0)
+    torch.testing.assert_close(d2, d_extra, atol=1e-9, rtol=0)
+    assert not torch.allclose(d_extra, diff)                                    # a different set of rows
+    # the paper's settings give the plain mean of the hard CE over every slot
+    paper = SimpleNamespace(**{**train.DEFAULTS, "mode": "tidar", "block_size": K})
+    want = F.cross_entropy(logits_m, idx)
+    torch.testing.assert_close(train.tidar_loss(m, w, paper)[2], want, atol=1e-9, rtol=0)
+
+
+def test_self_distillation_comes_from_the_model_and_the_training_split(tmp_path):
+    """The distillation rows: prompts are training-split windows, continuations are the teacher's own greedy
+    tokens (generate_ar), regenerating with the same seed gives the same tokens, and a conversion run trains on
+    them (its cache file appears and training proceeds)."""
+    data = write_corpus(tmp_path / "corpus.txt")
+    ar = train.main(tiny_args(tmp_path, data, "ar", max_iters=10))
+    td = train.main(tiny_args(tmp_path, data, "td", mode="tidar", init_from=ar["ckpt"], max_iters=3,
+                              distill=0.5, distill_rows=6, distill_prompt=8, distill_len=40,
+                              real_diffusion=False, pos_decay=7.0, slot0=0.0, kl=1.0))
+    assert len(td["losses"]) == 3 and all(math.isfinite(h["diff"]) for h in td["losses"])
+    (path,) = (tmp_path / "cache").glob("distill-*.bin")
+    train_ids, val_ids = train.load_corpus(data, "bytes", str(tmp_path / "cache"), 33)
+    rows = torch.from_numpy(np.fromfile(path, dtype=train_ids.dtype).astype(np.int64)).view(6, 40)
+    tr = bytes(train_ids.astype(np.uint8))
+    assert all(bytes(r[:8].tolist()) in tr for r in rows)                      # prompts: training split
+    teacher = Zaya.from_pretrained(ar["ckpt"]).eval()
+    assert torch.equal(generate_ar(teacher, rows[:, :8], 32)[0], rows)          # the teacher's greedy text
+    from types import SimpleNamespace
+    c = SimpleNamespace(**{**train.DEFAULTS, "distill_from": ar["ckpt"], "distill_rows": 6, "distill_prompt": 8,
+                           "distill_len": 40, "seed": 0})
+    again = train.distill_corpus(c, train_ids, str(tmp_path / "again"))
+    assert torch.equal(again, rows)                                             # same seed, same tokens
+    c.seed = 1
+    assert not torch.equal(train.distill_corpus(c, train_ids, str(tmp_path / "other"))[:, :8], rows[:, :8])
 
 
 def test_balancing_controller_balances_and_never_touches_skip():
@@ -1355,14 +1453,17 @@ def test_reproduction_pipeline_end_to_end(tmp_path, capsys):
     data = write_corpus(tmp_path / "corpus.txt", n_lines=3000)
     out = tmp_path / "out"
     res = train.main([f"--data={data}", f"--out_dir={out}", "--pipeline=default", "--preset=tiny", "--max_iters=150",
-                      "--seq_len=64", "--batch_size=8", "--eval_interval=1000", "--log_interval=1000"])
+                      "--seq_len=64", "--batch_size=8", "--distill_rows=64", "--distill_len=128", "--eval_interval=1000", "--log_interval=1000"])
     printed = capsys.readouterr().out
     assert (out / "ckpt.pt").exists() and (out / "ar" / "ckpt.pt").exists() and (out / "decode.json").exists()
-    rows = {r["w"]: r for r in res["rows"]}
-    assert set(rows) == {1.0, 0.5} and all(r["block"] == 16 for r in res["rows"])
-    assert rows[1.0]["tokens_per_forward"] > 1.0                               # drafts do get accepted
-    assert rows[0.5]["tokens_per_forward"] >= rows[1.0]["tokens_per_forward"]
-    assert "lossless" in printed and "continuation of held-out code" in printed
+    rows = {r["name"]: r for r in res["rows"]}
+    assert set(rows) == {"AR", "lossless", "mix w=0.5", "prompt lookup"}
+    assert all(r["block"] == 16 and r["sd"] >= 0 for r in res["rows"])
+    assert rows["lossless"]["tokens_per_forward"] > 1.0                        # drafts do get accepted
+    assert rows["mix w=0.5"]["tokens_per_forward"] >= rows["lossless"]["tokens_per_forward"]
+    assert rows["lossless"]["log_likelihood"] == rows["AR"]["log_likelihood"]   # lossless greedy is AR's text
+    assert "lossless" in printed and "continuation of held-out code" in printed and "copies" in printed
+    assert list((out / "data").glob("distill-*.bin"))                          # the default self-distils
     model = Zaya.from_pretrained(str(out)).eval()
     assert model.checkpoint_meta["mode"] == "tidar" and model.config.block_size == 16
     prompt = torch.tensor(train.get_tokenizer("bytes")[0].encode("alpha_3 = "))[None]

@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from sample import LEVEL_SETTINGS, UsageError, check, decode_report, get_tokenizer, parse_args
+from sample import (LEVEL_SETTINGS, UsageError, check, decode_report, generate_ar, get_tokenizer,
+                    parse_args)
 from zaya import CheckpointError, Zaya, ZayaConfig, _atomic_write, causal_layout
 
 # -----------------------------------------------------------------------------
@@ -52,6 +53,14 @@ DEFAULTS = dict(
     tokenizer="bytes",             # bytes (built in, offline) | a tiktoken encoding name, e.g. gpt2
     out_dir="out", data_cache="",  # token cache folder ("" = out_dir/data)
     max_iters=300, batch_size=16, seq_len=128, block_size=16, alpha=1.0,
+    # conversion shaped for acceptance (ACCEPTANCE.md); distill=0, pos_decay=0, slot0=1, kl=0:
+    # the paper's recipe (TIDAR.md 1)
+    distill=0.0,                   # + distill * batch_size windows of the AR teacher's own text
+    distill_from="", distill_rows=1024, distill_prompt=64, distill_len=256, distill_temp=0.0,
+    real_diffusion=True,           # diffusion loss on the real windows too (False: distilled)
+    pos_decay=0.0,                 # block slot k >= 1 weighs exp(-(k-1)/pos_decay); 0: uniform
+    slot0=1.0,                     # weight of slot 0, the token the AR head supplies at decode
+    kl=0.0,                        # soft targets: kl CE(AR head's p(x_i|x_<i)) + (1-kl) CE(x_i)
     lr=3e-3, min_lr=3e-4, warmup_iters=20, lr_decay_iters=0, weight_decay=0.1, grad_clip=1.0,
     bias_update_rate=1e-3,
     eval_interval=100, eval_iters=4, log_interval=20, seed=1337,
@@ -140,41 +149,103 @@ def get_batch(ids, batch_size, seq_len, gen=None, rank=0, world=1, device="cpu")
     w = torch.from_numpy(np.stack([ids[i:i + seq_len + 1].astype(np.int64) for i in ix.tolist()]))
     return w.pin_memory().to(device, non_blocking=True) if "cuda" in str(device) else w
 
+@torch.no_grad()
+def distill_corpus(c, train_ids, cache_dir, rank=0, device="cpu"):
+    """Self-distillation data (ACCEPTANCE.md: DFlash, EAGLE-3, Medusa-2): the AR teacher
+    c.distill_from continues distill_rows prompts of distill_prompt tokens, drawn (seed c.seed + 2)
+    from the training split only, to distill_len tokens: greedy at distill_temp = 0, batched on the
+    static cache (sample.generate_ar). -> [rows, distill_len] int64, cached in cache_dir like the
+    corpus, keyed by the teacher file and the settings; rank 0 writes it, the others wait."""
+    src = os.path.join(c.distill_from, "ckpt.pt") if os.path.isdir(c.distill_from) else ""
+    src = src if os.path.isfile(src) else c.distill_from
+    key = [os.path.abspath(src), os.path.getsize(src), os.path.getmtime(src), len(train_ids),
+           c.distill_rows, c.distill_prompt, c.distill_len, c.distill_temp, c.seed]
+    path = os.path.join(cache_dir, f"distill-{zlib.crc32(json.dumps(key).encode()):08x}.bin")
+    if rank == 0 and not os.path.exists(path):
+        t0 = time.time()
+        teacher = Zaya.from_pretrained(c.distill_from, dtype=torch.float32).to(device).eval()
+        gen = torch.Generator().manual_seed(c.seed + 2)
+        starts = torch.randint(len(train_ids) - c.distill_prompt, (c.distill_rows,), generator=gen)
+        rows = []
+        for part in starts.split(256):                              # 256 prompts per batch
+            x = torch.from_numpy(np.stack([train_ids[i:i + c.distill_prompt].astype(np.int64)
+                                           for i in part.tolist()])).to(device)
+            rows.append(generate_ar(teacher, x, c.distill_len - c.distill_prompt, c.distill_temp,
+                                    generator=gen)[0].cpu())
+        os.makedirs(cache_dir, exist_ok=True)
+        _atomic_write(path, np.concatenate(rows).astype(train_ids.dtype).tofile)
+        print(f"distilled {c.distill_rows:,} x {c.distill_len} tokens from {c.distill_from} "
+              f"in {time.time() - t0:.0f} s")
+    if dist.is_initialized():
+        dist.barrier()
+    return torch.from_numpy(np.fromfile(path, dtype=train_ids.dtype).astype(np.int64)).view(
+        c.distill_rows, c.distill_len)
+
+
+def distilled_batch(rows, n, seq_len, rank=0, world=1, device="cpu"):
+    """n windows [n, seq_len+1] from random rows of the distillation data at random offsets (global
+    RNG; every rank draws the world's windows and keeps its slice, like get_batch)."""
+    r = torch.randint(len(rows), (n * world,))[rank * n:][:n]
+    o = torch.randint(rows.shape[1] - seq_len, (n * world,))[rank * n:][:n]
+    return rows[r[:, None], o[:, None] + torch.arange(seq_len + 1)].to(device)
+
 # -----------------------------------------------------------------------------
 # losses and load balancing
 
 
-def chunked_cross_entropy(h, weight, targets, chunk=0):
+def chunked_cross_entropy(h, weight, targets, chunk=0, token_weight=None, teacher=None, kl=0.0):
     """Mean CE of F.linear(h, weight) against targets (-1 ignored) and per-token top-1 hits, `chunk`
     tokens at a time under activation checkpointing: backward recomputes a chunk's logits, so no
     (N, V) logits ever exist (at V = 262k a 1024-token chunk is 1 GiB in fp32). chunk = 0: one
-    chunk, no recomputation."""
-    def ce(h, y):
+    chunk, no recomputation. Optional, per token: token_weight (a weighted mean) and soft targets,
+    (1 - kl) CE(y) + kl CE(softmax(teacher @ weight^T)) with no gradient through the teacher."""
+    def ce(h, y, wt, t, kl):
         logits = F.linear(h, weight)                                # (n, V), this chunk only
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits, y, ignore_index=-1, reduction="sum"), logits.argmax(-1) == y
-    h, y = h.reshape(-1, h.shape[-1]), targets.reshape(-1)         # (N, d), (N,)
+        loss = F.cross_entropy(logits, y, ignore_index=-1, reduction="none")
+        if t is not None:
+            p = F.linear(t, weight.detach()).to(logits.dtype).softmax(-1)
+            loss = (1 - kl) * loss - kl * (p * logits.log_softmax(-1)).sum(-1) * (y != -1)
+        return (loss * wt).sum(), logits.argmax(-1) == y
+    d = h.shape[-1]
+    y = targets.reshape(-1)                                         # (N,)
+    wt = torch.ones(len(y), device=h.device) if token_weight is None else token_weight.reshape(-1)
+    wt = wt * (y != -1)
+    kl = torch.as_tensor(kl, device=h.device).expand_as(targets).reshape(-1)
+    t = teacher.detach().reshape(-1, d) if teacher is not None else None
     chunk = chunk or len(y)
     total, hits = 0.0, []
     for i in range(0, len(y), chunk):
-        args = (h[i:i + chunk], y[i:i + chunk])
+        j = slice(i, i + chunk)
+        args = (h.reshape(-1, d)[j], y[j], wt[j], None if t is None else t[j], kl[j])
         recompute = torch.is_grad_enabled() and chunk < len(y)
         s, hit = grad_checkpoint(ce, *args, use_reentrant=False) if recompute else ce(*args)
         total, hits = total + s, hits + [hit]
-    return total / (y != -1).sum().clamp_min(1), torch.cat(hits)
+    return total / wt.sum().clamp_min(1e-9), torch.cat(hits)
 
 
-def tidar_loss(model, w, alpha=1.0, K=16, chunk=0):
+def tidar_loss(model, w, c, real=None):
     """TiDAR loss (TIDAR.md 1) on windows w [B, S+1] -> (loss, ar, diff, hits [B, S] of the
     diffusion argmax). One forward over [x_0..x_{S-1} | S masks]; the (S+1)-token window gives every
-    clean position a label."""
-    B, S = w.shape[0], w.shape[1] - 1
+    clean position a label. Shaped by c (ACCEPTANCE.md): rows from `real` on are self-distilled
+    (no AR loss: Medusa-2's warning); block slot k weighs slot0 (k = 0) or exp(-(k-1)/pos_decay); kl
+    mixes in soft targets, the AR head's own p(x_i | x_<i) at clean position i-1 of this forward."""
+    B, S, K = w.shape[0], w.shape[1] - 1, c.block_size
     idx = w[:, :S]
     h = model.tidar_hidden(idx, K)                                # (B, 2S, d) over [idx | S masks]
     weight = model.embed_tokens.weight                            # the tied lm_head
-    ar, _ = chunked_cross_entropy(h[:, :S], weight, w[:, 1:], chunk)   # clean i -> x_{i+1}
-    diff, hits = chunked_cross_entropy(h[:, S:], weight, idx, chunk)   # mask i -> x_i
-    return (alpha * ar + diff) / (1 + alpha), ar, diff, hits.view(B, S)
+    y = w[:, 1:].clone()
+    if real is not None:
+        y[real:] = -1                                             # AR learns from real text only
+    ar, _ = chunked_cross_entropy(h[:, :S], weight, y, c.loss_chunk)   # clean i -> x_{i+1}
+    i = torch.arange(S, device=w.device)
+    slot = (i % K).double()
+    pw = (torch.exp(-(slot - 1) / c.pos_decay) if c.pos_decay else torch.ones_like(slot))
+    pw = torch.where(slot == 0, c.slot0, pw).to(h.dtype).expand(B, S)
+    teacher = torch.cat([h[:, :1], h[:, :S - 1]], 1) if c.kl else None     # clean i-1 -> x_i
+    diff, hits = chunked_cross_entropy(h[:, S:], weight, idx, c.loss_chunk, pw, teacher,
+                                       c.kl * (i > 0).to(h.dtype))  # mask i -> x_i
+    return (c.alpha * ar + diff) / (1 + c.alpha), ar, diff, hits.view(B, S)
 
 
 class TrainLoss(nn.Module):
@@ -185,15 +256,21 @@ class TrainLoss(nn.Module):
         super().__init__()
         self.model, self.c = model, c
 
-    def forward(self, w):
-        """windows w [B, S+1] -> (loss, ar, diff, hits); for AR: (loss, loss, None, None)."""
+    def forward(self, w, extra=None):
+        """Real windows w [B, S+1] and self-distilled ones extra [D, S+1] (or None) -> (loss, ar,
+        diff, hits); for AR: (loss, loss, None, None). real_diffusion=False: the real rows run
+        causally (the AR loss alone, the same value at half the tokens), the diffusion loss is the
+        distilled rows'."""
         c, m = self.c, self.model
         S = w.shape[1] - 1
-        if c.mode == "tidar":
-            return tidar_loss(m, w, c.alpha, c.block_size, c.loss_chunk)
+        if c.mode == "tidar" and (c.real_diffusion or extra is None):
+            return tidar_loss(m, w if extra is None else torch.cat([w, extra]), c, len(w))
         h = m.forward_hidden(w[:, :S], *causal_layout(S, w.device))
         ar, _ = chunked_cross_entropy(h, m.embed_tokens.weight, w[:, 1:], c.loss_chunk)
-        return ar, ar, None, None
+        if c.mode == "ar":
+            return ar, ar, None, None
+        _, _, diff, hits = tidar_loss(m, extra, c, 0)
+        return (c.alpha * ar + diff) / (1 + c.alpha), ar, diff, hits
 
 
 @torch.no_grad()
@@ -304,6 +381,17 @@ def run(overrides):
     train_ids, val_ids = load_corpus(c.data, c.tokenizer, c.data_cache or f"{c.out_dir}/data",
                                      c.seq_len + 1)
     log(f"data {c.data}: {len(train_ids):,} train / {len(val_ids):,} val tokens ({c.tokenizer})")
+    extra = round(c.distill * c.batch_size) if c.mode == "tidar" else 0  # distilled rows per batch
+    check(c.real_diffusion or extra, "--real_diffusion=False trains no diffusion without "
+          "distilled rows; do pass --distill > 0 (or use --mode=ar)")
+    if extra:
+        c.distill_from = c.distill_from or c.init_from              # kept for resume
+        check(os.path.exists(c.distill_from), f"--distill_from={c.distill_from} is no checkpoint;"
+              " do pass the AR checkpoint to distill (by default --init_from)")
+        check(c.distill_len > c.seq_len and 0 < c.distill_prompt < c.distill_len,
+              f"--distill_len={c.distill_len} must exceed --seq_len and --distill_prompt; do "
+              "raise it")
+        distilled = distill_corpus(c, train_ids, c.data_cache or f"{c.out_dir}/data", rank, device)
 
     # ---- model, wrapped for DDP / FSDP, and optimizer; checkpoints: full state on rank 0's CPU
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
@@ -412,8 +500,10 @@ def run(overrides):
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast:
+            more = (distilled_batch(distilled, extra, c.seq_len, rank, world, device) if extra
+                    else None)
             loss, ar, diff, _ = fwd(get_batch(train_ids, c.batch_size, c.seq_len, None, rank,
-                                              world, device))
+                                              world, device), more)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float("inf"))
         # a DTensor under FSDP
@@ -501,39 +591,71 @@ def dry_run(c):
 # the small reproduction: `python train.py` (README, "Results")
 
 
-PIPELINES = {  # (AR pretraining, TiDAR conversion); measured 11 min / 87 min on a 2-core CPU
-    "default": (dict(preset="small", max_iters=1500, eval_interval=500, log_interval=100),
-                dict(max_iters=900, lr=2e-3, min_lr=2e-4, eval_interval=300, log_interval=100)),
+RECIPE = dict(distill=0.5, real_diffusion=False, pos_decay=7.0, slot0=0.0, kl=1.0)  # see ABLATION
+PIPELINES = {  # (AR pretraining, TiDAR conversion); README "Results" has their times
+    "default": (dict(preset="small", max_iters=600, eval_interval=600, log_interval=100),
+                dict(RECIPE, max_iters=400, lr=2e-3, min_lr=2e-4, eval_interval=400, eval_iters=32,
+                     log_interval=100)),
     "long": (dict(preset="medium", max_iters=2000, lr=2e-3, eval_interval=500, log_interval=100),
-             dict(max_iters=1000, lr=1e-3, min_lr=1e-4, eval_interval=250, log_interval=50))}
+             dict(RECIPE, max_iters=1000, lr=1e-3, min_lr=1e-4, eval_interval=250,
+                  log_interval=50))}
+PAPER = dict(distill=0.0, real_diffusion=True, pos_decay=0.0, slot0=1.0, kl=0.0)   # TIDAR.md 1
+ABLATION = {"paper": PAPER, "+ self-distillation": dict(PAPER, distill=0.5),
+            "+ loss shape": dict(PAPER, distill=0.5, pos_decay=7.0, slot0=0.0, kl=1.0),
+            "AR only": dict(mode="ar")}   # + the default (out_dir itself), and its AR-only control
 
 
 def reproduce(o):
-    """AR pretraining -> TiDAR conversion (block 16) -> decoding report on held-out code; the
-    converted model ends in out_dir/ckpt.pt. --pipeline=eval runs only the report, with every
-    table."""
-    out = o.get("out_dir", DEFAULTS["out_dir"])
-    if o["pipeline"] != "eval":
-        check(o["pipeline"] in PIPELINES,
-              f"--pipeline={o['pipeline']} is unknown; do use default, long or eval")
-        ar, tidar = PIPELINES[o["pipeline"]]
-        rest = {k: v for k, v in o.items() if k not in ("pipeline", "out_dir")}
-        rest = {"data_cache": f"{out}/data", **rest}
+    """AR pretraining -> self-distillation -> TiDAR conversion (block 16) -> decoding report on
+    held-out code; the converted model ends in out_dir/ckpt.pt. --pipeline=eval: only the report,
+    with every table; --pipeline=ablation: the default's conversion iterations from its AR
+    checkpoint under each ABLATION recipe, each evaluated alike (README "Ablation")."""
+    out, p = o.get("out_dir", DEFAULTS["out_dir"]), o["pipeline"]
+    check(p in (*PIPELINES, "eval", "ablation"),
+          f"--pipeline={p} is unknown; do use default, long, eval or ablation")
+    rest = {k: v for k, v in o.items() if k not in ("pipeline", "out_dir")}
+    rest = {"data_cache": f"{out}/data", **rest}
+    ar, tidar = PIPELINES.get(p, PIPELINES["default"])
+    if p in PIPELINES or p == "ablation" and not os.path.exists(f"{out}/ar/ckpt.pt"):
         run({**ar, **rest, "mode": "ar", "out_dir": f"{out}/ar"})
+    if p in PIPELINES or p == "ablation" and not os.path.exists(f"{out}/ckpt.pt"):
         run({**tidar, **rest, "mode": "tidar", "init_from": f"{out}/ar/ckpt.pt", "out_dir": out})
-    model, prompts = heldout_prompts(out, o.get("data", "stdlib"), 8)
-    if o["pipeline"] == "eval":                                    # the README's whole table
-        return decode_report(model, prompts, out, (4, 8, 16), (1.0, 0.75, 0.5, 0.25),
-                             LEVEL_SETTINGS)
-    return decode_report(model, prompts, out, (16,), (1.0, 0.5), ["AR", "auto"])
+    data = o.get("data", "stdlib")
+    if p != "ablation":
+        model, prompts = heldout_prompts(out, data, 32 if p == "eval" else 16, f"{out}/data")
+        if p == "eval":                                            # the README's whole table
+            return decode_report(model, prompts, out, 16, (0.75, 0.5, 0.25), (0, 1, 2),
+                                 LEVEL_SETTINGS)
+        return decode_report(model, prompts, out, seeds=())
+    print(f"ablation: {tidar['max_iters']} conversion iterations from {out}/ar/ckpt.pt each; "
+          f"val AR over {tidar['eval_iters']} fixed batches")
+    table = {}
+    for name, recipe in [*ABLATION.items(), ("default", None)]:
+        d = f"{out}/ablation/{name.strip('+ ').replace(' ', '-')}" if recipe else out
+        if recipe:
+            run({**tidar, "mode": "tidar", **rest, **recipe, "init_from": f"{out}/ar/ckpt.pt",
+                 "out_dir": d})
+        table[name] = [json.loads(Path(d, "log.json").read_text())["evals"][-1]["ar"]]
+        if name != "AR only":                                      # TPF: lossless, T=1, mix 0.5
+            model, prompts = heldout_prompts(d, data, 32, f"{out}/data")
+            rows = decode_report(model, prompts, d, seeds=(0, 1))["rows"]
+            table[name] += [rows[1]["tokens_per_forward"], rows[1]["sd"],
+                            (rows[2]["tokens_per_forward"] + rows[3]["tokens_per_forward"]) / 2,
+                            rows[4]["tokens_per_forward"], rows[5]["tokens_per_forward"]]
+    print("recipe               val AR  vs AR only  lossless greedy  T=1, 2 seeds  mix 0.5  lookup")
+    for name, (val, *tpf) in table.items():
+        vs = f"{100 * (val / table['AR only'][0] - 1):+9.1f}%"
+        print(f"{name:20s} {val:7.4f} {vs}" + ("  {:6.2f} +- {:4.2f} {:13.2f} {:8.2f} {:7.2f}"
+                                              .format(*tpf) if tpf else ""))
+    return table
 
 
-def heldout_prompts(out, data, n_prompts):
+def heldout_prompts(out, data, n_prompts, cache=None):
     """The model in out/ckpt.pt and n 128-token prompts spread over the held-out split (val files,
-    never trained on)."""
+    never trained on); the corpus cache in `cache` (default out/data)."""
     model = Zaya.from_pretrained(os.path.join(out, "ckpt.pt")).eval()
     name = model.checkpoint_meta.get("tokenizer", "bytes")
-    _, val = load_corpus(data, name, os.path.join(out, "data"), 129)
+    _, val = load_corpus(data, name, cache or os.path.join(out, "data"), 129)
     starts = torch.linspace(0, len(val) - 129, n_prompts).long().tolist()
     return model, [torch.from_numpy(val[s:s + 128].astype("int64")) for s in starts]
 
