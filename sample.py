@@ -12,9 +12,8 @@ generate_lookup the no-training baseline: prompt-lookup (n-gram) drafts from the
 Samplers: "lossless" = speculative sampling against the model's own AR distribution (Leviathan et
 al. 2023; greedy: token for token the greedy AR output); "mix" = Zyphra's logit mixing, target
 w * AR + (1 - w) * draft.
-Also here, because training and sampling both need them: the tokenizers a checkpoint names, and the
---key=value flag parser (train.py imports both); the held-out decoding report that `python train.py`
-prints at the end.
+Also here, as train.py needs them too: the tokenizers a checkpoint names, the --key=value flag
+parser, and the held-out decoding report that `python train.py` prints at the end.
 """
 import json
 import os
@@ -133,16 +132,13 @@ def _prepare(model, idx, max_new_tokens, extra):
     """Prompts as a padded [B, Tmax] tensor + lengths, and an empty cache with room for the run."""
     ragged = isinstance(idx, (list, tuple))
     rows = [torch.as_tensor(r, dtype=torch.long).flatten() for r in idx] if ragged else list(idx)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if any(len(r) == 0 for r in rows):
-        raise ValueError("empty prompt: give at least one token (e.g. the bos token)")
+    check(max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check(all(len(r) for r in rows), "empty prompt: give at least one token (e.g. the bos token)")
     P = torch.tensor([len(r) for r in rows])
     limit = model.config.max_position_embeddings
-    if int(P.max()) + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt ({int(P.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"model's context of {limit} tokens; shorten the prompt or ask for fewer")
+    check(int(P.max()) + max_new_tokens <= limit,
+          f"prompt ({int(P.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+          f"context of {limit} tokens; shorten the prompt or ask for fewer")
     dev = model.embed_tokens.weight.device
     x = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, Tmax], right-padded with 0
     capacity = int(P.max()) + max_new_tokens + extra
@@ -187,8 +183,7 @@ def sample(logits, temperature=0.0, top_k=None, mask_id=None, generator=None):
 
 
 class _Outputs:
-    """New tokens per row in one tensor (no per-token Python work, so a 30,000-row batch stays
-    fast)."""
+    """New tokens per row in one tensor (no per-token Python work: 30,000 rows stay fast)."""
 
     def __init__(self, B, max_new, K, device, stop_at_eos, eos):
         self.buf = torch.zeros(B, max_new + 2 * K + 1, dtype=torch.long, device=device)
@@ -219,8 +214,7 @@ class _Outputs:
             self.hist += torch.bincount(count[active], minlength=len(self.hist))[:len(self.hist)]
 
     def finish(self, ragged, rows, stats, t0, cache):
-        """prompt + exactly max_new new tokens per row (fewer after an eos when asked to stop);
-        Stats."""
+        """prompt + exactly max_new new tokens per row (fewer after an eos if told to), Stats."""
         stats.cache = cache
         n = self.n.clamp(max=self.max_new)
         if self.eos is not None:
@@ -235,20 +229,15 @@ class _Outputs:
         buf = self.buf
         if not ragged and bool((n == self.max_new).all()):
             return torch.cat([torch.stack(rows).to(buf.device), buf[:, :self.max_new]], 1), stats
-        return [torch.cat([r.to(buf.device), buf[b, :int(n[b])]])
-                for b, r in enumerate(rows)], stats
+        return [torch.cat([r.to(buf.device), buf[b, :n[b]]]) for b, r in enumerate(rows)], stats
 
 
 def _check_args(temperature, top_k, mix_weight=0.5, block_size=1, sampler="lossless"):
-    for bad, msg in (
-            (sampler not in ("lossless", "mix"),
-             f"sampler must be 'lossless' or 'mix', got {sampler!r}"),
-            (temperature < 0, f"temperature must be >= 0, got {temperature}"),
-            (top_k is not None and top_k < 1, f"top_k must be >= 1, got {top_k}"),
-            (not 0.0 <= mix_weight <= 1.0, f"mix_weight must be in [0, 1], got {mix_weight}"),
-            (block_size < 1, f"block_size must be >= 1, got {block_size}")):
-        if bad:
-            raise ValueError(msg)
+    check(sampler in ("lossless", "mix"), f"sampler must be 'lossless' or 'mix', got {sampler!r}")
+    check(temperature >= 0, f"temperature must be >= 0, got {temperature}")
+    check(top_k is None or top_k >= 1, f"top_k must be >= 1, got {top_k}")
+    check(0.0 <= mix_weight <= 1.0, f"mix_weight must be in [0, 1], got {mix_weight}")
+    check(block_size >= 1, f"block_size must be >= 1, got {block_size}")
 
 # -----------------------------------------------------------------------------
 # AR baseline
@@ -267,16 +256,14 @@ def ar_step(model, cache, tok, active, how):
 @torch.no_grad()
 def generate_ar(model, idx, max_new_tokens, temperature=0.0, top_k=None, stop_at_eos=False,
                 generator=None):
-    """Plain autoregressive decoding on the static cache. idx: LongTensor [B, T] or a list of 1-D
-    prompts. Returns (prompt + exactly max_new_tokens new tokens per row [B, T+N] or a list, Stats).
-    """
+    """Plain AR decoding on the static cache. idx: LongTensor [B, T] or a list of 1-D prompts.
+    Returns (prompt + exactly max_new_tokens new tokens per row [B, T+N] or a list, Stats)."""
     _check_args(temperature, top_k)
     t0 = time.perf_counter()
     c = model.config
     how = (temperature, top_k, c.mask_token_id, generator)
     ragged, rows, x, P, cache = _prepare(model, idx, max_new_tokens, 1)
-    B = len(rows)
-    dev = x.device
+    B, dev = len(rows), x.device
 
     pos, pred, mask = causal_layout(x.shape[1], dev)                 # prefill
     h = model.forward_hidden(x, pos, pred, mask, cache)              # [B, T, d]
@@ -348,8 +335,7 @@ def tidar_step(model, cache, d0, dlog, valid, groups, active, sampler, w, how):
     valid [B, K-1]: which of those slots hold a draft. Returns k [B] (drafts accepted), the tokens
     committed [B, K] (row b: its first k + 1), and the next dlog, valid and shift (slots of the next
     drafts' group already behind us)."""
-    B, K = d0.shape[0], dlog.shape[1] + 1
-    dev = d0.device
+    B, K, dev = d0.shape[0], dlog.shape[1] + 1, d0.device
     mask_id = model.config.mask_token_id
     drafts = torch.where(valid, sample(dlog, *how), 0)                      # [B, K-1]
 
@@ -385,8 +371,7 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     (default all 0..K-1; 0 is always included); after accepting k drafts, the next drafts come from
     the closest level <= k. groups="auto" (or an AutoLevels) re-chooses the levels on this machine
     as it decodes, and takes plain AR steps while no level set is predicted to beat AR (levels.py).
-    record=True keeps row 0's steps in stats.log for --show. Returns (tokens, Stats) like
-    generate_ar."""
+    record=True: row 0's steps in stats.log (--show). Returns (tokens, Stats) like generate_ar."""
     K = model.config.block_size if block_size is None else block_size
     _check_args(temperature, top_k, mix_weight, K, sampler)
     c = model.config
@@ -399,8 +384,7 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     t0 = time.perf_counter()
     how = (temperature, top_k, c.mask_token_id, generator)
     ragged, rows, x, P, cache = _prepare(model, idx, max_new_tokens, K * (2 + K))
-    B, T = len(rows), x.shape[1]
-    dev = x.device
+    B, T, dev = len(rows), x.shape[1], x.device
 
     # prefill: [prompt | K masks], the masks draft the first block
     pos, pred, mask = tidar_prefill_layout(P, T, K)
@@ -452,8 +436,7 @@ def lookup_drafts(ctx, lengths, ngram, D):
     tokens occurred earlier in the row's context (prompt + output so far), the D tokens that
     followed their latest earlier occurrence. ctx [B, Lmax] (row b: its first lengths[b] tokens)
     -> drafts [B, D] and valid [B, D] (False: no draft in that slot)."""
-    B, Lmax = ctx.shape
-    dev = ctx.device
+    (B, Lmax), dev = ctx.shape, ctx.device
     drafts = torch.zeros(B, D, dtype=torch.long, device=dev)
     valid = torch.zeros(B, D, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)[:, None]
@@ -475,11 +458,10 @@ def lookup_drafts(ctx, lengths, ngram, D):
 @torch.no_grad()
 def generate_lookup(model, idx, max_new_tokens, temperature=0.0, top_k=None, num_draft=15, ngram=3,
                     stop_at_eos=False, generator=None):
-    """Prompt-lookup decoding (Saxena 2023), the no-training baseline for TiDAR: each step drafts up
-    to num_draft tokens copied from the context (lookup_drafts) and verifies them in one causal
-    forward with the same lossless rule and KV-cache rollback as generate_tidar. The proposal is a
-    point mass, so min(1, p/q) = p(draft) and the residual is p without the draft. Returns
-    (tokens, Stats) like generate_ar."""
+    """Prompt-lookup decoding (Saxena 2023), the no-training baseline: each step drafts up to
+    num_draft tokens copied from the context (lookup_drafts) and verifies them in one causal forward
+    with generate_tidar's lossless rule and KV-cache rollback. The proposal is a point mass, so
+    min(1, p/q) = p(draft) and the residual is p without the draft. Returns as generate_ar."""
     _check_args(temperature, top_k)
     t0 = time.perf_counter()
     c = model.config
@@ -530,20 +512,21 @@ LEVEL_SETTINGS = ["AR", "AR"] + [None] + HAND_SETS + ["auto"]  # AR twice: the 2
 
 @torch.no_grad()
 def decode_report(model, prompts, out, K=16, weights=(0.5,), seeds=(0,), levels=(),
-                  new_tokens=128):
+                  new_tokens=128, threads=1):
     """The held-out evaluation (ACCEPTANCE.md, "measuring"): each prompt alone (batch 1, one thread:
     a second one mostly adds noise on a shared CPU), block K, every level drafted. Rows: greedy AR;
     lossless greedy; lossless at temperature 1 over `seeds`; mix at each weight (greedy); prompt
     lookup. Each gives tokens per forward as mean and spread over prompts, tokens/s, and the AR
     head's mean log-likelihood of the text it made; lossless greedy also splits its steps into
     copies (2+ tokens already in the context) and the rest. Then the level settings
-    (levels_report), a demo continuation, and out/decode.json."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    (levels_report, first 8 prompts), a demo continuation, and out/decode.json. threads > 1 is for
+    tokens per forward only (the ablation's), which no thread count changes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         return _decode_report(model, prompts, out, K, weights, seeds, levels, new_tokens)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 @torch.no_grad()
@@ -583,7 +566,8 @@ def _decode_report(model, prompts, out, K, weights, seeds, levels, new_tokens):
             toks, st = fn(p[None], int(name.split()[-1]) if "seed" in name else None)
             got[name].append((st, log_likelihood(model, toks[0], len(p)), toks[0, len(p):]))
     print(f"held-out decoding: {len(prompts)} prompts x {n} tokens, batch 1, block {K}, every "
-          "level drafted; tokens/forward as mean +- sd over prompts")
+          f"level drafted, {torch.get_num_threads()} thread(s); tokens/forward: mean +- sd over "
+          "prompts")
     rows = []
     for name, res in got.items():
         st, ll, _ = zip(*res)
@@ -603,8 +587,8 @@ def _decode_report(model, prompts, out, K, weights, seeds, levels, new_tokens):
     for st, _, _ in got["lossless"]:
         for k, v in st.histogram.items():
             hist[k] = hist.get(k, 0) + v
-    if levels:                  # proposal levels chosen per machine (levels.py)
-        rows += levels_report(model, prompts, K, n, levels, 3 if len(levels) > 2 else 1)
+    if levels:                  # proposal levels chosen per machine (levels.py), on 8 prompts
+        rows += levels_report(model, prompts[:8], K, n, levels, 3 if len(levels) > 2 else 1)
     for name in ("AR", "lossless", f"mix w={weights[0]}"):
         print(f"--- {name} continuation of held-out code:\n{decode(got[name][0][2].tolist())}")
     result = dict(ar_tokens_per_s=rows[0]["tokens_per_s"], rows=rows, acceptance=(
@@ -623,56 +607,38 @@ def levels_report(model, prompts, K, new_tokens, settings, rounds=3, sampler="lo
     curve = calibrate(model, 1, K, len(prompts[0]))
     generate_tidar(model, prompts[0][None], new_tokens, block_size=K, groups="auto",
                    sampler=sampler, mix_weight=w)
-
-    seconds = [0.0] * len(settings)
-    tokens = [0] * len(settings)
-    tpf = [0.0] * len(settings)
-    hist = {}
-    notes = {}
+    n = len(settings)
+    seconds, tokens, tpf, notes, hist = [0.0] * n, [0] * n, [0.0] * n, [""] * n, {}
     for r in range(rounds):
-        for p in prompts:
-            for i in [(j + r) % len(settings) for j in range(len(settings))]:
-                g = settings[i]
-                if g == "AR":
-                    st = generate_ar(model, p[None], new_tokens)[1]
-                else:
-                    st = generate_tidar(model, p[None], new_tokens, block_size=K, groups=g,
-                                        sampler=sampler, mix_weight=w)[1]
-                seconds[i] += st.seconds
-                tokens[i] += st.new_tokens
-                tpf[i] += st.tokens_per_forward
-                notes[i] = st.note
-                if g is None:
-                    for n, v in st.histogram.items():
-                        hist[n] = hist.get(n, 0) + v
-
-    tps = [n / s for n, s in zip(tokens, seconds)]
-    ar = next(tps[i] for i, g in enumerate(settings) if g == "AR")
+        for p, i in ((p, (j + r) % n) for p in prompts for j in range(n)):
+            g = settings[i]
+            st = (generate_ar(model, p[None], new_tokens) if g == "AR" else generate_tidar(
+                model, p[None], new_tokens, block_size=K, groups=g, sampler=sampler,
+                mix_weight=w))[1]
+            seconds[i], tokens[i] = seconds[i] + st.seconds, tokens[i] + st.new_tokens
+            tpf[i], notes[i] = tpf[i] + st.tokens_per_forward / len(prompts) / rounds, st.note
+            for c, v in (st.histogram.items() if g is None else ()):
+                hist[c] = hist.get(c, 0) + v
+    tps = [a / b for a, b in zip(tokens, seconds)]
+    ar = tps[settings.index("AR")]
     fixed = [i for i, g in enumerate(settings) if isinstance(g, list)]
-    best = max(fixed, key=lambda i: tps[i]) if fixed else None
-    names = []
+    best = tps[max(fixed, key=lambda i: tps[i])] if fixed else None
+    print(f"  levels, block {K}, {sampler}{f' w={w}' if sampler == 'mix' else ''}: {rounds} rounds "
+          f"x {len(prompts)} prompts x {new_tokens} tokens, settings interleaved; auto's "
+          f"calibration took {curve.seconds:.2f} s, once")
+    rows = []
     for i, g in enumerate(settings):
         name = (g if isinstance(g, str) else "dense" if g is None
                 else "{" + ",".join(map(str, g)) + "}")
-        names.append(name + (" again" if g == "AR" and settings.index(g) < i else ""))
-    mixed = f" w={w}" if sampler == "mix" else ""
-    print(f"  levels, block {K}, {sampler}{mixed}: {rounds} rounds x {len(prompts)} prompts x "
-          f"{new_tokens} tokens, settings interleaved; auto's calibration took "
-          f"{curve.seconds:.2f} s, once")
-    rows = []
-    for i, g in enumerate(settings):
-        row = dict(block=K, w=w, groups=names[i], tokens_per_s=tps[i],
-                   tokens_per_forward=tpf[i] / len(prompts) / rounds, speedup=tps[i] / ar,
-                   vs_best_fixed=tps[i] / tps[best] if fixed else None, note=notes[i])
+        name += " again" if g == "AR" and settings.index(g) < i else ""
+        rows.append(dict(block=K, w=w, groups=name, tokens_per_s=tps[i], tokens_per_forward=tpf[i],
+                         speedup=tps[i] / ar, vs_best_fixed=best and tps[i] / best, note=notes[i]))
         if g is None:
-            row["acceptance"] = acceptance_from_histogram(hist, K)
-        rows.append(row)
-        line = (f"    {names[i]:12s} {row['tokens_per_forward']:5.2f} tokens/forward "
-                f"{tps[i]:8.1f} tokens/s {tps[i] / ar:5.2f}x AR")
-        if fixed:
-            line += (f" {tps[i] / tps[best]:5.2f}x best fixed"
-                     + (" (best fixed)" if i == best else ""))
-        print(line + (f"  [{notes[i]}]" if notes[i] else ""))
+            rows[-1]["acceptance"] = acceptance_from_histogram(hist, K)
+        vs = f" {tps[i] / best:5.2f}x best fixed" + (" (best fixed)" if tps[i] == best else "")
+        print(f"    {name:12s} {tpf[i]:5.2f} tokens/forward {tps[i]:8.1f} tokens/s "
+              f"{tps[i] / ar:5.2f}x AR{vs if fixed else ''}"
+              + (f"  [{notes[i]}]" if notes[i] else ""))
     return rows
 
 # -----------------------------------------------------------------------------
@@ -702,30 +668,24 @@ def main(argv):
         os.execv(sys.executable, [sys.executable, bench, *rest])
     args = {**DEFAULTS, **parse_args(argv, DEFAULTS)}
     torch.manual_seed(args["seed"])
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-    dtype = dtypes.get(args["dtype"])
-    if dtype is None:
-        raise ValueError(f"--dtype must be float32, bfloat16 or float64, got {args['dtype']!r}")
+    check(args["dtype"] in ("float32", "bfloat16", "float64"),
+          f"--dtype must be float32, bfloat16 or float64, got {args['dtype']!r}")
+    dtype = getattr(torch, args["dtype"])
     model = Zaya.from_pretrained(args["init_from"], dtype=dtype, device=args["device"]).eval()
     encode, decode = load_tokenizer(model)
     ids = encode(args["prompt"]) or [model.config.bos_token_id or 0]
     idx = torch.tensor([ids], device=args["device"])
     kw = dict(temperature=args["temperature"], top_k=args["top_k"] or None, stop_at_eos=False)
     g = args["groups"]                                               # auto | all | 0,4,8,12
-    if g in ("auto", "all"):
-        groups = None if g == "all" else g
-    else:
-        groups = [int(x) for x in g.split(",") if x.strip().isdigit()]
-        if not groups:
-            raise ValueError(f"--groups={g}: use auto, all, or levels like 0,4,8,12")
+    groups = [int(x) for x in g.split(",") if x.strip().isdigit()]
+    check(g in ("auto", "all") or groups, f"--groups={g}: use auto, all, or levels like 0,4,8,12")
+    groups = {"auto": "auto", "all": None}.get(g, groups)
     n = args["max_new_tokens"]
     if args["sampler"] == "ar":
         out, st = generate_ar(model, idx, n, **kw)
     else:
-        out, st = generate_tidar(model, idx, n, sampler=args["sampler"],
-                                 mix_weight=args["mix_weight"],
-                                 block_size=args["block_size"] or None, groups=groups,
-                                 record=args["show"], **kw)
+        out, st = generate_tidar(model, idx, n, args["sampler"], args["mix_weight"], groups=groups,
+                                 block_size=args["block_size"] or None, record=args["show"], **kw)
     if args["show"] and st.log:
         show_steps(decode, ids, st.log)
     else:
@@ -740,16 +700,14 @@ def main(argv):
         _, ar = generate_ar(model, idx, n, **kw)
         result["ar_tokens_per_s"] = round(ar.tokens_per_s, 2)
         result["speedup"] = round(st.tokens_per_s / ar.tokens_per_s, 3)
-        print(f"ar: {ar.summary()}")
-        print(f"speedup vs AR in this run: {result['speedup']:.2f}x")
+        print(f"ar: {ar.summary()}\nspeedup vs AR in this run: {result['speedup']:.2f}x")
     if args["json"]:
         print(json.dumps(result))
     return result
 
 
 def cli(argv):
-    """main() with bad input reported as one line on stderr and a non-zero exit code, no
-    traceback."""
+    """main() with bad input as one line on stderr and a non-zero exit code, no traceback."""
     try:
         main(argv)
         return 0

@@ -53,13 +53,11 @@ DEFAULTS = dict(
     tokenizer="bytes",             # bytes (built in, offline) | a tiktoken encoding name, e.g. gpt2
     out_dir="out", data_cache="",  # token cache folder ("" = out_dir/data)
     max_iters=300, batch_size=16, seq_len=128, block_size=16, alpha=1.0,
-    # conversion shaped for acceptance (ACCEPTANCE.md); distill=0, pos_decay=0, slot0=1, kl=0:
-    # the paper's recipe (TIDAR.md 1)
+    # conversion shaped for acceptance (ACCEPTANCE.md); these defaults are the paper's (TIDAR.md 1)
     distill=0.0,                   # + distill * batch_size windows of the AR teacher's own text
     distill_from="", distill_rows=1024, distill_prompt=64, distill_len=256, distill_temp=0.0,
     real_diffusion=True,           # diffusion loss on the real windows too (False: distilled)
-    pos_decay=0.0,                 # block slot k >= 1 weighs exp(-(k-1)/pos_decay); 0: uniform
-    slot0=1.0,                     # weight of slot 0, the token the AR head supplies at decode
+    pos_decay=0.0, slot0=1.0,      # block slot k>=1 weighs exp(-(k-1)/pos_decay) (0: 1), 0 slot0
     kl=0.0,                        # soft targets: kl CE(AR head's p(x_i|x_<i)) + (1-kl) CE(x_i)
     lr=3e-3, min_lr=3e-4, warmup_iters=20, lr_decay_iters=0, weight_decay=0.1, grad_clip=1.0,
     bias_update_rate=1e-3,
@@ -67,8 +65,7 @@ DEFAULTS = dict(
     device="auto", dtype="auto",   # auto: cuda + bfloat16 autocast given a GPU, else cpu + float32
     compile=False, grad_checkpointing=False, fsdp=False,
     loss_chunk=1024,               # tokens per cross-entropy chunk (0 = one chunk, full logits)
-    pipeline="",                   # default | long: AR, then TiDAR K=16, then decoding on held-out
-                                   # code | eval: only that
+    pipeline="",                   # default | long | eval | ablation: see reproduce
     dry_run=False, gpus=8,         # dry_run: print sizes for --gpus GPUs and exit
 )
 
@@ -111,8 +108,8 @@ def load_corpus(data, tokenizer, cache_dir, min_tokens=2):
     .bin files keyed by the data path, file sizes and times, and the tokenizer. A split under
     min_tokens: the last 5% of all become val."""
     files = corpus_files(data)
-    stat = [os.path.abspath(data), tokenizer] + [(rel, os.path.getsize(p), os.path.getmtime(p))
-                                                 for rel, p in files]
+    stat = [data if data == "stdlib" else os.path.abspath(data), tokenizer]   # cwd-free key
+    stat += [(rel, os.path.getsize(p), os.path.getmtime(p)) for rel, p in files]
     key = f"{tokenizer}-{zlib.crc32(json.dumps(stat).encode()):08x}"
     enc, ids = get_tokenizer(tokenizer)
     dtype = np.uint16 if ids["vocab_size"] <= 2**16 else np.uint32
@@ -141,22 +138,25 @@ def load_corpus(data, tokenizer, cache_dir, min_tokens=2):
 
 
 def get_batch(ids, batch_size, seq_len, gen=None, rank=0, world=1, device="cpu"):
-    """Random windows [batch_size, seq_len+1] (int64). Every rank draws the same global batch of
-    batch_size * world windows (same seed, gen or torch's global RNG) and keeps its slice: the
-    global batch ignores the process count."""
-    ix = torch.randint(len(ids) - seq_len, (batch_size * world,), generator=gen)
-    ix = ix[rank * batch_size:][:batch_size]
-    w = torch.from_numpy(np.stack([ids[i:i + seq_len + 1].astype(np.int64) for i in ix.tolist()]))
+    """Random windows [batch_size, seq_len+1] (int64) of ids [N], or within the rows of ids [R, L].
+    Every rank draws the same global batch of batch_size * world windows (same seed, gen or torch's
+    global RNG) and keeps its slice: the global batch ignores the process count."""
+    L = ids.shape[-1]
+    n = L - seq_len                                                 # window starts per row
+    ix = torch.randint(n * (ids.size // L), (batch_size * world,), generator=gen)
+    ix = ix[rank * batch_size:][:batch_size].tolist()
+    flat = ids.reshape(-1)
+    w = torch.from_numpy(np.stack([flat[i // n * L + i % n:][:seq_len + 1].astype(np.int64)
+                                   for i in ix]))
     return w.pin_memory().to(device, non_blocking=True) if "cuda" in str(device) else w
+
 
 @torch.no_grad()
 def distill_corpus(c, train_ids, cache_dir, rank=0, device="cpu"):
-    """Self-distillation data (ACCEPTANCE.md: DFlash, EAGLE-3, Medusa-2): the AR teacher
-    c.distill_from continues distill_rows prompts of distill_prompt tokens, drawn (seed c.seed + 2)
-    from the training split only, to distill_len tokens: greedy at distill_temp = 0, batched on the
-    static cache (sample.generate_ar). -> [rows, distill_len] int64, cached in cache_dir like the
-    corpus, keyed by the teacher file and the settings; rank 0 writes it, the others wait."""
-    src = os.path.join(c.distill_from, "ckpt.pt") if os.path.isdir(c.distill_from) else ""
+    """Self-distillation (ACCEPTANCE.md, lead 1): the teacher c.distill_from continues distill_rows
+    training-split prompts (seed c.seed + 2) to distill_len tokens at distill_temp (0: greedy),
+    batched on the static cache -> [rows, distill_len] array; cached in cache_dir by rank 0."""
+    src = os.path.join(c.distill_from, "ckpt.pt")
     src = src if os.path.isfile(src) else c.distill_from
     key = [os.path.abspath(src), os.path.getsize(src), os.path.getmtime(src), len(train_ids),
            c.distill_rows, c.distill_prompt, c.distill_len, c.distill_temp, c.seed]
@@ -178,16 +178,7 @@ def distill_corpus(c, train_ids, cache_dir, rank=0, device="cpu"):
               f"in {time.time() - t0:.0f} s")
     if dist.is_initialized():
         dist.barrier()
-    return torch.from_numpy(np.fromfile(path, dtype=train_ids.dtype).astype(np.int64)).view(
-        c.distill_rows, c.distill_len)
-
-
-def distilled_batch(rows, n, seq_len, rank=0, world=1, device="cpu"):
-    """n windows [n, seq_len+1] from random rows of the distillation data at random offsets (global
-    RNG; every rank draws the world's windows and keeps its slice, like get_batch)."""
-    r = torch.randint(len(rows), (n * world,))[rank * n:][:n]
-    o = torch.randint(rows.shape[1] - seq_len, (n * world,))[rank * n:][:n]
-    return rows[r[:, None], o[:, None] + torch.arange(seq_len + 1)].to(device)
+    return np.fromfile(path, dtype=train_ids.dtype).reshape(c.distill_rows, c.distill_len)
 
 # -----------------------------------------------------------------------------
 # losses and load balancing
@@ -257,10 +248,9 @@ class TrainLoss(nn.Module):
         self.model, self.c = model, c
 
     def forward(self, w, extra=None):
-        """Real windows w [B, S+1] and self-distilled ones extra [D, S+1] (or None) -> (loss, ar,
-        diff, hits); for AR: (loss, loss, None, None). real_diffusion=False: the real rows run
-        causally (the AR loss alone, the same value at half the tokens), the diffusion loss is the
-        distilled rows'."""
+        """Real windows w [B, S+1], distilled ones extra [D, S+1] or None -> (loss, ar, diff, hits)
+        ((loss, loss, None, None) for AR). real_diffusion=False: real rows run causally (the same
+        AR loss at half the tokens) and only the distilled rows get the diffusion loss."""
         c, m = self.c, self.model
         S = w.shape[1] - 1
         if c.mode == "tidar" and (c.real_diffusion or extra is None):
@@ -382,16 +372,16 @@ def run(overrides):
                                      c.seq_len + 1)
     log(f"data {c.data}: {len(train_ids):,} train / {len(val_ids):,} val tokens ({c.tokenizer})")
     extra = round(c.distill * c.batch_size) if c.mode == "tidar" else 0  # distilled rows per batch
-    check(c.real_diffusion or extra, "--real_diffusion=False trains no diffusion without "
-          "distilled rows; do pass --distill > 0 (or use --mode=ar)")
+    check(c.real_diffusion or extra or c.mode == "ar", "--real_diffusion=False trains no "
+          "diffusion without distilled rows; do pass --distill > 0 (or use --mode=ar)")
     if extra:
         c.distill_from = c.distill_from or c.init_from              # kept for resume
         check(os.path.exists(c.distill_from), f"--distill_from={c.distill_from} is no checkpoint;"
               " do pass the AR checkpoint to distill (by default --init_from)")
-        check(c.distill_len > c.seq_len and 0 < c.distill_prompt < c.distill_len,
-              f"--distill_len={c.distill_len} must exceed --seq_len and --distill_prompt; do "
-              "raise it")
+        check(c.distill_len > c.seq_len and 0 < c.distill_prompt < c.distill_len, f"--distill_len="
+              f"{c.distill_len} must exceed --seq_len and --distill_prompt; do raise it")
         distilled = distill_corpus(c, train_ids, c.data_cache or f"{c.out_dir}/data", rank, device)
+    check(c.kl <= 1, f"--kl={c.kl} mixes two losses; do pass a weight in [0, 1]")
 
     # ---- model, wrapped for DDP / FSDP, and optimizer; checkpoints: full state on rank 0's CPU
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
@@ -500,8 +490,8 @@ def run(overrides):
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast:
-            more = (distilled_batch(distilled, extra, c.seq_len, rank, world, device) if extra
-                    else None)
+            more = (get_batch(distilled, extra, c.seq_len, None, rank, world, device) if extra
+                    else None)                                      # self-distilled windows
             loss, ar, diff, _ = fwd(get_batch(train_ids, c.batch_size, c.seq_len, None, rank,
                                               world, device), more)
         loss.backward()
@@ -594,7 +584,7 @@ def dry_run(c):
 RECIPE = dict(distill=0.5, real_diffusion=False, pos_decay=7.0, slot0=0.0, kl=1.0)  # see ABLATION
 PIPELINES = {  # (AR pretraining, TiDAR conversion); README "Results" has their times
     "default": (dict(preset="small", max_iters=600, eval_interval=600, log_interval=100),
-                dict(RECIPE, max_iters=400, lr=2e-3, min_lr=2e-4, eval_interval=400, eval_iters=32,
+                dict(RECIPE, max_iters=300, lr=2e-3, min_lr=2e-4, eval_interval=300, eval_iters=32,
                      log_interval=100)),
     "long": (dict(preset="medium", max_iters=2000, lr=2e-3, eval_interval=500, log_interval=100),
              dict(RECIPE, max_iters=1000, lr=1e-3, min_lr=1e-4, eval_interval=250,
@@ -611,8 +601,8 @@ def reproduce(o):
     with every table; --pipeline=ablation: the default's conversion iterations from its AR
     checkpoint under each ABLATION recipe, each evaluated alike (README "Ablation")."""
     out, p = o.get("out_dir", DEFAULTS["out_dir"]), o["pipeline"]
-    check(p in (*PIPELINES, "eval", "ablation"),
-          f"--pipeline={p} is unknown; do use default, long, eval or ablation")
+    check(p in (*PIPELINES, "eval", "ablation"), f"--pipeline={p} is unknown; do use default, "
+          "long, eval or ablation")
     rest = {k: v for k, v in o.items() if k not in ("pipeline", "out_dir")}
     rest = {"data_cache": f"{out}/data", **rest}
     ar, tidar = PIPELINES.get(p, PIPELINES["default"])
@@ -621,14 +611,11 @@ def reproduce(o):
     if p in PIPELINES or p == "ablation" and not os.path.exists(f"{out}/ckpt.pt"):
         run({**tidar, **rest, "mode": "tidar", "init_from": f"{out}/ar/ckpt.pt", "out_dir": out})
     data = o.get("data", "stdlib")
-    if p != "ablation":
+    if p != "ablation":                                            # eval: every table
         model, prompts = heldout_prompts(out, data, 32 if p == "eval" else 16, f"{out}/data")
-        if p == "eval":                                            # the README's whole table
-            return decode_report(model, prompts, out, 16, (0.75, 0.5, 0.25), (0, 1, 2),
-                                 LEVEL_SETTINGS)
-        return decode_report(model, prompts, out, seeds=())
-    print(f"ablation: {tidar['max_iters']} conversion iterations from {out}/ar/ckpt.pt each; "
-          f"val AR over {tidar['eval_iters']} fixed batches")
+        return (decode_report(model, prompts, out, 16, (0.5, 0.75, 0.25), (0, 1, 2),
+                              LEVEL_SETTINGS) if p == "eval"
+                else decode_report(model, prompts, out, seeds=()))
     table = {}
     for name, recipe in [*ABLATION.items(), ("default", None)]:
         d = f"{out}/ablation/{name.strip('+ ').replace(' ', '-')}" if recipe else out
@@ -638,11 +625,15 @@ def reproduce(o):
         table[name] = [json.loads(Path(d, "log.json").read_text())["evals"][-1]["ar"]]
         if name != "AR only":                                      # TPF: lossless, T=1, mix 0.5
             model, prompts = heldout_prompts(d, data, 32, f"{out}/data")
-            rows = decode_report(model, prompts, d, seeds=(0, 1))["rows"]
-            table[name] += [rows[1]["tokens_per_forward"], rows[1]["sd"],
-                            (rows[2]["tokens_per_forward"] + rows[3]["tokens_per_forward"]) / 2,
-                            rows[4]["tokens_per_forward"], rows[5]["tokens_per_forward"]]
-    print("recipe               val AR  vs AR only  lossless greedy  T=1, 2 seeds  mix 0.5  lookup")
+            rows = decode_report(model, prompts, d, 16, (0.5,) if recipe else (0.5, 0.75, 0.25),
+                                 (0, 1), threads=2)["rows"]
+            tpf = {r["name"]: r["tokens_per_forward"] for r in rows}
+            table[name] += [tpf["lossless"], rows[1]["sd"], (tpf["lossless T=1 seed 0"]
+                            + tpf["lossless T=1 seed 1"]) / 2, tpf["mix w=0.5"],
+                            tpf["prompt lookup"]]
+    print(f"ablation ({tidar['max_iters']} iterations from {out}/ar/ckpt.pt; val AR on "
+          f"{tidar['eval_iters']} fixed batches; tokens/forward)\nrecipe               val AR "
+          " vs AR only  lossless greedy  T=1, 2 seeds  mix 0.5  lookup")
     for name, (val, *tpf) in table.items():
         vs = f"{100 * (val / table['AR only'][0] - 1):+9.1f}%"
         print(f"{name:20s} {val:7.4f} {vs}" + ("  {:6.2f} +- {:4.2f} {:13.2f} {:8.2f} {:7.2f}"
