@@ -228,7 +228,7 @@ def tidar_loss(model, w, c, real=None):
     y = w[:, 1:].clone()
     if real is not None:
         y[real:] = -1                                             # AR learns from real text only
-    ar, _ = chunked_cross_entropy(h[:, :S], weight, y, c.loss_chunk)   # clean i -> x_{i+1}
+    ar = chunked_cross_entropy(h[:, :S], weight, y, c.loss_chunk)[0] if real != 0 else 0 * h.sum()
     i = torch.arange(S, device=w.device)
     slot = (i % K).double()
     pw = (torch.exp(-(slot - 1) / c.pos_decay) if c.pos_decay else torch.ones_like(slot))
