@@ -35,8 +35,7 @@ import zaya
 @torch.library.custom_op("kernels::grouped_linear", mutates_args=())
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows offs[e-1]..offs[e]-1 of x [N, k] times w[e].T, w [E, n, k] (F.grouped_mm). A custom op,
-    so torch.compile calls it as one opaque kernel in any dtype (its own grouped_mm takes only
-    bf16)."""
+    so torch.compile calls it as one opaque kernel in any dtype (its own takes only bf16)."""
     return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
 
 
@@ -51,20 +50,16 @@ def _grouped_linear_backward(ctx, g):
     return grouped_linear(g, w.transpose(1, 2), offs), grouped_outer(g, x, offs), None
 
 
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
 grouped_linear.register_fake(lambda x, w, offs: x.new_empty(x.shape[0], w.shape[1]))
 grouped_outer.register_fake(lambda g, x, offs: g.new_empty(offs.shape[0], g.shape[1], x.shape[1]))
-grouped_linear.register_autograd(_grouped_linear_backward, setup_context=_save_inputs)
+grouped_linear.register_autograd(_grouped_linear_backward, setup_context=lambda ctx, inputs, **_:
+                                 ctx.save_for_backward(*inputs))
 
 _GROUPED_MM = {}  # (device type, dtype) -> whether F.grouped_mm runs there (probed once, eagerly)
 
 
 def grouped_mm_runs(device, dtype, *widths):
-    """Whether F.grouped_mm runs for this device and dtype (probed), with rows of a multiple of 16
-    bytes."""
+    """Whether F.grouped_mm runs for this device and dtype (probed), rows a multiple of 16 bytes."""
     key = (torch.device(device).type, dtype)
     if key not in _GROUPED_MM and not torch.compiler.is_compiling():
         a = torch.ones(4, 8, device=device, dtype=dtype)
@@ -101,8 +96,7 @@ def experts_grouped(x, choice, weight, gate_up_proj, down_proj):
 
 
 def experts_gathered(x, choice, weight, gate_up_proj, down_proj):
-    """Each token gathers its expert's weights; one bmm. Reads only the chosen experts: the decode
-    path."""
+    """Each token gathers its expert's weights, one bmm: reads only the chosen experts (decode)."""
     E = down_proj.shape[0]
     e = choice.clamp(max=E - 1)
     # [N, 2I, d] @ [N, d, 1]

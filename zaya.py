@@ -95,8 +95,7 @@ PRESETS = {
                   router_hidden_size=64),
     "medium": dict(_BYTES, hidden_size=384, num_hidden_layers=8, num_attention_heads=6,
                    num_key_value_heads=2, head_dim=64, num_experts=16, moe_intermediate_size=512,
-                   router_hidden_size=128),
-}
+                   router_hidden_size=128)}
 
 # -----------------------------------------------------------------------------
 # layouts: (pos, pred, mask) for every way the model is run. pred indexes the "extended" sequence
@@ -213,12 +212,36 @@ class KVCache:
         self.capacity = capacity
         self.pending = [None] * L             # per layer: (c_ext, vdel_ext) of the last forward
 
+    def mask(self, mask):
+        """A forward's mask among its T query tokens, [T, T] or [B, T, T], as one over the key
+        slots [0, S), [B, T, S]: each query sees its row's cached prefix, and the query tokens at
+        slots L_b.. as `mask` says. S = max L + T, or under the compiler, the capacity."""
+        L, T = self.lengths, mask.shape[-1]
+        compiled = torch.compiler.is_compiling()                 # kernels.py checks the capacity
+        S = self.k.shape[3] if compiled else int(L.max()) + T    # k.shape: dynamic when compiled
+        if not compiled and S > self.capacity:
+            raise ValueError(f"KV cache full: {S - T} + {T} tokens > capacity {self.capacity}")
+        rel = torch.arange(S, device=L.device)[None, :] - L[:, None]   # [B, S]: key slot - L_b
+        cur = mask.expand(len(L), T, T).gather(2, rel.clamp(0, T - 1)[:, None].expand(-1, T, S))
+        return (rel < 0)[:, None, :] | cur & (rel < T)[:, None]        # prefix | own mask
+
+    def update(self, i, k, v, c_ext, v_ext, S):
+        """Layer i's forward: k, v [B, T, nkv, hd] go to slots L_b..L_b+T-1, (c_ext, v_ext) aside
+        for commit; returns the keys and values of slots [0, S), [B, S, nkv, hd]."""
+        rows = torch.arange(len(k), device=k.device)[:, None]                      # [B, 1]
+        slots = self.lengths[:, None] + torch.arange(k.shape[1], device=k.device)  # [B, T]
+        self.k[i][rows, :, slots] = k.to(self.k.dtype)
+        self.v[i][rows, :, slots] = v.to(self.v.dtype)
+        self.pending[i] = (c_ext, v_ext)
+        return (self.k[i, :, :, :S].transpose(1, 2).to(k.dtype),
+                self.v[i, :, :, :S].transpose(1, 2).to(v.dtype))
+
     def commit(self, n):
         """Keep row b's first n[b] tokens of the last forward (n: LongTensor [B]; 0: keep none)."""
         n = n.to(self.lengths.device)
         rows = torch.arange(len(n), device=n.device)
+        cols = torch.stack([n, n + 1], 1)                    # [B, 2]: ext tokens L+n-2, L+n-1
         for i, (c_ext, v_ext) in enumerate(self.pending):   # ext index of the last kept is n + 1
-            cols = torch.stack([n, n + 1], 1)                # [B, 2]: ext tokens L+n-2, L+n-1
             self.conv[i] = c_ext[rows[:, None], cols].to(self.conv.dtype)
             self.vdel[i] = v_ext[rows, n + 1].to(self.vdel.dtype)
         self.lengths += n
@@ -256,17 +279,19 @@ class ResidualScale(nn.Module):
 
 
 def apply_rope(x, cos, sin):
-    """Partial NeoX RoPE: rotate_half on the first rotary_dim channels of each head.
-    x [B,T,H,hd], cos [B,T,1,r]."""
-    r = cos.shape[-1]
-    xr, xp = x[..., :r], x[..., r:]
-    x1, x2 = xr[..., :r // 2], xr[..., r // 2:]
-    return torch.cat([xr * cos + torch.cat([-x2, x1], -1) * sin, xp], -1)
+    """Partial NeoX RoPE, rotate_half on the first rotary_dim = 2h channels of each head: (x1, x2)
+    -> (x1 cos - x2 sin, x2 cos + x1 sin). x [B,T,H,hd], cos and sin [B,T,1,h]."""
+    h = cos.shape[-1]
+    x1, x2, xp = x.split([h, h, x.shape[-1] - 2 * h], -1)     # split: backward is one cat
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, xp], -1)
 
 
-def gather_time(x, idx):
-    """Rows of x along time: out[b, t] = x[b, idx[b, t]]. x (B, S, C), idx (B, T) -> (B, T, C)."""
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+def predecessor_rows(pred):
+    """pred [B, T] -> [B*T]: each token's predecessor as a row of an extended sequence (B, 2+T, C)
+    flattened to (B*(2+T), C), for every layer's CCA (pred >= 1: extended token 0 is only read by
+    the convolution at token 1). index_select copies whole rows; its backward adds them back."""
+    B, T = pred.shape
+    return (pred + (T + 2) * torch.arange(B, device=pred.device)[:, None]).flatten()
 
 
 class CCAProjection(nn.Module):
@@ -297,77 +322,55 @@ class CCA(nn.Module):
         self.qkv_proj, self.qk_norm = CCAProjection(c), QKNorm(c)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, pred, mask, cache):
+    def forward(self, x, cos, sin, rows, mask, cache):
+        """x [B, T, d]; rows = predecessor_rows(pred); mask [T, S] or [B, T, S] over S = T keys, or
+        over the cache's first S key slots (KVCache.mask)."""
         c, p = self.c, self.qkv_proj
         B, T, _ = x.shape
         nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        G = nq // nkv
+        G, nh = nq // nkv, nq + nkv                                    # nh: q and k heads
         q0, k0 = p.q_proj(x), p.k_proj(x)                      # (B, T, nq*hd), (B, T, nkv*hd)
 
         # qk-mean residual: each query head averaged with its KV head, keys = mean over the group
-        k_rep = k0.view(B, T, nkv, 1, hd).expand(B, T, nkv, G, hd)     # (B, T, nkv, G, hd)
-        k_rep = k_rep.reshape(B, T, nq, hd)                            # (B, T, nq, hd)
-        q_res = (q0.view(B, T, nq, hd) + k_rep) / 2                    # (B, T, nq, hd)
-        k_res = q_res.view(B, T, nkv, G, hd).mean(3)                   # (B, T, nkv, hd)
+        q_res = (q0.view(B, T, nkv, G, hd) + k0.view(B, T, nkv, 1, hd)) / 2   # (B, T, nkv, G, hd)
+        qk_res = torch.cat([q_res.view(B, T, nq, hd), q_res.mean(3)], 2)   # (B, T, nh, hd)
 
-        # two kernel-2 convolutions on the raw [q|k] channels, along the predecessor chain
+        # two kernel-2 convolutions on the raw [q|k] channels along the predecessor chain: the
+        # depthwise one at every (extended) token, then the grouped one reading it at pred(t) and t
         raw = torch.cat([q0, k0], -1)                                  # (B, T, C)
         prev = (cache.conv[self.layer_idx].to(raw.dtype) if cache is not None
                 else raw.new_zeros(B, 2, raw.shape[-1]))               # (B, 2, C)
         c_ext = torch.cat([prev, raw], 1)                              # (B, 2+T, C)
-        pred_ext = torch.cat([pred.new_zeros(B, 2), pred], 1)          # pred of "L-1" is "L-2"
-        p2 = pred_ext.gather(1, pred)                                  # 2nd predecessor (B, T)
-        c1, c2 = gather_time(c_ext, pred), gather_time(c_ext, p2)      # (B, T, C) each
-        w1, b1 = p.conv_qk_depthwise.weight[:, 0, :], p.conv_qk_depthwise.bias  # (C, 2), (C,)
-        h_t = c1 * w1[:, 0] + raw * w1[:, 1] + b1                      # 1st conv at t (tap 0 older)
-        h_p = c2 * w1[:, 0] + c1 * w1[:, 1] + b1                       # at pred(t) (= bias if none)
-        w2 = p.conv_qk_grouped.weight.view(nq + nkv, hd, hd, 2)        # (group, out, in, tap)
-        h_p, h_t = h_p.view(B, T, nq + nkv, hd), h_t.view(B, T, nq + nkv, hd)  # (B, T, group, in)
-        qk = (torch.einsum("btgi,goi->btgo", h_p, w2[..., 0])
-              + torch.einsum("btgi,goi->btgo", h_t, w2[..., 1])
-              + p.conv_qk_grouped.bias.view(nq + nkv, hd))             # (B, T, nq+nkv, hd)
-        q, k = qk[:, :, :nq] + q_res, qk[:, :, nq:] + k_res            # (B, T, nq|nkv, hd)
+        c1 = c_ext.flatten(0, 1).index_select(0, rows).view(B, T, -1)  # at pred(t): (B, T, C)
+        w0, w1 = p.conv_qk_depthwise.weight[:, 0].t().contiguous()     # taps (C,): 0 the older
+        b1 = p.conv_qk_depthwise.bias
+        h = c1 * w0 + raw * w1 + b1                                    # (B, T, C)
+        h_1 = prev[:, :1] * w0 + prev[:, 1:] * w1 + b1                 # at "L-1" (bias if none)
+        h_ext = torch.cat([torch.zeros_like(h_1), h_1, h], 1)          # (B, 2+T, C)
+        h_p = h_ext.flatten(0, 1).index_select(0, rows).view(B * T, nh, hd)    # at pred(t)
+        h = torch.stack([h_p, h.view(B * T, nh, hd)], 2).flatten(2)    # (BT, group, tap in)
+        w2 = p.conv_qk_grouped.weight.view(nh, hd, hd, 2).permute(0, 3, 2, 1)  # (g, tap, in, out)
+        qk = torch.bmm(h.transpose(0, 1), w2.reshape(nh, 2 * hd, hd))  # (group, BT, out)
+        qk = qk.transpose(0, 1).view(B, T, nh, hd) + p.conv_qk_grouped.bias.view(nh, hd) + qk_res
 
         # values: half the channels from this token, half the predecessor's delayed projection
         vd = p.v_proj_delayed(x)                                       # (B, T, hv)
         prev_v = (cache.vdel[self.layer_idx].to(vd.dtype)[:, None] if cache is not None
                   else vd.new_zeros(B, 1, vd.shape[-1]))               # (B, 1, hv)
         v_ext = torch.cat([torch.zeros_like(prev_v), prev_v, vd], 1)   # (B, 2+T, hv)
-        v_prev = gather_time(v_ext, pred)                              # (B, T, hv)
+        v_prev = v_ext.flatten(0, 1).index_select(0, rows).view(B, T, -1)   # (B, T, hv)
         v = torch.cat([p.v_proj_current(x), v_prev], -1).view(B, T, nkv, hd)  # (B, T, nkv, hd)
 
-        # L2 qk-norm to sqrt(hd), key temperature per KV head, partial RoPE
-        eps = torch.finfo(q.dtype).eps
-        q = q * (hd**0.5 / q.norm(dim=-1, keepdim=True).clamp_min(eps))
-        k = k * (hd**0.5 / k.norm(dim=-1, keepdim=True).clamp_min(eps)) * self.qk_norm.temp[:, None]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
-
-        if cache is not None:
-            cache.pending[self.layer_idx] = (c_ext, v_ext)
-            k, v, mask = self._attend_cache(cache, k, v, mask)
+        # L2 qk-norm to sqrt(hd), key temperature per KV head (1 for the queries), partial RoPE
+        temp = F.pad(self.qk_norm.temp, (nq, 0), value=1.0)[:, None]   # (nh, 1)
+        qk = qk * (hd**0.5 / qk.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(qk.dtype).eps))
+        q, k = apply_rope(qk * temp, cos, sin).split([nq, nkv], 2)     # (B, T, nq|nkv, hd)
+        if cache is not None:                                          # (B, S, nkv, hd)
+            k, v = cache.update(self.layer_idx, k, v, c_ext, v_ext, mask.shape[-1])
         attn_mask = mask[:, None] if mask.dim() == 3 else mask         # (B, 1, T, S) or (T, S)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T|S, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nq * hd))   # y: (B, nq, T, hd)
-
-    def _attend_cache(self, cache, k, v, mask):
-        """Write k/v at slots L_b..L_b+T-1; return keys and mask over slots [0, max L + T)."""
-        B, _, T, _ = k.shape
-        L = cache.lengths
-        compiled = torch.compiler.is_compiling()                 # static shapes; kernels.py checks
-        if not compiled and int(L.max()) + T > cache.capacity:
-            raise ValueError(f"KV cache full: {int(L.max())} + {T} tokens > capacity "
-                             f"{cache.capacity}")
-        rows = torch.arange(B, device=L.device)[:, None]         # [B, 1]
-        slots = L[:, None] + torch.arange(T, device=L.device)    # [B, T]
-        ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
-        ck[rows, :, slots] = k.transpose(1, 2).to(ck.dtype)
-        cv[rows, :, slots] = v.transpose(1, 2).to(cv.dtype)
-        Lk = ck.shape[2] if compiled else int(L.max()) + T       # key slots attended
-        rel = torch.arange(Lk, device=L.device)[None, :] - L[:, None]   # [B,Lk] key slot - L_b
-        mask = mask.expand(B, T, T) if mask.dim() == 2 else mask
-        cur = mask.gather(2, rel.clamp(0, T - 1)[:, None].expand(B, T, Lk)) & (rel < T)[:, None]
-        return ck[:, :, :Lk].to(k.dtype), cv[:, :, :Lk].to(v.dtype), (rel < 0)[:, None, :] | cur
 
 
 class Router(nn.Module):
@@ -407,22 +410,22 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, d, I))
 
     def forward(self, x, choice, weight):
-        """Reference dispatch (as DeepSeek-V3's): loop over the experts that received tokens,
-        index_add back. x [N,d], choice [N] (E = skip: contributes zero), weight [N,1]."""
+        """Reference dispatch: tokens sorted by class (stably), a loop over the experts that got
+        tokens, back to token order; x and the expert weights are indexed once (split, unbind), so
+        backward fills no zeros per expert. x [N,d], choice [N] (E = skip: zero), weight [N,1]."""
         if Experts.dispatch is not None and torch.compiler.is_compiling():
             return Experts.dispatch(x, choice, weight, self.gate_up_proj, self.down_proj)
-        y = torch.zeros_like(x)
         if x.is_meta:                                          # shapes only (e.g. the 8B on meta)
-            return y
+            return torch.zeros_like(x)
         counts = torch.bincount(choice, minlength=self.gate_up_proj.shape[0] + 1).tolist()
-        for e, n in enumerate(counts[:-1]):
-            if n == 0:
-                continue
-            idx = (choice == e).nonzero()[:, 0]
-            gate, up = F.linear(x[idx], self.gate_up_proj[e]).chunk(2, -1)
-            out = F.linear(F.silu(gate) * up, self.down_proj[e]) * weight[idx]
-            y.index_add_(0, idx, out.to(x.dtype))
-        return y
+        order = choice.argsort(stable=True)                    # [N], the skip class last
+        xs, ys = x.index_select(0, order).split(counts), []   # xs: the tokens of each class
+        for xe, w_gu, w_down in zip(xs, self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
+            if len(xe):
+                gate, up = F.linear(xe, w_gu).chunk(2, -1)
+                ys.append(F.linear(F.silu(gate) * up, w_down))
+        y = torch.cat(ys + [x.new_zeros(counts[-1], x.shape[1])])   # the skip class: zero
+        return (torch.empty_like(x).index_copy_(0, order, y) * weight).to(x.dtype)
 
 
 class MoE(nn.Module):
@@ -434,9 +437,9 @@ class MoE(nn.Module):
     def forward(self, x, r):
         B, T, d = x.shape
         choice, weight, r = self.gate(x, r)
-        if not x.is_meta:
+        if not x.is_meta:                                              # tokens per class
             E = self.experts.gate_up_proj.shape[0]
-            self.load = F.one_hot(choice.flatten().detach(), E + 1).sum(0)   # tokens per class
+            self.load = (choice.flatten()[:, None] == torch.arange(E + 1, device=x.device)).sum(0)
         y = self.experts(x.reshape(B * T, d), choice.flatten(), weight.reshape(B * T, 1))
         return y.view(B, T, d), r
 
@@ -451,9 +454,9 @@ class Block(nn.Module):
         self.mlp = MoE(c, layer_idx)
         self.post_mlp_residual_scale = ResidualScale(c.hidden_size)
 
-    def forward(self, h, r, cos, sin, pred, mask, cache):
+    def forward(self, h, r, cos, sin, rows, mask, cache):
         dt = self.input_layernorm.weight.dtype                       # h is the fp32 residual stream
-        a = self.self_attn(self.input_layernorm(h.to(dt)), cos, sin, pred, mask, cache)
+        a = self.self_attn(self.input_layernorm(h.to(dt)), cos, sin, rows, mask, cache)
         h = self.post_attention_residual_scale(a, h)
         m, r = self.mlp(self.post_attention_layernorm(h.to(dt)), r)
         return self.post_mlp_residual_scale(m, h), r
@@ -505,13 +508,12 @@ class Zaya(nn.Module):
         return n
 
     def rope(self, pos, dtype):
-        """cos, sin [B,T,1,rotary_dim] at positions pos [B,T]; NeoX layout: each frequency twice."""
+        """cos, sin [B,T,1,rotary_dim/2] at positions pos [B,T], one per frequency (apply_rope)."""
         r = self.config.rotary_dim
         exponents = torch.arange(0, r, 2, device=pos.device, dtype=torch.float) / r
         inv_freq = 1.0 / (self.config.rope_theta ** exponents)
-        f = pos[..., None].float() * inv_freq
-        emb = torch.cat([f, f], -1)[:, :, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        f = (pos[..., None].float() * inv_freq)[:, :, None]
+        return f.cos().to(dtype), f.sin().to(dtype)
 
     def forward_hidden(self, idx, pos, pred, mask, cache=None):
         """The one general forward. idx, pos, pred [B,T] (or [T], broadcast); mask [T,T] or [B,T,T]
@@ -528,13 +530,14 @@ class Zaya(nn.Module):
         e = self.embed_tokens(idx)
         h = ((e + self.input_hidden_states_bias) * self.input_hidden_states_scale).float()
         cos, sin = self.rope(pos, dt)
-        r = None
+        mask = cache.mask(mask) if cache is not None else mask        # [B, T, key slots]
+        rows, r = predecessor_rows(pred), None
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
-                h, r = grad_checkpoint(layer, h, r, cos, sin, pred, mask, cache,
+                h, r = grad_checkpoint(layer, h, r, cos, sin, rows, mask, cache,
                                        use_reentrant=False)
             else:
-                h, r = layer(h, r, cos, sin, pred, mask, cache)
+                h, r = layer(h, r, cos, sin, rows, mask, cache)
         return self.norm(h.to(dt))
 
     def _check_length(self, T):
@@ -556,20 +559,12 @@ class Zaya(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
 
-    def forward_tidar(self, idx, block_size=None):
-        """One forward over [idx | all-mask] with the TiDAR training mask (TIDAR.md 1-2). idx [B,S]
-        -> (ar_logits, diff_logits), both [B,S,V]: ar_logits[:, i] predicts x_{i+1},
-        diff_logits[:, i] predicts x_i."""
+    def tidar_hidden(self, idx, block_size=None):
+        """Hidden states [B, 2S, d] of one forward over [idx | S masks] in the TiDAR training layout
+        (TIDAR.md 1-2): h[:, i] predicts x_{i+1} (AR), h[:, S + i] predicts x_i (its mask)."""
         S = idx.shape[1]
-        self._check_length(S)
         if self.config.mask_token_id is None:
             raise ValueError("config.mask_token_id is not set: TiDAR needs a mask token")
-        logits = self.lm_head(self.tidar_hidden(idx, block_size))
-        return logits[:, :S], logits[:, S:]
-
-    def tidar_hidden(self, idx, block_size=None):
-        """Hidden states [B, 2S, d] of one forward over [idx | S masks], TiDAR training layout."""
-        S = idx.shape[1]
         pos, pred, mask = tidar_train_layout(S, block_size or self.config.block_size, idx.device)
         x = torch.cat([idx, torch.full_like(idx, self.config.mask_token_id)], 1)    # [B, 2S]
         return self.forward_hidden(x, pos, pred, mask)
