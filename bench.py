@@ -5,27 +5,28 @@ Benchmarks, one line per measurement, every ratio of numbers measured side by si
   and TiDAR steps vs its AR step; a step: forward, loss, backward, AdamW);
 - TiDAR (lossless, mix 0.5) vs our AR (tok/s, tokens per forward: TPF), and forward latency vs
   query tokens T = 1, 2, 4, ..., K(1+K) after a cached prefix, on --init_from's model if given;
-- --gpu8b: that curve and AR decode on an 8B-shaped random bf16 model (CUDA; --gpu8b_config tiny
-  --device cpu tests it), the TiDAR speedup implied at --tpf, TPF * t(1) / t(K(1+K)), and level
-  sets' predicted tok/s per batch; --levels: AR vs level sets vs auto on --init_from's model.
+- --gpu8b: that curve (beside the H200 roofline's) and AR decode on an 8B-shaped random bf16 model
+  (CUDA; --gpu8b_config tiny --device cpu tests it), the TiDAR speedup implied at --tpf,
+  TPF * t(1) / t(K(1+K)), and level sets' predicted tok/s per batch; --roofline: step times and
+  speedups on GPUs, from the shape alone. AR vs level sets vs auto: train.py --pipeline=eval.
 Random weights' tokens mean nothing: their speeds and TPF are only this code's.
 """
 import argparse
+import itertools
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 import kernels
-from levels import AutoLevels, calibrate, choose_levels, level_rate
-from sample import HAND_SETS, LEVEL_SETTINGS, generate_ar, generate_tidar, levels_report
-from train import DEFAULTS, TrainLoss, heldout_prompts
-from zaya import KVCache, Zaya, ZayaConfig, causal_layout
+from levels import (AutoLevels, LatencyCurve, calibrate, choose_levels, constant_acceptance,
+                    level_rate, median_seconds)
+from sample import HAND_SETS, generate_ar, generate_tidar
+from train import DEFAULTS, TrainLoss
+from zaya import Zaya, ZayaConfig
 
 FLAGS = [  # (flag, type, default, help); type bool: a switch; a list default: nargs="*"
     ("init_from", str, None, "a checkpoint for the TiDAR/AR part (default: a random model)"),
@@ -35,24 +36,13 @@ FLAGS = [  # (flag, type, default, help); type bool: a switch; a list default: n
     ("prompt_len", int, 32, None), ("new_tokens", int, 128, None), ("reps", int, 3, None),
     ("prefix", int, 256, None), ("train_batch", int, 4, None), ("train_len", int, 256, None),
     ("gpu8b", bool, False, "only the 8B-shaped latency curve, decode and levels (needs CUDA)"),
-    ("gpu8b_config", str, "zaya1-8b", "preset for --gpu8b ('tiny' tests it on a CPU)"),
+    ("gpu8b_config", str, "zaya1-8b", "preset for --gpu8b, --roofline ('tiny': a CPU test)"),
     ("query_tokens", int, [], "--gpu8b: more T"), ("tpf", float, 3.0, "TPF of the implied speedup"),
-    ("acceptance", str, "out/decode.json", "--gpu8b: per-slot acceptance from a reproduction"),
+    ("acceptance", str, "out/decode.json", "--gpu8b, --roofline: per-slot acceptance measured"),
     ("batches", int, [1, 16], "--gpu8b: batch sizes for the level sets"),
-    ("levels", bool, False, "only AR vs TiDAR level sets vs auto on --init_from's model"),
-    ("data", str, "stdlib", "the corpus whose held-out split gives --levels its prompts")]
+    ("roofline", bool, False, "only predicted step times and speedups on GPUs (no weights)")]
 
-
-def timed(fn, a):
-    """Median wall seconds of fn() over a.reps runs, after one warm-up run (compiles happen)."""
-    sync = torch.cuda.synchronize if torch.device(a.device).type == "cuda" else (lambda: None)
-    fn(), sync()
-    ts = []
-    for _ in range(a.reps):                     # each run ends synced, so the next starts clean
-        t0 = time.perf_counter()
-        fn(), sync()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+timed = lambda fn, a: median_seconds(fn, a.reps, a.device)   # a warm-up, a.reps runs on a.device
 
 
 def say(what, value, unit, extra=""):
@@ -111,20 +101,13 @@ def bench_vs_reference(a, model, device):
     model.eval(), ref.eval()
 
 
-def latency_curve(a, model, device, tag, Ts):
-    """{T: median seconds of a causal T-token forward (a verify/draft pass) after a.prefix}."""
-    c, P, out = model.config, a.prefix, {}
-    cache = KVCache(c, 1, P + max(Ts), dtype=model.embed_tokens.weight.dtype, device=device)
-    x = tokens(c, (1, P + max(Ts)), device)
-    with torch.no_grad():
-        pos, pred, mask = causal_layout(P, device)
-        model.forward_hidden(x[:, :P], pos, pred, mask, cache)
-        cache.commit(torch.tensor([P], device=device))
-        for T in Ts:
-            idx, (pos, pred, mask) = x[:, P:P + T].contiguous(), causal_layout(T, device, start=P)
-            out[T] = timed(lambda: model.forward_hidden(idx, pos, pred, mask, cache), a)
-            say(f"forward latency {tag}, prefix {P}, T={T}", out[T] * 1e3, "ms",
-                f"{out[T] / out[Ts[0]]:.2f}x T=1")
+def latency_curve(a, model, tag, Ts, note=lambda T: ""):
+    """{T: median seconds of a T-token forward (a verify/draft pass) after a.prefix cached tokens}:
+    levels.LatencyCurve at batch 1, a.reps runs; note(T) ends each line."""
+    out = LatencyCurve(model, 1, model.config.block_size, a.prefix, a.reps)
+    for T in Ts:
+        say(f"forward latency {tag}, prefix {a.prefix}, T={T}", out[T] * 1e3, "ms",
+            f"{out[T] / out[Ts[0]]:.2f}x T=1{note(T)}")
     return out
 
 
@@ -137,12 +120,14 @@ def gpu8b(a):
     say(f"{name}: parameters ({device.type}, {model.embed_tokens.weight.dtype})",
         model.num_params() / 1e6, "M", f"{model.num_params(active=True) / 1e6:.1f} M active")
     kernels.enable(model, query_lengths=Ts)
+    h200 = step_seconds(step_cost(c), *GPUS["H200"])              # the roofline's prediction
+    note = lambda T: f"; H200 roofline {h200(1, T, a.prefix) * 1e3:.3g} ms (bf16)"
     try:
-        tag, curve = "compiled", latency_curve(a, model, device, "compiled", Ts)
+        tag, curve = "compiled", latency_curve(a, model, "compiled", Ts, note)
     except Exception as e:                                  # say why, then measure the eager path
         print(f"compiled path failed: {type(e).__name__}: "
               f"{(str(e).splitlines() or [''])[0][:300]}; eager instead")
-        tag, curve = "eager", latency_curve(a, kernels.disable(model), device, "eager", Ts)
+        tag, curve = "eager", latency_curve(a, kernels.disable(model), "eager", Ts, note)
     x, n = tokens(c, (1, a.prompt_len), device), a.new_tokens
     t = timed(lambda: generate_ar(model, x, n), a)
     say(f"{name}: AR decode, {tag}, batch 1", n / t, "tok/s")
@@ -159,12 +144,21 @@ def load_acceptance(path, K, tpf):
     if c and len(c) == K + 1:
         print(f"acceptance per slot from {path}: dense TPF {level_rate(list(range(K)), c, K):.2f}")
         return c
-    lo, hi = 0.0, 1.0
-    for _ in range(50):                                     # bisect c: dense TPF(c) = tpf
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if level_rate(list(range(K)), [mid] * (K + 1), K) < tpf else (lo, mid)
-    print(f"acceptance per slot: constant {lo:.3f} (dense TPF {tpf}); no decode.json at {path}")
-    return [lo] * (K + 1)
+    c = constant_acceptance(K, tpf)
+    print(f"acceptance per slot: constant {c[0]:.3f} (dense TPF {tpf}); no decode.json at {path}")
+    return c
+
+
+def level_sets(K):
+    """The level sets benchmarks compare: "dense" (all K levels) and each of sample.HAND_SETS."""
+    return {"dense": list(range(K)), **{str(g): g for g in HAND_SETS}}
+
+
+def rates(t, c, K, B):
+    """Tokens/s at batch B of AR and each of level_sets(K), from per-slot acceptance c and t(n),
+    the seconds of a step over n query tokens per row (AR: 1; a level set: K + K * len(levels))."""
+    r = {k: B * level_rate(g, c, K) / t(K + K * len(g)) for k, g in level_sets(K).items()}
+    return {"AR": B / t(1), **r}
 
 
 def level_predictions(model, K, c, batches, prefix):
@@ -173,8 +167,7 @@ def level_predictions(model, K, c, batches, prefix):
     rows = []
     for B in batches:
         t = calibrate(model, B, K, prefix)
-        rate = {"AR": B / t[1], "dense": B * level_rate(list(range(K)), c, K) / t[K * (K + 1)]}
-        rate.update({str(g): B * level_rate(g, c, K) / t[K + K * len(g)] for g in HAND_SETS})
+        rate = rates(t.__getitem__, c, K, B)
         best = max((str(g) for g in HAND_SETS), key=rate.get)
         levels, r = choose_levels(c, t.__getitem__, K)
         auto = levels if B * r >= rate["AR"] * (1 + AutoLevels().margin) else "AR"
@@ -187,6 +180,90 @@ def level_predictions(model, K, c, batches, prefix):
     return rows
 
 
+# (bytes/s, dense bf16 FLOP/s): TIDAR.md section 6; the H100 (not there): the H100 SXM's public ones
+GPUS = dict(H100=(3.35e12, 989e12), H200=(4.8e12, 989e12), MI300X=(5.3e12, 1307e12),
+            MI355X=(8e12, 2500e12))
+# TIDAR.md section 6: the roofline bound it quotes (4k context, 7.5 tokens per step) and Zyphra's
+# measured speedups (their vLLM fork): {(what, device): {batch: speedup}}
+REFERENCE = {("TIDAR.md's bound", "H100"): {1: "1.2", 4: "2.3", 16: "3.8", 64: "2.7-3"},
+             ("Zyphra measured", "H100"): {1: "2.60", 8: "1.80", 16: "1.66", 64: "1.13"},
+             ("Zyphra measured", "MI300X"): {1: "1.16", 8: "0.84-0.98", 64: "0.84-0.98"}}
+
+
+def experts_woken(E, n):
+    """Expected experts of E that n tokens wake under uniform top-1 routing: E(1 - (1 - 1/E)^n)."""
+    return E * (1 - (1 - 1 / E) ** n)
+
+
+def step_cost(c, w=2):
+    """cost(B, n, ctx) = (bytes read, FLOPs) of a decode step of B rows of n query tokens (AR: 1; a
+    level set: K + K * len(levels)) after ctx cached tokens, w-byte (bf16) weights and KV cache,
+    from the config alone (TIDAR.md section 6). Bytes, each weight once per step: attention, router,
+    norms; per layer the experts_woken(E, B * n) (the router's E + 1th class, skip, computes nothing
+    and its balancing bias -1 keeps it unchosen: taken as never chosen, an upper bound); the LM head
+    (the tied V x d embedding) however many rows it computes; the query tokens' embedding rows; per
+    row the KV cache (ctx x layers x K and V of nkv heads x hd, CCA's compressed heads as KVCache
+    holds them) and CCA's fp32 state (two raw [q|k] conv inputs, a delayed value). FLOPs per query
+    token: 2 x (those weights + one expert a layer + the head: every query token has a logit row)
+    + per layer 4 nq hd (ctx + n): scores and values over the cache and the step's own keys, masked
+    but dense (zaya's KVCache.mask and update). Activations are taken to stay on chip."""
+    L, E, d, R = c.num_hidden_layers, c.num_experts, c.hidden_size, c.router_hidden_size
+    nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    C = (nq + nkv) * hd                                     # CCA's [q|k] conv channels
+    attn = 2 * d * C + 2 * C * (hd + 2) + nkv               # q, k, v, o; 2 convs (+ bias); temp
+    router = R * (d + 2 * R + E + 5)                        # down, norm, fc1, fc2, out (+ biases)
+    # + per layer 2 norms and 2 residual scales; EDA scales after layer 0; input scale, bias, norm
+    once = L * (attn + router + 10 * d) + (L - 1) * R + 3 * d
+    expert, head = 3 * c.moe_intermediate_size * d, c.vocab_size * d   # gate, up, down; V x d
+    kv, state = L * 2 * nkv * hd * w, L * 4 * (2 * C + nkv * hd // 2)  # bytes: a token, a row
+
+    def cost(B, n, ctx):
+        N = B * n                                           # query tokens in the step
+        weights = once + L * experts_woken(E, N) * expert + head
+        return (w * (weights + N * d) + B * (ctx * kv + state),
+                N * (2 * (once + L * expert + head) + 4 * L * nq * hd * (ctx + n)))
+    return cost
+
+
+def step_seconds(cost, bandwidth, peak):
+    """t(B, n, ctx) = max(bytes / bandwidth, FLOPs / peak): the roofline of a step_cost."""
+    return lambda B, n, ctx: max(x / y for x, y in zip(cost(B, n, ctx), (bandwidth, peak)))
+
+
+def roofline(a):
+    """--roofline: step times t(step) = max(bytes / bandwidth, FLOPs / peak) (step_cost) and TiDAR
+    speedups, B x TPF / t(step) over AR's B / t(AR step), predicted on GPUS from --gpu8b_config's
+    shape alone (TIDAR.md section 6); TPF: level_rate of the fastest of level_sets at the measured
+    acceptance (load_acceptance) and the anchors' (constant: dense TPF 8.25, TiDAR 8B's, sec. 5)."""
+    c = ZayaConfig.from_name(a.gpu8b_config)
+    K, cost, sets, batches = c.block_size, step_cost(c), level_sets(c.block_size), (1, 4, 16, 64)
+    acc = dict(measured=load_acceptance(a.acceptance, K, a.tpf),
+               anchor=constant_acceptance(K, 8.25), tpf7_5=constant_acceptance(K, 7.5))
+    print(f"roofline, {a.gpu8b_config}, bf16; at the measured, then the anchor acceptance: best "
+          f"set, its step ms and speedup\n{'device ctx B':<15}{'AR ms':>9}{'dense ms':>9}"
+          + "  {:>13}{:>8}{:>7}".format("best set", "its ms", "x AR") * 2)
+    sp = {}                                        # (gpu, ctx, B, acceptance): best, dense speedup
+    for (gpu, roof), ctx, B in itertools.product(GPUS.items(), (4096, 32768), batches):
+        t = lambda n: step_seconds(cost, *roof)(B, n, ctx)
+        row = f"{gpu:<7}{ctx // 1024:>3}k{B:>4}{t(1) * 1e3:9.2f}{t(K * (1 + K)) * 1e3:9.2f}"
+        for name, c_acc in acc.items():
+            r = rates(t, c_acc, K, B)
+            best = max(sets, key=r.get)
+            sp[gpu, ctx, B, name] = r[best] / r["AR"], r["dense"] / r["AR"]
+            ms = t(K + K * len(sets[best])) * 1e3
+            row += f"  {best:>13}{ms:8.2f}{r[best] / r['AR']:6.2f}x" * (name != "tpf7_5")
+        print(row)
+    gb = lambda n, ctx=4096: f"{cost(1, n, ctx)[0] / 1e9:.2f} GB"
+    print(f"bytes per step, batch 1, 4k: AR {gb(1)} ({gb(1, 0)} without the cache), {2 * K} tokens "
+          f"{gb(2 * K)}, {K * (1 + K)} tokens {gb(K * (1 + K))} (TIDAR.md: ~2.6, 16-17.7 GB)")
+    for (what, gpu), row in REFERENCE.items():             # ours at the nearest batch, 4k
+        for B, ref in row.items():
+            near = min(batches, key=lambda b: abs(b - B))
+            (m, _), (an, _), (b75, d75) = (sp[gpu, 4096, near, name] for name in acc)
+            print(f"{what}, {gpu} batch {B}: {ref}x; ours at batch {near}: {m:.2f}x measured, "
+                  f"{an:.2f}x anchor acceptance; at TPF 7.5 {b75:.2f}x (dense {d75:.2f}x)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,13 +273,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(a.threads or torch.get_num_threads())
-    if a.levels:                                        # python bench.py --levels --init_from=out
-        model, prompts = heldout_prompts(a.init_from or "out", a.data, 8)
-        with torch.no_grad():
-            return levels_report(model, prompts, model.config.block_size, a.new_tokens,
-                                 LEVEL_SETTINGS, a.reps)
-    if a.gpu8b:
-        return gpu8b(a)
+    if a.gpu8b or a.roofline:
+        return gpu8b(a) if a.gpu8b else roofline(a)
     device = torch.device(a.device)
     with torch.device(device):
         model = Zaya(ZayaConfig.from_name(a.config)).float().eval()
@@ -222,7 +294,7 @@ def main(argv=None):
             say(f"TiDAR {sampler} (K={K}) {tag}", n / t, "tok/s",
                 f"{st.tokens_per_forward:.2f} tokens/forward, {t_ar / t:.2f}x AR")
         Ts = [2 ** i for i in range(20) if 2 ** i < K * (1 + K)] if tag == "eager" else [1]
-        latency_curve(a, model, device, tag, Ts + [K * (1 + K)])  # compiled: the graphed T only
+        latency_curve(a, model, tag, Ts + [K * (1 + K)])        # compiled: the graphed T only
 
 
 if __name__ == "__main__":

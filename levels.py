@@ -38,12 +38,20 @@ def level_rate(levels, c, K):
             P[s0][j - level_of[j] + 1] += p_j
             reach *= c[s0 + j] if j < K - s0 else 0.0
     P, E = torch.tensor(P, dtype=torch.float64), torch.tensor(E, dtype=torch.float64)
-    pi = torch.zeros(K + 1, dtype=torch.float64)
-    pi[1] = 1.0
     # lazy: same stationary distribution, aperiodic; its K-cycle modes decay as cos(pi/K)^n
     lazy = (torch.eye(K + 1, dtype=torch.float64) + P) / 2
-    steps = 1024 + 8 * K * K
-    return float(pi @ torch.linalg.matrix_power(lazy, steps) @ E)   # {0} alone: K, 1, K, 1, ...
+    # from slot 1 (row 1 of lazy^steps); {0} alone: K, 1, K, 1, ...
+    return float((torch.linalg.matrix_power(lazy, 1024 + 8 * K * K) @ E)[1])
+
+
+def constant_acceptance(K, tpf):
+    """The constant per-slot acceptance c whose dense set commits `tpf` tokens per step (bisection:
+    level_rate grows with c)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if level_rate(list(range(K)), [mid] * (K + 1), K) < tpf else (lo, mid)
+    return [lo] * (K + 1)
 
 
 def acceptance_from_histogram(hist, K):
@@ -89,9 +97,8 @@ class AutoLevels:
 
     def __init__(self, latency=None, clock=time.perf_counter, probe=4, every=8, explore=0.02,
                  margin=0.05):
-        self.latency, self.clock = latency, clock
-        self.probe, self.every = probe, every
-        self.explore, self.margin = explore, margin
+        self.latency, self.clock, self.probe = latency, clock, probe
+        self.every, self.explore, self.margin = every, explore, margin
 
     def start(self, model, B, K, prefix):
         if self.latency is None:
@@ -106,8 +113,7 @@ class AutoLevels:
         self.stretch = [0.0, 0.0]          # TiDAR steps since the last AR: seconds, tokens/row
         self.lost = 0.0                    # seconds the probes lost to AR
         self.never = K / self.latency[2 * K] < 1 / self.latency[1]   # any set's best case vs AR
-        prior = [0.5] * (K + 1)
-        self.groups = None if self.never else choose_levels(prior, self.seconds, K)[0]
+        self.groups = None if self.never else choose_levels([0.5] * (K + 1), self.seconds, K)[0]
         self.left = float("inf") if self.never else self.probe
 
     def seconds(self, n):
@@ -136,8 +142,7 @@ class AutoLevels:
             else:                               # AR wins: AR until the probe budget allows another
                 lost = max(0.0, self.stretch[0] - self.stretch[1] / ar)
                 self.groups, self.left = None, max(self.every, lost * ar / self.explore)
-                self.lost = self.lost + lost
-                self.stretch = [0.0, 0.0]
+                self.lost, self.stretch = self.lost + lost, [0.0, 0.0]
             self.why = f"levels {levels} predict {rate:.0f} tokens/s vs AR {ar:.0f}"
         self.left -= 1
         key = "AR" if self.groups is None else str(self.groups)
@@ -148,8 +153,7 @@ class AutoLevels:
         return self.groups
 
     def count(self, k, valid, shift, active):
-        """Per group slot: drafts tried (all before them accepted) and accepted, from one
-        verification."""
+        """Per group slot, from one verification: drafts tried (all before accepted), accepted."""
         i = torch.arange(valid.shape[1], device=k.device)[None]
         tried = active[:, None] & valid & (i <= k[:, None])
         slot = (shift[:, None] + 1 + i).clamp(max=self.K)
@@ -168,41 +172,46 @@ class AutoLevels:
                 f"last choice: {self.why or 'the first probe'}" + cal)
 
 
+def median_seconds(fn, reps=5, device="cpu"):
+    """Median wall seconds of fn() over reps runs after one warm-up run (compiles happen); on CUDA
+    each run ends synced, so the next starts clean."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    fn(), sync()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(), sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 class LatencyCurve(dict):
     """t(n): median seconds of one forward over n query tokens after a cached prefix (n = 1: an AR
-    step; K + K*m: a TiDAR step with m groups), measured the first time n is asked for: 1 warm-up
-    + 5 runs. The drafts are random tokens: an MoE's cost depends on how tokens spread over experts,
-    and all-zero inputs (one expert) are too cheap."""
+    step; K + K*m: a TiDAR step with m groups; any other n: a causal forward), measured the first
+    time n is asked for: 1 warm-up + `reps` runs. The drafts are random tokens: an MoE's cost
+    depends on how tokens spread over experts, and all-zero inputs (one expert) are too cheap."""
 
-    def __init__(self, model, B, K, prefix):
+    def __init__(self, model, B, K, prefix, reps=5):
         super().__init__()
         self.model = weakref.ref(model)
-        self.B, self.K, self.prefix = B, K, prefix
-        self.seconds = 0.0
+        self.B, self.K, self.prefix, self.reps, self.seconds = B, K, prefix, reps, 0.0
 
     @torch.no_grad()
     def __missing__(self, n):
-        model, K, B = self.model(), self.K, self.B
-        config = model.config
-        dev, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
-        if n == 1:
-            pos, pred, mask = causal_layout(1, dev, start=self.prefix)
+        model, K, t_start = self.model(), self.K, time.perf_counter()
+        c, w, P = model.config, model.embed_tokens.weight, self.prefix
+        step = n % K == 0 and n > K                      # K + K*m, m >= 1: drafts and mask groups
+        if step:
+            pos, pred, mask = tidar_step_layout(K, range(n // K - 1), w.device, start=P)
         else:
-            pos, pred, mask = tidar_step_layout(K, range((n - K) // K), dev, start=self.prefix)
+            pos, pred, mask = causal_layout(n, w.device, start=P)
         gen = torch.Generator().manual_seed(n)
-        x = torch.randint(0, min(256, config.vocab_size), (B, n), generator=gen).to(dev)
-        x[:, K:] = config.mask_token_id if n > K else x[:, K:]
-        cache = KVCache(config, B, self.prefix + n, dtype=dtype, device=dev)
-        runs = []
-        t_start = time.perf_counter()
-        for _ in range(6):
-            cache.lengths.fill_(self.prefix)
-            t0 = time.perf_counter()
-            model.forward_hidden(x, pos, pred, mask, cache)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            runs.append(time.perf_counter() - t0)
-        self[n] = statistics.median(runs[1:])
+        x = torch.randint(0, min(256, c.vocab_size), (self.B, n), generator=gen).to(w.device)
+        x[:, K:] = c.mask_token_id if step else x[:, K:]
+        cache = KVCache(c, self.B, P + n, dtype=w.dtype, device=w.device)
+        cache.lengths.fill_(P)                           # a forward writes K/V, keeps the lengths
+        run = lambda: model.forward_hidden(x, pos, pred, mask, cache)
+        self[n] = median_seconds(run, self.reps, w.device)
         self.seconds += time.perf_counter() - t_start   # the calibration's cost so far
         return self[n]
 
@@ -212,8 +221,7 @@ _CURVES = {}
 
 def calibrate(model, B, K, prefix):
     """The latency curve for this machine, model shape, dtype, batch, K and prefix (in 64-token
-    buckets), shared by every call in this process: each point is measured once, when first
-    needed."""
+    buckets), shared by every call in this process: each point measured once, when first needed."""
     w = model.embed_tokens.weight
     key = (str(w.device), w.dtype, repr(model.config), B, K, prefix // 64)
     curve = _CURVES.setdefault(key, LatencyCurve(model, B, K, prefix))
