@@ -1,12 +1,10 @@
 """
-Decoding: the AR baseline and single-forward TiDAR with its two samplers
-(../shared/docs/TIDAR.md 3-4).
+Decoding: the AR baseline, single-forward TiDAR and its two samplers (../shared/docs/TIDAR.md 3-4).
 
 generate_ar     one token per forward on the static KV cache (zaya.KVCache).
 generate_tidar  one forward per step verifies K drafts causally AND drafts the next block for every
                 acceptance length (K mask groups, or a subset `groups`), sharing one KV cache:
-                accepted tokens' K/V and CCA state are committed without recomputation, the rest
-                is truncated.
+                accepted tokens' K/V and CCA state are kept without recomputing, the rest truncated.
 generate_lookup the no-training baseline: prompt-lookup (n-gram) drafts from the context, verified
                 with the same lossless rule and KV-cache rollback.
 Samplers: "lossless" = speculative sampling against the model's own AR distribution (Leviathan et
@@ -19,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -27,14 +26,14 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
+import kernels
 from levels import AutoLevels, acceptance_from_histogram, calibrate
 from zaya import (CheckpointError, KVCache, Zaya, _atomic_write, ar_step_layout, causal_layout,
                   tidar_prefill_layout, tidar_step_layout)
 
+
 # -----------------------------------------------------------------------------
 # flags and tokenizers, shared with train.py
-
-
 class UsageError(ValueError):
     """Bad input; the CLIs print it as one line and exit with status 2, no traceback."""
 
@@ -77,8 +76,7 @@ def get_tokenizer(name):
         except Exception as e:
             raise UsageError(f"no tiktoken encoding {name!r} ({type(e).__name__}); "
                              "do use --tokenizer=bytes") from None
-        n = base.n_vocab
-        special = {**base._special_tokens, "<|mask|>": n, "<|pad|>": n + 1}
+        special = {**base._special_tokens, "<|mask|>": base.n_vocab, "<|pad|>": base.n_vocab + 1}
         enc = tiktoken.Encoding(f"{name}-tidar", pat_str=base._pat_str,
                                 mergeable_ranks=base._mergeable_ranks, special_tokens=special)
     ids = dict(eot=enc.eot_token, mask=enc.encode_single_token("<|mask|>"),
@@ -104,10 +102,9 @@ def load_tokenizer(model):
     enc, _ = get_tokenizer(meta.get("tokenizer", "bytes"))
     return (lambda s: enc.encode(s)), (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
 
+
 # -----------------------------------------------------------------------------
 # statistics and shared pieces
-
-
 @dataclass
 class Stats:
     forwards: int = 0                 # model calls after prefill
@@ -126,24 +123,6 @@ class Stats:
         return (f"{self.new_tokens} tokens in {self.forwards} forwards "
                 f"({self.tokens_per_forward:.2f} tokens/forward), {self.seconds:.2f} s, "
                 f"{self.tokens_per_s:.1f} tokens/s; committed per step {{{hist}}}")
-
-
-def _prepare(model, idx, max_new_tokens, extra):
-    """Prompts as a padded [B, Tmax] tensor + lengths, and an empty cache with room for the run."""
-    ragged = isinstance(idx, (list, tuple))
-    rows = [torch.as_tensor(r, dtype=torch.long).flatten() for r in idx] if ragged else list(idx)
-    check(max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    check(all(len(r) for r in rows), "empty prompt: give at least one token (e.g. the bos token)")
-    P = torch.tensor([len(r) for r in rows])
-    limit = model.config.max_position_embeddings
-    check(int(P.max()) + max_new_tokens <= limit,
-          f"prompt ({int(P.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-          f"context of {limit} tokens; shorten the prompt or ask for fewer")
-    dev = model.embed_tokens.weight.device
-    x = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, Tmax], right-padded with 0
-    capacity = int(P.max()) + max_new_tokens + extra
-    cache = KVCache(model.config, len(rows), capacity, model.embed_tokens.weight.dtype, dev)
-    return ragged, rows, x.to(dev), P.to(dev), cache
 
 
 def head_logits(model, h):
@@ -185,14 +164,15 @@ def sample(logits, temperature=0.0, top_k=None, mask_id=None, generator=None):
 class _Outputs:
     """New tokens per row in one tensor (no per-token Python work: 30,000 rows stay fast)."""
 
-    def __init__(self, B, max_new, K, device, stop_at_eos, eos):
-        self.buf = torch.zeros(B, max_new + 2 * K + 1, dtype=torch.long, device=device)
-        self.n = torch.zeros(B, dtype=torch.long, device=device)      # tokens written per row
+    def __init__(self, rows, ragged, t0, max_new, K, device, stop_at_eos, eos):
+        self.rows, self.ragged, self.t0 = rows, ragged, t0          # prompts, a list in?, start
+        self.buf = torch.zeros(len(rows), max_new + 2 * K + 1, dtype=torch.long, device=device)
+        self.n = torch.zeros(len(rows), dtype=torch.long, device=device)   # tokens written per row
         self.steps = torch.zeros_like(self.n)                          # decode steps per row
         self.made = torch.zeros_like(self.n)                           # tokens those steps made
         self.hist = torch.zeros(K + 1, dtype=torch.long, device=device)
-        self.max_new = max_new
-        self.eos = eos if stop_at_eos else None
+        self.forwards = 0                                              # decode steps (model calls)
+        self.max_new, self.eos = max_new, eos if stop_at_eos else None      # when a row is done
 
     def active(self):
         done = self.n >= self.max_new
@@ -209,46 +189,76 @@ class _Outputs:
         self.buf.scatter_(1, idx, torch.where(keep, tokens, self.buf.gather(1, idx)))
         self.n += torch.where(active, count, 0)
         if decode:
+            self.forwards += 1
             self.steps += active.long()
             self.made += torch.where(active, count, 0)
             self.hist += torch.bincount(count[active], minlength=len(self.hist))[:len(self.hist)]
 
-    def finish(self, ragged, rows, stats, t0, cache):
-        """prompt + exactly max_new new tokens per row (fewer after an eos if told to), Stats."""
-        stats.cache = cache
+    def finish(self, cache, **fields):
+        """prompt + exactly max_new new tokens a row (fewer after eos if told), Stats(**fields)."""
         n = self.n.clamp(max=self.max_new)
         if self.eos is not None:
             hit = (self.buf[:, :self.max_new] == self.eos).float().cumsum(1)
             n = torch.minimum(n, (hit < 1).sum(1) + 1)
-        stats.histogram = {i: int(c) for i, c in enumerate(self.hist.tolist()) if c}
-        stats.new_tokens = int(n.sum())
         rates = (self.made.double() / self.steps.clamp(min=1))[self.steps > 0]
-        stats.tokens_per_forward = float(rates.mean()) if len(rates) else 0.0
-        stats.seconds = time.perf_counter() - t0
-        stats.tokens_per_s = stats.new_tokens / max(stats.seconds, 1e-9)
-        buf = self.buf
-        if not ragged and bool((n == self.max_new).all()):
+        new, seconds = int(n.sum()), time.perf_counter() - self.t0
+        stats = Stats(forwards=self.forwards, new_tokens=new, seconds=seconds,
+                      tokens_per_forward=float(rates.mean()) if len(rates) else 0.0,
+                      histogram={i: int(c) for i, c in enumerate(self.hist.tolist()) if c},
+                      tokens_per_s=new / max(seconds, 1e-9), cache=cache, **fields)
+        buf, rows = self.buf, self.rows
+        if not self.ragged and bool((n == self.max_new).all()):
             return torch.cat([torch.stack(rows).to(buf.device), buf[:, :self.max_new]], 1), stats
         return [torch.cat([r.to(buf.device), buf[b, :n[b]]]) for b, r in enumerate(rows)], stats
 
 
-def _check_args(temperature, top_k, mix_weight=0.5, block_size=1, sampler="lossless"):
+def _prefill(model, idx, max_new_tokens, K, how, stop_at_eos, tidar=False):
+    """A run of up to K tokens a step, begun: prompts x [B, T] (0-padded right) of lengths P [B], a
+    cache with room for the run, one prefill forward h [B, T(+K), d] over x (tidar: [x | K masks],
+    which draft block 1), the first token tok [B] in `out`. Returns (out, cache, tok, h, x, P)."""
+    t0 = time.perf_counter()
+    c, dev = model.config, model.embed_tokens.weight.device
+    ragged = isinstance(idx, (list, tuple))
+    rows = [torch.as_tensor(r, dtype=torch.long).flatten() for r in idx] if ragged else list(idx)
+    check(max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check(all(len(r) for r in rows), "empty prompt: give at least one token (e.g. the bos token)")
+    P = torch.tensor([len(r) for r in rows], device=dev)
+    check(int(P.max()) + max_new_tokens <= c.max_position_embeddings,
+          f"prompt ({int(P.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+          f"context of {c.max_position_embeddings} tokens; shorten the prompt or ask for fewer")
+    room = int(P.max()) + max_new_tokens + (K * (2 + K) if tidar else K)
+    cache = KVCache(c, len(rows), room, model.embed_tokens.weight.dtype, dev)
+    x = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(dev)     # [B, T]
+    B, T = x.shape
+    if tidar:
+        masks = torch.full((B, K), c.mask_token_id, device=dev)
+        h = model.forward_hidden(torch.cat([x, masks], 1), *tidar_prefill_layout(P, T, K),
+                                 cache=cache)
+    else:
+        h = model.forward_hidden(x, *causal_layout(T, dev), cache=cache)
+    cache.commit(P)
+    tok = sample(head_logits(model, h[torch.arange(B, device=dev), P - 1]), *how)     # [B]
+    out = _Outputs(rows, ragged, t0, max_new_tokens, K, dev, stop_at_eos, c.eos_token_id)
+    out.append(tok[:, None], torch.ones_like(tok), torch.ones_like(tok).bool(), decode=False)
+    return out, cache, tok, h, x, P
+
+
+def _how(model, temperature, top_k, generator, mix_weight=0.5, block_size=1, sampler="lossless"):
+    """The sampling settings, checked -> how = (temperature, top_k, mask_id, generator)."""
     check(sampler in ("lossless", "mix"), f"sampler must be 'lossless' or 'mix', got {sampler!r}")
     check(temperature >= 0, f"temperature must be >= 0, got {temperature}")
     check(top_k is None or top_k >= 1, f"top_k must be >= 1, got {top_k}")
     check(0.0 <= mix_weight <= 1.0, f"mix_weight must be in [0, 1], got {mix_weight}")
     check(block_size >= 1, f"block_size must be >= 1, got {block_size}")
+    return temperature, top_k, model.config.mask_token_id, generator
+
 
 # -----------------------------------------------------------------------------
 # AR baseline
-
-
 def ar_step(model, cache, tok, active, how):
     """One AR decode step: tok [B] goes in at each row's cached length, is committed where active,
-    and the next token [B] comes out (inactive rows keep tok).
-    how = (temperature, top_k, mask_id, generator)."""
-    pos, pred, mask = ar_step_layout(cache.lengths)
-    h = model.forward_hidden(tok[:, None], pos, pred, mask, cache)   # [B, 1, d]
+    and the next token [B] comes out (inactive rows keep tok); `how` as _how returns it."""
+    h = model.forward_hidden(tok[:, None], *ar_step_layout(cache.lengths), cache=cache)  # [B, 1, d]
     cache.commit(active.long())
     return torch.where(active, sample(head_logits(model, h[:, 0]), *how), tok)
 
@@ -258,38 +268,22 @@ def generate_ar(model, idx, max_new_tokens, temperature=0.0, top_k=None, stop_at
                 generator=None):
     """Plain AR decoding on the static cache. idx: LongTensor [B, T] or a list of 1-D prompts.
     Returns (prompt + exactly max_new_tokens new tokens per row [B, T+N] or a list, Stats)."""
-    _check_args(temperature, top_k)
-    t0 = time.perf_counter()
-    c = model.config
-    how = (temperature, top_k, c.mask_token_id, generator)
-    ragged, rows, x, P, cache = _prepare(model, idx, max_new_tokens, 1)
-    B, dev = len(rows), x.device
-
-    pos, pred, mask = causal_layout(x.shape[1], dev)                 # prefill
-    h = model.forward_hidden(x, pos, pred, mask, cache)              # [B, T, d]
-    cache.commit(P)
-    tok = sample(head_logits(model, h[torch.arange(B, device=dev), P - 1]), *how)     # [B]
-    out = _Outputs(B, max_new_tokens, 1, dev, stop_at_eos, c.eos_token_id)
+    how = _how(model, temperature, top_k, generator)
+    out, cache, tok, *_ = _prefill(model, idx, max_new_tokens, 1, how, stop_at_eos)
     one = torch.ones_like(tok)
-    out.append(tok[:, None], one, one.bool(), decode=False)
-
-    stats = Stats()
     while (active := out.active()).any():
         tok = ar_step(model, cache, tok, active, how)
-        stats.forwards += 1
         out.append(tok[:, None], one, active)
-    return out.finish(ragged, rows, stats, t0, cache)
+    return out.finish(cache)
+
 
 # -----------------------------------------------------------------------------
 # TiDAR
-
-
 def _verify(ar, drafts, draft_logits, valid, sampler, w, temperature, top_k, mask_id, generator):
-    """One verification (TIDAR.md section 4), vectorised over rows.
-    ar [B, K, V]: AR logits at d_0..d_{K-1} (fp32); drafts [B, K-1]: d_1..d_{K-1}; draft_logits
-    [B, K-1, V] that proposed them; valid [B, K-1] (False: no draft, always rejected). Returns k [B]
-    (accepted drafts) and the next token [B] (the correction at the first rejection, or the bonus).
-    """
+    """One verification (TIDAR.md section 4), vectorised over rows. ar [B, K, V]: AR logits at
+    d_0..d_{K-1} (fp32); drafts [B, K-1]: d_1..d_{K-1}; draft_logits [B, K-1, V] that proposed
+    them; valid [B, K-1] (False: no draft, always rejected). Returns k [B] (accepted drafts) and
+    the next token [B]: the correction at the first rejection, or the bonus."""
     B, K, V = ar.shape
     target = ar[:, :-1]
     if sampler == "mix":
@@ -300,8 +294,7 @@ def _verify(ar, drafts, draft_logits, valid, sampler, w, temperature, top_k, mas
         ok = valid & (drafts == target.argmax(-1))
     else:
         p, q = target.softmax(-1), q_logits.softmax(-1)
-        pd = p.gather(-1, drafts[..., None])[..., 0]
-        qd = q.gather(-1, drafts[..., None])[..., 0]
+        pd, qd = (x.gather(-1, drafts[..., None])[..., 0] for x in (p, q))        # at the drafts
         u = torch.rand(pd.shape, generator=generator, device=pd.device)
         ok = valid & (u * qd < pd)                                            # prob min(1, p/q)
     k = ok.long().cumprod(-1).sum(-1)                                         # leading accepted
@@ -336,19 +329,17 @@ def tidar_step(model, cache, d0, dlog, valid, groups, active, sampler, w, how):
     committed [B, K] (row b: its first k + 1), and the next dlog, valid and shift (slots of the next
     drafts' group already behind us)."""
     B, K, dev = d0.shape[0], dlog.shape[1] + 1, d0.device
-    mask_id = model.config.mask_token_id
     drafts = torch.where(valid, sample(dlog, *how), 0)                      # [B, K-1]
 
     # one forward over [d_0..d_{K-1} | K masks per level in `groups`]
     pos, pred, mask = tidar_step_layout(K, groups, dev, start=cache.lengths[:, None])
-    masks = torch.full((B, K * len(groups)), mask_id, device=dev)
+    masks = torch.full((B, K * len(groups)), model.config.mask_token_id, device=dev)
     h = model.forward_hidden(torch.cat([d0[:, None], drafts, masks], 1), pos, pred, mask, cache)
 
-    # verify the drafts against the AR logits at d_0..d_{K-1}, keep d_0..d_k
+    # verify the drafts against the AR logits at d_0..d_{K-1}, keep d_0..d_k: drafts[:k], then nxt
     k, nxt = _verify(head_logits(model, h[:, :K]), drafts, dlog, valid, sampler, w, *how)
     cache.commit(torch.where(active, k + 1, 0))
-    committed = torch.cat([drafts, nxt[:, None]], 1)                         # [B, K]
-    committed.scatter_(1, k[:, None], nxt[:, None])                          # drafts[:k], then nxt
+    committed = torch.cat([drafts, nxt[:, None]], 1).scatter(1, k[:, None], nxt[:, None])  # [B, K]
 
     # next drafts: the group at level g = level_of[k]; its slot s predicts position L+g+1+s, and the
     # next block starts at L+k+1, so it reads slots k-g+1.. of that group
@@ -373,32 +364,18 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     as it decodes, and takes plain AR steps while no level set is predicted to beat AR (levels.py).
     record=True: row 0's steps in stats.log (--show). Returns (tokens, Stats) like generate_ar."""
     K = model.config.block_size if block_size is None else block_size
-    _check_args(temperature, top_k, mix_weight, K, sampler)
-    c = model.config
-    if c.mask_token_id is None:
+    how = _how(model, temperature, top_k, generator, mix_weight, K, sampler)
+    if model.config.mask_token_id is None:
         raise ValueError("this model has no mask_token_id: it was not converted with TiDAR")
     auto = AutoLevels() if groups == "auto" else groups if isinstance(groups, AutoLevels) else None
     groups = list(range(K)) if auto or groups is None else sorted(set(groups) | {0})
-    if groups[-1] >= K:
-        raise ValueError(f"groups must lie in 0..{K - 1}, got {groups}")
-    t0 = time.perf_counter()
-    how = (temperature, top_k, c.mask_token_id, generator)
-    ragged, rows, x, P, cache = _prepare(model, idx, max_new_tokens, K * (2 + K))
-    B, T, dev = len(rows), x.shape[1], x.device
-
-    # prefill: [prompt | K masks], the masks draft the first block
-    pos, pred, mask = tidar_prefill_layout(P, T, K)
-    masks = torch.full((B, K), c.mask_token_id, device=dev)
-    h = model.forward_hidden(torch.cat([x, masks], 1), pos, pred, mask, cache)   # [B, T+K, d]
-    cache.commit(P)
-    d0 = sample(head_logits(model, h[torch.arange(B, device=dev), P - 1]), *how)   # [B]
+    check(groups[-1] < K, f"groups must lie in 0..{K - 1}, got {groups}")
+    out, cache, d0, h, x, _ = _prefill(model, idx, max_new_tokens, K, how, stop_at_eos, tidar=True)
+    (B, T), dev = x.shape, x.device
     dlog = head_logits(model, h[:, T + 1:])                          # [B, K-1, V]: d_1..d_{K-1}
     valid = torch.ones(B, K - 1, dtype=torch.bool, device=dev)
     shift = torch.zeros(B, dtype=torch.long, device=dev)
-    out = _Outputs(B, max_new_tokens, K, dev, stop_at_eos, c.eos_token_id)
-    one = torch.ones_like(d0)
-    out.append(d0[:, None], one, one.bool(), decode=False)
-    stats = Stats(log=[([], int(d0[0]))] if record else [])
+    log = [([], int(d0[0]))] if record else []                     # Stats.log
     if auto:
         auto.start(model, B, K, T)
 
@@ -410,8 +387,7 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
             groups = new
         if groups is None:                                       # a plain AR step (groups="auto")
             d0 = ar_step(model, cache, d0, active, how)
-            k = torch.zeros_like(d0)
-            committed = d0[:, None]
+            k, committed = torch.zeros_like(d0), d0[:, None]
         else:
             k, committed, dlog, new_valid, new_shift = tidar_step(
                 model, cache, d0, dlog, valid, groups, active, sampler, mix_weight, how)
@@ -419,18 +395,14 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
                 auto.count(k, valid, shift, active)
             valid, shift = new_valid, new_shift
             d0 = torch.where(active, committed.gather(1, k[:, None])[:, 0], d0)
-        stats.forwards += 1
         out.append(committed, k + 1, active)
         if record and active[0]:
-            stats.log.append((committed[0, :int(k[0])].tolist(), int(committed[0, k[0]])))
-    stats.groups = tuple(groups or ())
-    stats.note = auto.note() if auto else ""
-    return out.finish(ragged, rows, stats, t0, cache)
+            log.append((committed[0, :int(k[0])].tolist(), int(committed[0, k[0]])))
+    return out.finish(cache, groups=tuple(groups or ()), note=auto.note() if auto else "", log=log)
+
 
 # -----------------------------------------------------------------------------
 # the no-training baseline: prompt-lookup drafting, verified like TiDAR's drafts
-
-
 def lookup_drafts(ctx, lengths, ngram, D):
     """Prompt-lookup (n-gram) drafts, vectorised over rows: for the longest n <= ngram whose last n
     tokens occurred earlier in the row's context (prompt + output so far), the D tokens that
@@ -462,32 +434,18 @@ def generate_lookup(model, idx, max_new_tokens, temperature=0.0, top_k=None, num
     num_draft tokens copied from the context (lookup_drafts) and verifies them in one causal forward
     with generate_tidar's lossless rule and KV-cache rollback. The proposal is a point mass, so
     min(1, p/q) = p(draft) and the residual is p without the draft. Returns as generate_ar."""
-    _check_args(temperature, top_k)
-    t0 = time.perf_counter()
-    c = model.config
-    how = (temperature, top_k, c.mask_token_id, generator)
-    ragged, rows, x, P, cache = _prepare(model, idx, max_new_tokens, num_draft + 1)
-    B, dev = len(rows), x.device
-
-    pos, pred, mask = causal_layout(x.shape[1], dev)                 # prefill, as generate_ar
-    h = model.forward_hidden(x, pos, pred, mask, cache)
-    cache.commit(P)
-    tok = sample(head_logits(model, h[torch.arange(B, device=dev), P - 1]), *how)     # [B]
-    out = _Outputs(B, max_new_tokens, num_draft + 1, dev, stop_at_eos, c.eos_token_id)
-    one = torch.ones_like(tok)
-    out.append(tok[:, None], one, one.bool(), decode=False)
+    how = _how(model, temperature, top_k, generator)
+    out, cache, tok, _, x, P = _prefill(model, idx, max_new_tokens, num_draft + 1, how, stop_at_eos)
     ctx = torch.cat([x, torch.zeros_like(out.buf)], 1)              # [B, T + room]: prompt + output
-    stats = Stats()
 
     while (active := out.active()).any():
-        length = P + out.n
-        ctx.scatter_(1, P[:, None] + torch.arange(out.buf.shape[1], device=dev), out.buf)
-        drafts, valid = lookup_drafts(ctx, length, ngram, num_draft)
-        valid &= active[:, None] & (drafts != c.mask_token_id)
+        ctx.scatter_(1, P[:, None] + torch.arange(out.buf.shape[1], device=x.device), out.buf)
+        drafts, valid = lookup_drafts(ctx, P + out.n, ngram, num_draft)
+        valid &= active[:, None] & (drafts != model.config.mask_token_id)
         D = int(valid.sum(1).max())                                   # trim to what is drafted
         drafts, valid = drafts[:, :D], valid[:, :D]
 
-        pos, pred, mask = causal_layout(D + 1, dev, start=cache.lengths[:, None])
+        pos, pred, mask = causal_layout(D + 1, x.device, start=cache.lengths[:, None])
         h = model.forward_hidden(torch.cat([tok[:, None], drafts], 1), pos, pred, mask, cache)
         ar = head_logits(model, h)                                    # [B, D+1, V]
         if D == 0:
@@ -497,15 +455,13 @@ def generate_lookup(model, idx, max_new_tokens, temperature=0.0, top_k=None, num
             k, nxt = _verify(ar, drafts, q, valid, "lossless", 1.0, *how)
         cache.commit(torch.where(active, k + 1, 0))
         committed = torch.cat([drafts, nxt[:, None]], 1).scatter(1, k[:, None], nxt[:, None])
-        stats.forwards += 1
         out.append(committed, k + 1, active)
         tok = torch.where(active, nxt, tok)
-    return out.finish(ragged, rows, stats, t0, cache)
+    return out.finish(cache)
+
 
 # -----------------------------------------------------------------------------
 # the held-out decoding report of `python train.py`, and the level benchmark
-
-
 HAND_SETS = [[0], [0, 1], [0, 2], [0, 4], [0, 8], [0, 2, 4], [0, 4, 8, 12]]   # fixed sets, by hand
 LEVEL_SETTINGS = ["AR", "AR"] + [None] + HAND_SETS + ["auto"]  # AR twice: the 2nd shows the noise
 
@@ -549,9 +505,8 @@ def copy_steps(prompt, log):
     return copies, made, len(log) - 1, total
 
 
-def _decode_report(model, prompts, out, K, weights, seeds, levels, new_tokens):
+def _decode_report(model, prompts, out, K, weights, seeds, levels, n):
     _, decode = load_tokenizer(model)
-    n = new_tokens
 
     def tidar(**kw):
         return lambda p, s=None: generate_tidar(model, p, n, block_size=K, **kw, generator=(
@@ -583,10 +538,7 @@ def _decode_report(model, prompts, out, K, weights, seeds, levels, new_tokens):
     print(f"  lossless copies: {c}/{steps} steps commit 2+ tokens already in the context, "
           f"{made / max(c, 1):.2f} tokens each; the other steps "
           f"{(total - made) / max(steps - c, 1):.2f} tokens/forward")
-    hist = {}
-    for st, _, _ in got["lossless"]:
-        for k, v in st.histogram.items():
-            hist[k] = hist.get(k, 0) + v
+    hist = sum((Counter(st.histogram) for st, _, _ in got["lossless"]), Counter())
     if levels:                  # proposal levels chosen per machine (levels.py), on 8 prompts
         rows += levels_report(model, prompts[:8], K, n, levels, 3 if len(levels) > 2 else 1)
     for name in ("AR", "lossless", f"mix w={weights[0]}"):
@@ -598,40 +550,36 @@ def _decode_report(model, prompts, out, K, weights, seeds, levels, new_tokens):
     return result
 
 
-def levels_report(model, prompts, K, new_tokens, settings, rounds=3, sampler="lossless", w=1.0):
+def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
     """Tokens/s of AR and TiDAR level settings ("AR", None = dense, a fixed list, "auto"), side by
     side: each round decodes every prompt with every setting, the order rotating per round, so a
     busy spell on a shared machine hits all settings alike. auto's latency calibration is done first
     (once per process) and timed apart. Prints a table with ratios to AR and to the best fixed set;
-    returns rows (the dense row has the per-slot acceptance)."""
+    returns rows (the dense row has the per-slot acceptance). Lossless, greedy."""
     curve = calibrate(model, 1, K, len(prompts[0]))
-    generate_tidar(model, prompts[0][None], new_tokens, block_size=K, groups="auto",
-                   sampler=sampler, mix_weight=w)
+    generate_tidar(model, prompts[0][None], new_tokens, groups="auto", block_size=K)   # warm-up
     n = len(settings)
-    seconds, tokens, tpf, notes, hist = [0.0] * n, [0] * n, [0.0] * n, [""] * n, {}
+    seconds, tokens, tpf, notes, hist = [0.0] * n, [0] * n, [0.0] * n, [""] * n, Counter()
     for r in range(rounds):
         for p, i in ((p, (j + r) % n) for p in prompts for j in range(n)):
             g = settings[i]
-            st = (generate_ar(model, p[None], new_tokens) if g == "AR" else generate_tidar(
-                model, p[None], new_tokens, block_size=K, groups=g, sampler=sampler,
-                mix_weight=w))[1]
+            st = (generate_ar(model, p[None], new_tokens) if g == "AR"
+                  else generate_tidar(model, p[None], new_tokens, groups=g, block_size=K))[1]
             seconds[i], tokens[i] = seconds[i] + st.seconds, tokens[i] + st.new_tokens
             tpf[i], notes[i] = tpf[i] + st.tokens_per_forward / len(prompts) / rounds, st.note
-            for c, v in (st.histogram.items() if g is None else ()):
-                hist[c] = hist.get(c, 0) + v
+            hist.update(st.histogram if g is None else {})      # the dense row's acceptance
     tps = [a / b for a, b in zip(tokens, seconds)]
     ar = tps[settings.index("AR")]
     fixed = [i for i, g in enumerate(settings) if isinstance(g, list)]
     best = tps[max(fixed, key=lambda i: tps[i])] if fixed else None
-    print(f"  levels, block {K}, {sampler}{f' w={w}' if sampler == 'mix' else ''}: {rounds} rounds "
-          f"x {len(prompts)} prompts x {new_tokens} tokens, settings interleaved; auto's "
-          f"calibration took {curve.seconds:.2f} s, once")
+    print(f"  levels, block {K}, lossless: {rounds} rounds x {len(prompts)} prompts x {new_tokens} "
+          f"tokens, settings interleaved; auto's calibration took {curve.seconds:.2f} s, once")
     rows = []
     for i, g in enumerate(settings):
         name = (g if isinstance(g, str) else "dense" if g is None
                 else "{" + ",".join(map(str, g)) + "}")
         name += " again" if g == "AR" and settings.index(g) < i else ""
-        rows.append(dict(block=K, w=w, groups=name, tokens_per_s=tps[i], tokens_per_forward=tpf[i],
+        rows.append(dict(block=K, groups=name, tokens_per_s=tps[i], tokens_per_forward=tpf[i],
                          speedup=tps[i] / ar, vs_best_fixed=best and tps[i] / best, note=notes[i]))
         if g is None:
             rows[-1]["acceptance"] = acceptance_from_histogram(hist, K)
@@ -641,14 +589,23 @@ def levels_report(model, prompts, K, new_tokens, settings, rounds=3, sampler="lo
               + (f"  [{notes[i]}]" if notes[i] else ""))
     return rows
 
+
 # -----------------------------------------------------------------------------
 # command line: python sample.py --init_from=out --prompt="def " --sampler=lossless --compare
-
-
 DEFAULTS = dict(init_from="out", prompt="def main(", sampler="lossless", mix_weight=0.5,
                 temperature=0.0, top_k=0, max_new_tokens=128, block_size=0, groups="auto",
                 compare=False, show=False, json=False, seed=1337, device="cpu", dtype="float32",
-                bench=False)
+                compile="auto")                                  # compile: auto | True | False
+COMPILE_SECONDS = 150.0   # a first compile (AR and dense graphs) on this 2-core CPU, README
+
+
+def compile_pays(model, new_tokens, prompt_len):
+    """--compile=auto: on a GPU (CUDA graphs) always; on a CPU when new_tokens eager AR steps (one
+    timed: calibrate) outlast COMPILE_SECONDS + the steps compiled, 3x faster (README Benchmarks)"""
+    if model.embed_tokens.weight.device.type != "cpu":
+        return True
+    step = calibrate(model, 1, model.config.block_size, prompt_len)[1]
+    return new_tokens * step * (1 - 1 / 3) > COMPILE_SECONDS
 
 
 def show_steps(decode, prompt_ids, log):
@@ -662,10 +619,6 @@ def show_steps(decode, prompt_ids, log):
 
 
 def main(argv):
-    if any(a in ("--bench", "--bench=True") for a in argv):  # an alias: python bench.py [its flags]
-        bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
-        rest = [a for a in argv if not a.startswith("--bench")]
-        os.execv(sys.executable, [sys.executable, bench, *rest])
     args = {**DEFAULTS, **parse_args(argv, DEFAULTS)}
     torch.manual_seed(args["seed"])
     check(args["dtype"] in ("float32", "bfloat16", "float64"),
@@ -680,7 +633,11 @@ def main(argv):
     groups = [int(x) for x in g.split(",") if x.strip().isdigit()]
     check(g in ("auto", "all") or groups, f"--groups={g}: use auto, all, or levels like 0,4,8,12")
     groups = {"auto": "auto", "all": None}.get(g, groups)
-    n = args["max_new_tokens"]
+    n, c = args["max_new_tokens"], args["compile"]
+    check(c in ("auto", "True", "False"), f"--compile={c}: use auto, True or False")
+    compiled = c == "True" or c == "auto" and compile_pays(model, n, idx.shape[1])
+    if compiled:
+        kernels.enable(model)                           # on-disk cache: a 2nd process is faster
     if args["sampler"] == "ar":
         out, st = generate_ar(model, idx, n, **kw)
     else:
@@ -692,9 +649,10 @@ def main(argv):
         print(decode(out[0].tolist()))
     print("---")
     levels = f"; levels {list(st.groups)}" if st.groups else ""
-    print(f"{args['sampler']}: {st.summary()}{levels}" + (f"\n{st.note}" if st.note else ""))
-    result = dict(sampler=args["sampler"], forwards=st.forwards, new_tokens=st.new_tokens,
-                  tokens_per_forward=round(st.tokens_per_forward, 4),
+    print(f"{args['sampler']}{' (compiled)' * compiled}: {st.summary()}{levels}"
+          + (f"\n{st.note}" if st.note else ""))
+    result = dict(sampler=args["sampler"], compiled=compiled, forwards=st.forwards,
+                  new_tokens=st.new_tokens, tokens_per_forward=round(st.tokens_per_forward, 4),
                   tokens_per_s=round(st.tokens_per_s, 2))
     if args["compare"] and args["sampler"] != "ar":
         _, ar = generate_ar(model, idx, n, **kw)

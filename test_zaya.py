@@ -291,7 +291,7 @@ def test_training_blocks_equal_inference_mask_groups():
     idx = torch.randint(5, 97, (2, 16), generator=torch.Generator().manual_seed(5))
     M = m.config.mask_token_id
     with torch.no_grad():
-        _, diff = m.forward_tidar(idx, K)
+        _, diff = forward_tidar(m, idx, K)
         for b in range(4):
             cache = KVCache(m.config, 2, 64, torch.float64)
             if b:
@@ -779,6 +779,34 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys):
         assert len(lines) == 1 and word in lines[0], (args, err)
 
 
+def test_sample_compile_auto_times_a_step_and_compiled_gives_the_eager_text(tmp_path, capsys, monkeypatch):
+    """--compile=auto compiles on a CPU only when new_tokens eager AR steps (one timed) cost more than
+    COMPILE_SECONDS plus the same steps at a third of the time; --compile=True decodes compiled and prints
+    the eager text; a bad value is one line."""
+    import sample
+    m = randomised(small_config(vocab_size=320, mask_token_id=257, eos_token_id=256, bos_token_id=256,
+                                pad_token_id=258, max_position_embeddings=64))
+    assert not sample.compile_pays(m, 128, 16) and sample.compile_pays(m, 10 ** 12, 16)
+    step = sample.calibrate(m, 1, m.config.block_size, 16)[1]
+    monkeypatch.setattr(sample, "COMPILE_SECONDS", 1000 * step)         # pays from 1,500 steps on
+    assert not sample.compile_pays(m, 1400, 16) and sample.compile_pays(m, 1600, 16)
+    from dataclasses import asdict
+    torch.save({"config": asdict(m.config), "model": m.state_dict(), "tokenizer": "bytes"}, tmp_path / "ckpt.pt")
+    args = [f"--init_from={tmp_path}", "--sampler=ar", "--max_new_tokens=8", "--json"]
+    texts = {}
+    for c in ("False", "True"):
+        capsys.readouterr()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert sample.main(args + [f"--compile={c}"])["compiled"] == (c == "True")
+        texts[c] = capsys.readouterr().out.split("\n---\n")[0]
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs) == (c == "True")
+    assert texts["True"] == texts["False"] and len(texts["False"]) > len("def main(")
+    capsys.readouterr()
+    assert sample.cli(args + ["--compile=maybe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compile=maybe" in err[0]
+
+
 def test_verify_logits_fp32_and_bf16_divergence_rate():
     """Greedy TiDAR must equal greedy AR in float32 and float64. In bf16 the multi-token step and the one-token
     AR step round differently, so near-ties can flip; the verify logits are fp32 (for exactly that reason) and
@@ -863,11 +891,17 @@ def test_tidar_train_layout_rejects_partial_blocks():
         tidar_train_layout(10, 4)
 
 
+def forward_tidar(m, idx, K=None):
+    """(AR logits, diffusion logits), each [B, S, V], of one TiDAR training forward over [idx | S masks]."""
+    logits = m.lm_head(m.tidar_hidden(idx, K))
+    return logits[:, :idx.shape[1]], logits[:, idx.shape[1]:]
+
+
 def test_forward_tidar_ar_half_is_the_causal_model():
     model = tiny_model()
     idx = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
-        ar, _ = model.forward_tidar(idx, 4)
+        ar, _ = forward_tidar(model, idx, 4)
         logits, _ = model(idx)
     torch.testing.assert_close(ar, logits, atol=1e-10, rtol=0)
 
@@ -876,18 +910,18 @@ def test_forward_tidar_mask_block_sees_only_the_prefix_before_it():
     model, S, K = tiny_model(), 16, 4
     idx = torch.randint(0, 256, (2, S))
     with torch.no_grad():
-        _, diff = model.forward_tidar(idx, K)
+        _, diff = forward_tidar(model, idx, K)
         for b in range(S // K):
             blk = slice(b * K, (b + 1) * K)
             later = idx.clone()
             later[:, b * K:] = torch.randint(0, 256, (2, S - b * K))         # positions >= bK: no effect
-            torch.testing.assert_close(model.forward_tidar(later, K)[1][:, blk], diff[:, blk], atol=1e-10, rtol=0)
-            _, short = model.forward_tidar(idx[:, :(b + 1) * K], K)           # the truncated sequence
+            torch.testing.assert_close(forward_tidar(model, later, K)[1][:, blk], diff[:, blk], atol=1e-10, rtol=0)
+            _, short = forward_tidar(model, idx[:, :(b + 1) * K], K)           # the truncated sequence
             torch.testing.assert_close(short[:, blk], diff[:, blk], atol=1e-10, rtol=0)
             if b > 0:                                                           # the last clean token it sees
                 prev = idx.clone()
                 prev[:, b * K - 1] = (prev[:, b * K - 1] + 1) % 256
-                assert (model.forward_tidar(prev, K)[1][:, blk] - diff[:, blk]).abs().max() > 1e-3
+                assert (forward_tidar(model, prev, K)[1][:, blk] - diff[:, blk]).abs().max() > 1e-3
 
 # -----------------------------------------------------------------------------
 # pieces of train.py
@@ -1280,7 +1314,7 @@ def test_compiled_training_forward_equals_eager(fast_model):
     m.train(), ref.train()
     outs = []
     for model in (m, ref):
-        ar, diff = model.forward_tidar(idx)
+        ar, diff = forward_tidar(model, idx)
         logits, targets = torch.cat([ar[:, :-1], diff], 1), torch.cat([idx[:, 1:], idx], 1)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         loss.backward()
@@ -1480,3 +1514,54 @@ def test_real_zaya1_8b_reference_numbers():
     out, _ = generate_ar(m, prompt, 16)
     assert out[0, 11:].tolist() == [107, 262146, 108, 9259, 236888, 2088, 740, 564, 6361, 611, 3124, 236881, 108,
                                     236769, 10282, 236787]
+
+
+def test_roofline_step_cost_is_the_hand_arithmetic(tmp_path, capsys):
+    """bench.py --roofline (TIDAR.md section 6) against sums written out from the tiny config's fields:
+    experts woken under uniform top-1 routing, an AR and a TiDAR step's bytes and FLOPs (exact: the tiny
+    config's E = 4 makes the woken count exact here), the KV cache linear in context and batch, the 8B's
+    ~2.6 GB AR step and ~17.7 GB dense step, and one table row per device x context x batch."""
+    import re
+    from bench import GPUS, experts_woken, main as bench_main, step_cost
+    assert experts_woken(16, 1) == 1.0 and experts_woken(4, 1) == 1.0 and experts_woken(16, 0) == 0.0
+    assert experts_woken(16, 32) == pytest.approx(16 * (1 - (15 / 16) ** 32), rel=1e-12)   # ~14 of 16
+    assert 15.99 < experts_woken(16, 272) < 16 and experts_woken(16, 10_000) == pytest.approx(16, abs=1e-9)
+    c = ZayaConfig.from_name("tiny")
+    V, d, L, E, I, R = (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_experts,
+                        c.moe_intermediate_size, c.router_hidden_size)
+    nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    C = (nq + nkv) * hd                                                  # CCA's [q|k] channels
+    q, k, v_cur, v_del, o = d * nq * hd, d * nkv * hd, d * nkv * hd // 2, d * nkv * hd // 2, nq * hd * d
+    convs = (C * 2 + C) + (C * hd * 2 + C)                  # depthwise, grouped: weights + biases
+    norms = d + d + 2 * 4 * d                               # 2 RMSNorms, 2 ResidualScales (4 vectors)
+    router = (d * R + R) + R + 2 * (R * R + R) + R * (E + 1)   # down_proj, norm, fc1, fc2, out_proj
+    per_layer = q + k + v_cur + v_del + o + convs + nkv + norms + router   # nkv: key temperatures
+    shared = L * per_layer + (L - 1) * R + 2 * d + d        # EDA scales (layers > 0), input, final norm
+    expert = 2 * I * d + d * I                               # gate_up, down
+    m = Zaya(c)
+    assert m.num_params() == shared + L * E * expert + V * d             # the tally is the model's
+    assert m.num_params(active=True) == shared + L * expert
+    cost, ctx = step_cost(c), 100
+    kv_token = L * 2 * (nkv * hd) * 2                       # K and V per layer, bf16
+    state_row = L * (2 * C + nkv * hd // 2) * 4             # 2 raw conv inputs + delayed value, fp32
+    ar_bytes = (2 * shared + 2 * L * 1 * expert + 2 * V * d   # weights, 1 expert a layer, the head
+                + 2 * 1 * d + ctx * kv_token + state_row)   # 1 embedding row, the cache, CCA state
+    ar_flops = 2 * (shared + L * expert + V * d) + L * 4 * nq * hd * (ctx + 1)   # + QK and PV
+    assert cost(1, 1, ctx) == (ar_bytes, ar_flops)
+    B, n = 3, c.block_size * (1 + c.block_size)             # a dense TiDAR step: 272 tokens a row
+    assert experts_woken(E, B * n) == E                     # 816 tokens wake all 4 (exactly, in floats)
+    td_bytes = 2 * (shared + L * E * expert + V * d + B * n * d) + B * (ctx * kv_token + state_row)
+    td_flops = B * n * (2 * (shared + L * expert + V * d) + L * 4 * nq * hd * (ctx + n))
+    assert cost(B, n, ctx) == (td_bytes, td_flops)
+    kv = lambda B, ctx: cost(B, 1, ctx)[0] - cost(B, 1, 0)[0]
+    assert kv(1, ctx) == ctx * kv_token and kv(1, 8 * ctx) == 8 * kv(1, ctx)
+    assert kv(5, ctx) == pytest.approx(5 * kv(1, ctx), rel=1e-12)
+    c8 = step_cost(ZayaConfig.from_name("zaya1-8b"))        # TIDAR.md section 6: ~2.6 GB, 16-17.7 GB
+    assert 2.5e9 < c8(1, 1, 0)[0] < 2.7e9 and 15.5e9 < c8(1, 32, 0)[0] < c8(1, 272, 0)[0] < 17.8e9
+    bench_main(["--roofline", f"--acceptance={tmp_path / 'none.json'}"])
+    out = capsys.readouterr().out
+    rows = [f"{g} {x} {B}" for g in GPUS for x in ("4k", "32k") for B in (1, 4, 16, 64)]
+    assert sorted(" ".join(l.split()[:3]) for l in out.splitlines() if l[:7].strip() in GPUS) == sorted(rows)
+    b, f = c8(1, 1, 4096)
+    assert re.search(rf"^H200 +4k +1 +{max(b / 4.8e12, f / 989e12) * 1e3:.2f} ", out, re.M)
+    assert "Zyphra measured, H100 batch 64: 1.13x" in out and "TIDAR.md's bound, H100 batch 16: 3.8x" in out

@@ -5,8 +5,7 @@ Train ZAYA1 (zaya.py) on text: autoregressive pre-training, or TiDAR conversion 
   python train.py --preset=tiny --max_iters=300           # one AR run from scratch, ~15 s on a CPU
   python train.py --mode=tidar --init_from=out/ar/ckpt.pt --out_dir=out-tidar --data_cache=out/data
   torchrun --nproc_per_node=8 train.py --preset=medium    # DDP; add --fsdp=True for FSDP2
-  python train.py --preset=zaya1-8b --dry_run=True --gpus=64  # parameters, memory, FLOPs;
-                                                              # allocates nothing
+  python train.py --preset=zaya1-8b --dry_run=True --gpus=64  # params, memory, FLOPs; no allocation
 
 TiDAR (../shared/docs/TIDAR.md): section 1 gives the layout [x_0..x_{S-1} | S masks], both halves
 at positions 0..S-1, the labels (clean i -> x_{i+1}, mask i -> x_i) and the loss
@@ -42,14 +41,11 @@ from zaya import CheckpointError, Zaya, ZayaConfig, _atomic_write, causal_layout
 
 # -----------------------------------------------------------------------------
 # settings: every key can be overridden with --key=value (parsed to the default's type)
-
 DEFAULTS = dict(
     preset="tiny",                 # zaya.PRESETS name
     mode="ar",                     # ar: next-token loss | tidar: AR + diffusion loss (TIDAR.md 1)
-    init_from="scratch",           # scratch | resume (out_dir/ckpt.pt) | PATH: a ckpt.pt, a dir
-                                   # holding one, an HF dir
-    data="stdlib",                 # stdlib (this Python's own .py sources) | PATH to a text file
-                                   # or a folder of them
+    init_from="scratch",           # scratch | resume (out_dir) | PATH: ckpt.pt, its dir, an HF dir
+    data="stdlib",                 # stdlib (this Python's .py files) | PATH: a text file or folder
     tokenizer="bytes",             # bytes (built in, offline) | a tiktoken encoding name, e.g. gpt2
     out_dir="out", data_cache="",  # token cache folder ("" = out_dir/data)
     max_iters=300, batch_size=16, seq_len=128, block_size=16, alpha=1.0,
@@ -60,8 +56,7 @@ DEFAULTS = dict(
     pos_decay=0.0, slot0=1.0,      # block slot k>=1 weighs exp(-(k-1)/pos_decay) (0: 1), 0 slot0
     kl=0.0,                        # soft targets: kl CE(AR head's p(x_i|x_<i)) + (1-kl) CE(x_i)
     lr=3e-3, min_lr=3e-4, warmup_iters=20, lr_decay_iters=0, weight_decay=0.1, grad_clip=1.0,
-    bias_update_rate=1e-3,
-    eval_interval=100, eval_iters=4, log_interval=20, seed=1337,
+    bias_update_rate=1e-3, eval_interval=100, eval_iters=4, log_interval=20, seed=1337,
     device="auto", dtype="auto",   # auto: cuda + bfloat16 autocast given a GPU, else cpu + float32
     compile=False, grad_checkpointing=False, fsdp=False,
     loss_chunk=1024,               # tokens per cross-entropy chunk (0 = one chunk, full logits)
@@ -75,18 +70,14 @@ class Interrupted(Exception):
 
 
 class Diverged(Exception):
-    """A non-finite loss or gradient: the run stops (status 1) and the last good checkpoint stays as
-    it was."""
+    """A non-finite loss or gradient: the run stops (status 1); the last good checkpoint stays."""
 
 
 # -----------------------------------------------------------------------------
 # data (the tokenizers and the flag parser live in sample.py, which both CLIs share)
-
-
 def corpus_files(data):
     """Sorted (relative path, path): Python's stdlib .py files (no test dirs, no site-packages), one
-    file, or every file under a folder (hidden entries skipped; binary files are dropped when read).
-    """
+    file, or every file under a folder (hidden entries skipped; binary files dropped when read)."""
     check(data == "stdlib" or os.path.exists(data),
           f"--data={data} does not exist; do pass a text file or a folder")
     if data != "stdlib" and os.path.isfile(data):
@@ -119,8 +110,7 @@ def load_corpus(data, tokenizer, cache_dir, min_tokens=2):
         for rel, p in files:
             raw = Path(p).read_bytes()
             if raw and b"\0" not in raw[:8192]:  # NUL bytes: a binary file
-                docs[zlib.crc32(rel.encode()) % 20 == 0].append(
-                    raw.decode("utf-8", errors="replace"))
+                docs[zlib.crc32(rel.encode()) % 20 == 0].append(raw.decode(errors="replace"))
         os.makedirs(cache_dir, exist_ok=True)
         for path, texts in zip(paths, docs):  # atomic: concurrent ranks may both write
             toks = [t for doc in enc.encode_ordinary_batch(texts) for t in [ids["eot"], *doc]]
@@ -180,10 +170,9 @@ def distill_corpus(c, train_ids, cache_dir, rank=0, device="cpu"):
         dist.barrier()
     return np.fromfile(path, dtype=train_ids.dtype).reshape(c.distill_rows, c.distill_len)
 
+
 # -----------------------------------------------------------------------------
 # losses and load balancing
-
-
 def chunked_cross_entropy(h, weight, targets, chunk=0, token_weight=None, teacher=None, kl=0.0):
     """Mean CE of F.linear(h, weight) against targets (-1 ignored) and per-token top-1 hits, `chunk`
     tokens at a time under activation checkpointing: backward recomputes a chunk's logits, so no
@@ -240,8 +229,7 @@ def tidar_loss(model, w, c, real=None):
 
 
 class TrainLoss(nn.Module):
-    """The loss as one module forward: what DDP / FSDP wrap, so their hooks see every weight use
-    (tied lm_head too)."""
+    """The loss as the module DDP / FSDP wrap: their hooks see every weight use (tied head too)."""
 
     def __init__(self, model, c):
         super().__init__()
@@ -297,10 +285,9 @@ def all_mean(x):
         x /= dist.get_world_size()
     return x
 
+
 # -----------------------------------------------------------------------------
 # one training run
-
-
 def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -312,8 +299,7 @@ def read_checkpoint(path):
 def run(overrides):
     """One run (ar or tidar). Returns a summary dict, also written to out_dir/log.json."""
     # ---- settings: DEFAULTS <- the checkpoint's on resume, or its tokenizer on init <- overrides
-    ck = None
-    base = {}
+    ck, base = None, {}                                             # the checkpoint, its settings
     src = overrides.get("init_from", "scratch")
     if src == "resume":
         path = os.path.join(overrides.get("out_dir", DEFAULTS["out_dir"]), "ckpt.pt")
@@ -417,7 +403,6 @@ def run(overrides):
     if c.compile:                                                   # zaya's own forward, compiled
         import kernels
         kernels.enable(model)
-    fwd = loss_model
     params = list(loss_model.parameters())
     opt = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2],
                                   weight_decay=c.weight_decay),
@@ -441,25 +426,23 @@ def run(overrides):
 
     @torch.no_grad()
     def evaluate():
-        """Val losses on fixed batches (own generator) and diffusion top-1 accuracy by position in
-        the block."""
-        fwd.eval()
+        """Val losses on fixed batches (own generator); diffusion top-1 accuracy by block slot."""
+        loss_model.eval()
         val_gen = torch.Generator().manual_seed(c.seed + 1)
         K = c.block_size
         sums = torch.zeros(3 + K, device=device)
         for _ in range(c.eval_iters):
             with autocast:
-                loss, ar, diff, hits = fwd(get_batch(val_ids, c.batch_size, c.seq_len, val_gen,
-                                                     rank, world, device))
+                loss, ar, diff, hits = loss_model(get_batch(val_ids, c.batch_size, c.seq_len,
+                                                            val_gen, rank, world, device))
             acc = hits.view(-1, K).float().mean(0) if hits is not None else sums.new_zeros(K)
             sums += torch.cat([torch.stack([loss, ar, ar if diff is None else diff]).float(), acc])
-        fwd.train()
+        loss_model.train()
         m = all_mean(sums / c.eval_iters).tolist()
         return dict(iter=it, loss=m[0], ar=m[1], diff=m[2], acc=m[3:])
 
     def save_checkpoint(path):
-        """Full (unsharded) state from rank 0, via a temp file. 'optimizer' is keyed by name: any
-        DDP/FSDP layout."""
+        """Unsharded state, rank 0, via a temp file; 'optimizer' keyed by name: any layout."""
         msd, osd = get_state_dict(loss_model, opt, options=full_state)  # a collective under FSDP
         if rank != 0:
             return
@@ -481,7 +464,6 @@ def run(overrides):
     history, evals = [], []
     start, t_start = it, time.time()                                # for the eta
     it_log, t_log = it, t_start                                     # the last log line
-    tokens = c.batch_size * world * c.seq_len                       # tokens per iteration
     stop = []  # Ctrl-C: finish this step, save, exit (status 130)
     if rank == 0 and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, lambda *_: stop.append(it))
@@ -492,11 +474,10 @@ def run(overrides):
         with autocast:
             more = (get_batch(distilled, extra, c.seq_len, None, rank, world, device) if extra
                     else None)                                      # self-distilled windows
-            loss, ar, diff, _ = fwd(get_batch(train_ids, c.batch_size, c.seq_len, None, rank,
-                                              world, device), more)
+            loss, ar, diff, _ = loss_model(get_batch(train_ids, c.batch_size, c.seq_len, None, rank,
+                                                     world, device), more)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float("inf"))
-        # a DTensor under FSDP
+        norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float("inf"))  # FSDP: DTensor
         norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         stats = all_mean(
             torch.stack([loss, ar, ar if diff is None else diff]).detach().float()).tolist()
@@ -512,15 +493,14 @@ def run(overrides):
         if (it - 1) % c.log_interval == 0 or it == c.max_iters:
             now = time.time()
             diff_s = f", diff {stats[2]:.4f}" if c.mode == "tidar" else ""
-            tok_s = (it - it_log) * tokens / (now - t_log)
+            tok_s = (it - it_log) * c.batch_size * world * c.seq_len / (now - t_log)
             eta = (now - t_start) / (it - start) * (c.max_iters - it)
             log(f"iter {it - 1}: loss {stats[0]:.4f} (ar {stats[1]:.4f}{diff_s}), lr {lr:.2e}, "
                 f"norm {norm:.2f}, imbalance {imbalance:.2f}, {tok_s:,.0f} tok/s, eta {eta:.0f}s")
             t_log, it_log = now, it
         if it % c.eval_interval == 0 or it == c.max_iters:
-            evals.append(evaluate())
-            best = min(best, evals[-1]["loss"])
-            ev = evals[-1]
+            evals.append(ev := evaluate())
+            best = min(best, ev["loss"])
             acc = " ".join(f"{100 * a:.0f}" for a in ev["acc"])
             acc = f"; diffusion top-1 % by block position 0..{c.block_size - 1}: {acc}"
             log(f"eval {it}: val ar {ev['ar']:.4f}"
@@ -538,8 +518,6 @@ def run(overrides):
 
 # -----------------------------------------------------------------------------
 # the dry run: sizes of a run, allocating nothing
-
-
 def dry_run(c):
     """Parameters, memory per GPU under FSDP, training FLOPs. Bytes for N params, G GPUs,
     t = batch_size T tokens per GPU (T = S for AR, 2S for TiDAR): states 16 N / G (fp32 weights
@@ -552,8 +530,7 @@ def dry_run(c):
     cfg = ZayaConfig.from_name(c.preset, block_size=c.block_size)
     with torch.device("meta"):
         model = Zaya(cfg)
-    N = model.num_params()
-    Na = model.num_params(active=True)
+    N, Na = model.num_params(), model.num_params(active=True)       # all, active per token
     L, d, V, S = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, c.seq_len
     I = cfg.moe_intermediate_size
     C = (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
@@ -561,12 +538,11 @@ def dry_run(c):
     GiB = 2**30
     states = 16 * N / c.gpus
     gathered = 2 * (2 * (N - V * d) / L + V * d)
-    print(f"{c.preset}: {N:,} parameters, {Na:,} active per token "
-          "(one expert, embedding excluded)\n"
-          f"per GPU, FSDP over {c.gpus} GPUs, batch_size {c.batch_size}, seq_len {S}, "
-          f"grad_checkpointing={c.grad_checkpointing}, loss_chunk {c.loss_chunk}: "
-          f"states 16 N / G = {states / GiB:.1f} GiB, gathered bf16 = {gathered / GiB:.1f} GiB "
-          "(formulas: train.dry_run.__doc__)")
+    print(f"{c.preset}: {N:,} parameters, {Na:,} active per token (one expert, embedding "
+          f"excluded)\nper GPU, FSDP over {c.gpus} GPUs, batch_size {c.batch_size}, seq_len {S}, "
+          f"grad_checkpointing={c.grad_checkpointing}, loss_chunk {c.loss_chunk}: states 16 N / G "
+          f"= {states / GiB:.1f} GiB, gathered bf16 = {gathered / GiB:.1f} GiB (formulas: "
+          "train.dry_run.__doc__)")
     for mode, T, keys in (("AR", S, S / 2), ("TiDAR", 2 * S, S + c.block_size / 2)):
         t = c.batch_size * T
         act = t * (4 * L * d + 2 * (16 * d + 6 * C + 4 * I) * (1 if c.grad_checkpointing else L))
@@ -577,21 +553,21 @@ def dry_run(c):
               f"{flops / 1e9:.2f} GFLOP")
     return dict(params=N, active=Na)
 
+
 # -----------------------------------------------------------------------------
 # the small reproduction: `python train.py` (README, "Results")
-
-
-RECIPE = dict(distill=0.5, real_diffusion=False, pos_decay=7.0, slot0=0.0, kl=1.0)  # see ABLATION
+# the paper's TiDAR loss (TIDAR.md 1) and the default recipe (README "Ablation")
+PAPER = dict(distill=0.0, real_diffusion=True, pos_decay=0.0, slot0=1.0, kl=0.0, alpha=1.0)
+RECIPE = dict(distill=0.5, real_diffusion=False, pos_decay=7.0, slot0=0.0, kl=1.0, alpha=3.0)
 PIPELINES = {  # (AR pretraining, TiDAR conversion); README "Results" has their times
     "default": (dict(preset="small", max_iters=600, eval_interval=600, log_interval=100),
                 dict(RECIPE, max_iters=300, lr=2e-3, min_lr=2e-4, eval_interval=300, eval_iters=32,
                      log_interval=100)),
     "long": (dict(preset="medium", max_iters=2000, lr=2e-3, eval_interval=500, log_interval=100),
-             dict(RECIPE, max_iters=1000, lr=1e-3, min_lr=1e-4, eval_interval=250,
-                  log_interval=50))}
-PAPER = dict(distill=0.0, real_diffusion=True, pos_decay=0.0, slot0=1.0, kl=0.0)   # TIDAR.md 1
+             dict(RECIPE, max_iters=1000, lr=1e-3, min_lr=1e-4, eval_interval=250))}
 ABLATION = {"paper": PAPER, "+ self-distillation": dict(PAPER, distill=0.5),
             "+ loss shape": dict(PAPER, distill=0.5, pos_decay=7.0, slot0=0.0, kl=1.0),
+            "+ real rows causal": dict(RECIPE, alpha=1.0),
             "AR only": dict(mode="ar")}   # + the default (out_dir itself), and its AR-only control
 
 
@@ -613,9 +589,8 @@ def reproduce(o):
     data = o.get("data", "stdlib")
     if p != "ablation":                                            # eval: every table
         model, prompts = heldout_prompts(out, data, 32 if p == "eval" else 16, f"{out}/data")
-        return (decode_report(model, prompts, out, 16, (0.5, 0.75, 0.25), (0, 1, 2),
-                              LEVEL_SETTINGS) if p == "eval"
-                else decode_report(model, prompts, out, seeds=()))
+        every = dict(weights=(0.5, 0.75, 0.25), seeds=(0, 1, 2), levels=LEVEL_SETTINGS)
+        return decode_report(model, prompts, out, **(every if p == "eval" else dict(seeds=())))
     table = {}
     for name, recipe in [*ABLATION.items(), ("default", None)]:
         d = f"{out}/ablation/{name.strip('+ ').replace(' ', '-')}" if recipe else out
@@ -652,14 +627,12 @@ def heldout_prompts(out, data, n_prompts, cache=None):
 
 
 def main(argv=None):
-    """Parse --key=value flags and run once; no flags: the small reproduction
-    (--pipeline=default)."""
+    """Parse --key=value flags and run; no flags: the small reproduction (--pipeline=default)."""
     argv = sys.argv[1:] if argv is None else argv
     overrides = parse_args(argv or ["--pipeline=default"], DEFAULTS)
     try:
-        if overrides.get("pipeline"):                               # AR -> TiDAR -> decoding report
-            return reproduce(overrides)
-        return run(overrides)
+        # --pipeline: AR -> TiDAR -> decoding report; otherwise one run
+        return reproduce(overrides) if overrides.get("pipeline") else run(overrides)
     finally:
         if dist.is_initialized():
             # free FSDP's sharded tensors (in reference cycles) first, or exit can abort (gloo)
