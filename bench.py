@@ -198,15 +198,13 @@ def experts_woken(E, n):
 def step_cost(c, w=2):
     """cost(B, n, ctx) = (bytes read, FLOPs) of a decode step of B rows of n query tokens (AR: 1; a
     level set: K + K * len(levels)) after ctx cached tokens, w-byte (bf16) weights and KV cache,
-    from the config alone (TIDAR.md section 6). Bytes, each weight once per step: attention, router,
-    norms; per layer the experts_woken(E, B * n) (the router's E + 1th class, skip, computes nothing
-    and its balancing bias -1 keeps it unchosen: taken as never chosen, an upper bound); the LM head
-    (the tied V x d embedding) however many rows it computes; the query tokens' embedding rows; per
-    row the KV cache (ctx x layers x K and V of nkv heads x hd, CCA's compressed heads as KVCache
-    holds them) and CCA's fp32 state (two raw [q|k] conv inputs, a delayed value). FLOPs per query
-    token: 2 x (those weights + one expert a layer + the head: every query token has a logit row)
-    + per layer 4 nq hd (ctx + n): scores and values over the cache and the step's own keys, masked
-    but dense (zaya's KVCache.mask and update). Activations are taken to stay on chip."""
+    from the config alone (TIDAR.md section 6). Bytes: each weight once per step, the experts
+    experts_woken(E, B * n) per layer (the skip class, kept unchosen by its bias -1, taken as never
+    chosen: an upper bound), the whole tied head, the query tokens' embedding rows; per row the KV
+    cache as KVCache holds it and CCA's fp32 state. FLOPs per query token: 2 x (those weights + one
+    expert a layer + the head: a logit row each) + per layer 4 nq hd (ctx + n), attention over the
+    cache and the step's own keys, masked but dense (zaya's KVCache.mask and update). Activations
+    are taken to stay on chip."""
     L, E, d, R = c.num_hidden_layers, c.num_experts, c.hidden_size, c.router_hidden_size
     nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     C = (nq + nkv) * hd                                     # CCA's [q|k] conv channels

@@ -28,10 +28,9 @@ import torch.nn.functional as F
 
 import zaya
 
+
 # -----------------------------------------------------------------------------
 # MoE experts
-
-
 @torch.library.custom_op("kernels::grouped_linear", mutates_args=())
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows offs[e-1]..offs[e]-1 of x [N, k] times w[e].T, w [E, n, k] (F.grouped_mm). A custom op,
@@ -104,17 +103,13 @@ def experts_gathered(x, choice, weight, gate_up_proj, down_proj):
     y = torch.bmm(down_proj[e], (F.silu(gate) * up)[:, :, None])[..., 0] * weight
     return torch.where((choice < E)[:, None], y, 0.0).to(x.dtype)
 
+
 # -----------------------------------------------------------------------------
 # the model's own forward, compiled
-
-
-def enable(model, query_lengths=None, mode=None):
-    """Run `model` compiled: forward_hidden becomes one graph per input shape for every cache-free
-    call (training: fixed shapes) and for cached calls of `query_lengths` tokens (default 1 and
-    K(1+K): the AR and dense TiDAR decode steps; a TiDAR step with G groups has K(1+G)); other
-    cached calls (prefills) and calls that would raise zaya's errors run the eager forward. mode:
-    None, or "reduce-overhead" (CUDA graphs: the default for decode on CUDA/ROCm). Undo with
-    disable(model)."""
+def enable(model, query_lengths=None):
+    """Run `model` compiled (what and why: above). query_lengths: the cached calls' lengths that get
+    a graph (default 1 and K(1+K): the AR and dense TiDAR steps; a TiDAR step with G groups has
+    K(1+G)). Undo with disable(model)."""
     K = model.config.block_size
     eager = disable(model).forward_hidden
     query_lengths = {1, K * (1 + K)} if query_lengths is None else set(query_lengths)
@@ -122,9 +117,8 @@ def enable(model, query_lengths=None, mode=None):
     zaya.Experts.dispatch = experts_forward                         # used only while tracing
     grouped_mm_runs(w.device, w.dtype)                              # probe before tracing
     train = torch.compile(zaya.Zaya.forward_hidden, dynamic=False, fullgraph=True)
-    decode_mode = mode or ("reduce-overhead" if w.is_cuda else None)
     decode = torch.compile(zaya.Zaya.forward_hidden, dynamic=False, fullgraph=True,
-                           mode=decode_mode)
+                           mode="reduce-overhead" if w.is_cuda else None)   # CUDA graphs
 
     def forward_hidden(idx, pos, pred, mask, cache=None):
         T = idx.shape[1]

@@ -4,13 +4,9 @@ Per-machine proposal levels: groups="auto" in sample.generate_tidar (README, "Pr
 A TiDAR step over n = K + K*m query tokens (K drafts, m mask groups) costs t(n); an AR step costs
 t(1). Where t is flat (a GPU at batch 1: memory-bound) every level pays; where it grows (a CPU, a
 GPU at large batch, an MoE whose bigger queries touch more experts) only a few levels pay, or none.
-Zyphra hand-tunes the set per accelerator ([0, 4, 7, 11] on MI300X); here it is chosen from
-measurements:
-  level_rate     expected tokens committed per step for a level set, from per-slot acceptance rates;
-  acceptance_from_histogram  those rates, read off a dense run's histogram of tokens per step;
-  choose_levels  the set maximising level_rate / seconds(step), by greedy forward selection;
-  AutoLevels     the online controller: measured step times, acceptance counts, probes, AR fallback;
-  calibrate      the forward latency curve t(n), measured lazily, cached per machine/shape/batch.
+Zyphra hand-tunes the set per accelerator ([0, 4, 7, 11] on MI300X); here choose_levels picks it
+from measurements, the per-slot acceptance (level_rate: tokens per step) and the latency curve t(n)
+(calibrate), and AutoLevels does so online, as it decodes.
 """
 import statistics
 import time
@@ -69,31 +65,27 @@ def choose_levels(c, seconds, K):
     (levels, predicted tokens/s)."""
     rate = lambda levels: level_rate(levels, c, K) / seconds(K + K * len(levels))
     levels, best = [0], rate([0])
-    while True:
-        trials = [(rate(sorted(levels + [l])), l) for l in range(1, K) if l not in levels]
-        if not trials or max(trials)[0] <= best:
+    while trials := [(rate(sorted(levels + [l])), l) for l in range(1, K) if l not in levels]:
+        r, l = max(trials)
+        if r <= best:
             break
-        best, l = max(trials)
-        levels = sorted(levels + [l])
+        best, levels = r, sorted(levels + [l])
     dense = rate(list(range(K)))
     return (list(range(K)), dense) if dense > best else (levels, best)
 
 
 class AutoLevels:
-    """groups="auto": before each step, plain AR (None) or the level set choose_levels predicts
-    fastest on this machine and batch. seconds(n), for a step over n query tokens, is the median of
-    this run's steps of that size, else the latency curve t(n) (calibrate: lazy, cached per
-    machine/shape/batch) plus the median time TiDAR steps took beyond t(n) (verify, sampling,
-    Python). Acceptance is counted per group slot and shrunk towards the pooled rate
-    (c[s] = (accepted[s] + 2 p) / (tried[s] + 2)), so rarely tried slots do not inflate the
-    prediction. Schedule: a TiDAR probe of `probe` steps first (the prefill's drafts are free), then
-    a choice every `every` steps; TiDAR must beat AR by `margin` (the prediction has errors, AR's
-    time is measured). When auto falls back to AR, the TiDAR steps just taken cost
-    `lost` = their time - their tokens x an AR step's time (0 if they won); the next probe comes
-    after lost / (explore x AR step) AR steps, so probing spends at most `explore` (2%) of the
-    decoding time: often where TiDAR nearly wins, rarely where it loses badly, never if AR wins even
-    when every draft is accepted. Pass an instance as `groups` to change these, the latency curve
-    (any mapping n -> seconds) or the clock."""
+    """groups="auto" (README, "Proposal levels"): before each step, plain AR (None) or the level
+    set choose_levels predicts fastest on this machine and batch. seconds(n), a step over n query
+    tokens: the median of this run's steps of that size, else t(n) (calibrate) plus the median time
+    TiDAR steps took beyond t(n) (verify, sampling, Python). Per-slot acceptance is shrunk towards
+    the pooled rate p, c[s] = (accepted[s] + 2 p) / (tried[s] + 2): rarely tried slots do not
+    inflate the prediction. A TiDAR probe of `probe` steps first (the prefill's drafts are free),
+    then a choice every `every` steps; TiDAR must beat AR by `margin`. A fall back to AR charges the
+    TiDAR steps just taken `lost` = their time - their tokens x an AR step's time (0 if they won);
+    the next probe comes after lost / (explore x AR step) AR steps, so probing spends at most
+    `explore` (2%) of the decoding time, and none if AR wins even when every draft is accepted.
+    Pass an instance as `groups` to change these, the latency curve (n -> seconds) or the clock."""
 
     def __init__(self, latency=None, clock=time.perf_counter, probe=4, every=8, explore=0.02,
                  margin=0.05):

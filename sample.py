@@ -1,17 +1,11 @@
 """
-Decoding: the AR baseline, single-forward TiDAR and its two samplers (../shared/docs/TIDAR.md 3-4).
-
-generate_ar     one token per forward on the static KV cache (zaya.KVCache).
-generate_tidar  one forward per step verifies K drafts causally AND drafts the next block for every
-                acceptance length (K mask groups, or a subset `groups`), sharing one KV cache:
-                accepted tokens' K/V and CCA state are kept without recomputing, the rest truncated.
-generate_lookup the no-training baseline: prompt-lookup (n-gram) drafts from the context, verified
-                with the same lossless rule and KV-cache rollback.
-Samplers: "lossless" = speculative sampling against the model's own AR distribution (Leviathan et
-al. 2023; greedy: token for token the greedy AR output); "mix" = Zyphra's logit mixing, target
-w * AR + (1 - w) * draft.
-Also here, as train.py needs them too: the tokenizers a checkpoint names, the --key=value flag
-parser, and the held-out decoding report that `python train.py` prints at the end.
+Decoding (../shared/docs/TIDAR.md 3-4): the AR baseline on the static KV cache (zaya.KVCache);
+single-forward TiDAR, whose one forward per step verifies K drafts causally AND drafts the next
+block for every acceptance length (K mask groups, or a subset `groups`), sharing one KV cache:
+accepted tokens' K/V and CCA state are kept without recomputing, the rest truncated; prompt lookup,
+the no-training baseline. Samplers: "lossless" = speculative sampling against the model's own AR
+distribution (Leviathan et al. 2023; greedy: token for token the greedy AR output); "mix" = Zyphra's
+logit mixing, target w * AR + (1 - w) * draft.
 """
 import json
 import os
@@ -156,63 +150,52 @@ def sample(logits, temperature=0.0, top_k=None, mask_id=None, generator=None):
     logits = _process(logits, temperature, top_k, mask_id)
     if temperature == 0:
         return logits.argmax(-1)
-    probs = logits.softmax(-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    flat = logits.softmax(-1).reshape(-1, logits.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(logits.shape[:-1])
 
 
 class _Outputs:
     """New tokens per row in one tensor (no per-token Python work: 30,000 rows stay fast)."""
 
-    def __init__(self, rows, ragged, t0, max_new, K, device, stop_at_eos, eos):
+    def __init__(self, rows, ragged, t0, max_new, K, first):
         self.rows, self.ragged, self.t0 = rows, ragged, t0          # prompts, a list in?, start
-        self.buf = torch.zeros(len(rows), max_new + 2 * K + 1, dtype=torch.long, device=device)
-        self.n = torch.zeros(len(rows), dtype=torch.long, device=device)   # tokens written per row
-        self.steps = torch.zeros_like(self.n)                          # decode steps per row
-        self.made = torch.zeros_like(self.n)                           # tokens those steps made
-        self.hist = torch.zeros(K + 1, dtype=torch.long, device=device)
+        self.buf = first.new_zeros(len(rows), max_new + 2 * K + 1)
+        self.buf[:, 0] = first                                         # the prefill's token [B]
+        self.n = torch.ones_like(first)                 # tokens per row: the prefill's, the steps'
+        self.steps = torch.zeros_like(first)                           # decode steps per row
+        self.hist = first.new_zeros(K + 1)
         self.forwards = 0                                              # decode steps (model calls)
-        self.max_new, self.eos = max_new, eos if stop_at_eos else None      # when a row is done
+        self.max_new = max_new                                         # new tokens per row
 
     def active(self):
-        done = self.n >= self.max_new
-        if self.eos is not None:
-            written = torch.arange(self.buf.shape[1], device=self.n.device)[None] < self.n[:, None]
-            done |= ((self.buf == self.eos) & written).any(1)
-        return ~done
+        return self.n < self.max_new
 
-    def append(self, tokens, count, active, decode=True):
+    def append(self, tokens, count, active):
         """Row b gets tokens[b, :count[b]] where active[b]. tokens [B, K'], count [B]."""
         j = torch.arange(tokens.shape[1], device=tokens.device)[None]
         idx = self.n[:, None] + j
         keep = (j < count[:, None]) & active[:, None]
         self.buf.scatter_(1, idx, torch.where(keep, tokens, self.buf.gather(1, idx)))
         self.n += torch.where(active, count, 0)
-        if decode:
-            self.forwards += 1
-            self.steps += active.long()
-            self.made += torch.where(active, count, 0)
-            self.hist += torch.bincount(count[active], minlength=len(self.hist))[:len(self.hist)]
+        self.forwards += 1
+        self.steps += active.long()
+        self.hist += torch.bincount(count[active], minlength=len(self.hist))[:len(self.hist)]
 
     def finish(self, cache, **fields):
-        """prompt + exactly max_new new tokens a row (fewer after eos if told), Stats(**fields)."""
-        n = self.n.clamp(max=self.max_new)
-        if self.eos is not None:
-            hit = (self.buf[:, :self.max_new] == self.eos).float().cumsum(1)
-            n = torch.minimum(n, (hit < 1).sum(1) + 1)
-        rates = (self.made.double() / self.steps.clamp(min=1))[self.steps > 0]
-        new, seconds = int(n.sum()), time.perf_counter() - self.t0
+        """prompt + exactly max_new new tokens a row, Stats(**fields)."""
+        rates = ((self.n - 1).double() / self.steps.clamp(min=1))[self.steps > 0]
+        new, seconds = len(self.rows) * self.max_new, time.perf_counter() - self.t0
         stats = Stats(forwards=self.forwards, new_tokens=new, seconds=seconds,
                       tokens_per_forward=float(rates.mean()) if len(rates) else 0.0,
                       histogram={i: int(c) for i, c in enumerate(self.hist.tolist()) if c},
                       tokens_per_s=new / max(seconds, 1e-9), cache=cache, **fields)
-        buf, rows = self.buf, self.rows
-        if not self.ragged and bool((n == self.max_new).all()):
-            return torch.cat([torch.stack(rows).to(buf.device), buf[:, :self.max_new]], 1), stats
-        return [torch.cat([r.to(buf.device), buf[b, :n[b]]]) for b, r in enumerate(rows)], stats
+        buf, rows = self.buf[:, :self.max_new], self.rows
+        if not self.ragged:
+            return torch.cat([torch.stack(rows).to(buf.device), buf], 1), stats
+        return [torch.cat([r.to(buf.device), b]) for r, b in zip(rows, buf)], stats
 
 
-def _prefill(model, idx, max_new_tokens, K, how, stop_at_eos, tidar=False):
+def _prefill(model, idx, max_new_tokens, K, how, tidar=False):
     """A run of up to K tokens a step, begun: prompts x [B, T] (0-padded right) of lengths P [B], a
     cache with room for the run, one prefill forward h [B, T(+K), d] over x (tidar: [x | K masks],
     which draft block 1), the first token tok [B] in `out`. Returns (out, cache, tok, h, x, P)."""
@@ -238,8 +221,7 @@ def _prefill(model, idx, max_new_tokens, K, how, stop_at_eos, tidar=False):
         h = model.forward_hidden(x, *causal_layout(T, dev), cache=cache)
     cache.commit(P)
     tok = sample(head_logits(model, h[torch.arange(B, device=dev), P - 1]), *how)     # [B]
-    out = _Outputs(rows, ragged, t0, max_new_tokens, K, dev, stop_at_eos, c.eos_token_id)
-    out.append(tok[:, None], torch.ones_like(tok), torch.ones_like(tok).bool(), decode=False)
+    out = _Outputs(rows, ragged, t0, max_new_tokens, K, tok)
     return out, cache, tok, h, x, P
 
 
@@ -264,12 +246,11 @@ def ar_step(model, cache, tok, active, how):
 
 
 @torch.no_grad()
-def generate_ar(model, idx, max_new_tokens, temperature=0.0, top_k=None, stop_at_eos=False,
-                generator=None):
+def generate_ar(model, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None):
     """Plain AR decoding on the static cache. idx: LongTensor [B, T] or a list of 1-D prompts.
     Returns (prompt + exactly max_new_tokens new tokens per row [B, T+N] or a list, Stats)."""
     how = _how(model, temperature, top_k, generator)
-    out, cache, tok, *_ = _prefill(model, idx, max_new_tokens, 1, how, stop_at_eos)
+    out, cache, tok, *_ = _prefill(model, idx, max_new_tokens, 1, how)
     one = torch.ones_like(tok)
     while (active := out.active()).any():
         tok = ar_step(model, cache, tok, active, how)
@@ -301,11 +282,10 @@ def _verify(ar, drafts, draft_logits, valid, sampler, w, temperature, top_k, mas
     rows = torch.arange(B, device=ar.device)
     bonus = sample(ar[rows, -1], temperature, top_k, mask_id, generator)
     kk = k.clamp(max=K - 2)
-    tk = target[rows, kk]
     if temperature == 0:
-        corr = tk.argmax(-1)
+        corr = target[rows, kk].argmax(-1)
     else:                                                   # residual max(0, p - q), renormalised
-        p = tk.softmax(-1)
+        p = target[rows, kk].softmax(-1)
         q = torch.where(valid[rows, kk, None], q_logits[rows, kk].softmax(-1), 0.0)
         res = (p - q).clamp_min(0)
         res = torch.where(res.sum(-1, keepdim=True) > 0, res, p)
@@ -356,8 +336,7 @@ def tidar_step(model, cache, d0, dlog, valid, groups, active, sampler, w, how):
 
 @torch.no_grad()
 def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.5, temperature=0.0,
-                   top_k=None, block_size=None, groups=None, stop_at_eos=False, generator=None,
-                   record=False):
+                   top_k=None, block_size=None, groups=None, generator=None, record=False):
     """Single-forward TiDAR decoding. `groups`: the acceptance levels that get a draft each step
     (default all 0..K-1; 0 is always included); after accepting k drafts, the next drafts come from
     the closest level <= k. groups="auto" (or an AutoLevels) re-chooses the levels on this machine
@@ -370,7 +349,7 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     auto = AutoLevels() if groups == "auto" else groups if isinstance(groups, AutoLevels) else None
     groups = list(range(K)) if auto or groups is None else sorted(set(groups) | {0})
     check(groups[-1] < K, f"groups must lie in 0..{K - 1}, got {groups}")
-    out, cache, d0, h, x, _ = _prefill(model, idx, max_new_tokens, K, how, stop_at_eos, tidar=True)
+    out, cache, d0, h, x, _ = _prefill(model, idx, max_new_tokens, K, how, tidar=True)
     (B, T), dev = x.shape, x.device
     dlog = head_logits(model, h[:, T + 1:])                          # [B, K-1, V]: d_1..d_{K-1}
     valid = torch.ones(B, K - 1, dtype=torch.bool, device=dev)
@@ -429,13 +408,13 @@ def lookup_drafts(ctx, lengths, ngram, D):
 
 @torch.no_grad()
 def generate_lookup(model, idx, max_new_tokens, temperature=0.0, top_k=None, num_draft=15, ngram=3,
-                    stop_at_eos=False, generator=None):
+                    generator=None):
     """Prompt-lookup decoding (Saxena 2023), the no-training baseline: each step drafts up to
     num_draft tokens copied from the context (lookup_drafts) and verifies them in one causal forward
     with generate_tidar's lossless rule and KV-cache rollback. The proposal is a point mass, so
     min(1, p/q) = p(draft) and the residual is p without the draft. Returns as generate_ar."""
     how = _how(model, temperature, top_k, generator)
-    out, cache, tok, _, x, P = _prefill(model, idx, max_new_tokens, num_draft + 1, how, stop_at_eos)
+    out, cache, tok, _, x, P = _prefill(model, idx, max_new_tokens, num_draft + 1, how)
     ctx = torch.cat([x, torch.zeros_like(out.buf)], 1)              # [B, T + room]: prompt + output
 
     while (active := out.active()).any():
@@ -470,17 +449,57 @@ LEVEL_SETTINGS = ["AR", "AR"] + [None] + HAND_SETS + ["auto"]  # AR twice: the 2
 def decode_report(model, prompts, out, K=16, weights=(0.5,), seeds=(0,), levels=(),
                   new_tokens=128, threads=1):
     """The held-out evaluation (ACCEPTANCE.md, "measuring"): each prompt alone (batch 1, one thread:
-    a second one mostly adds noise on a shared CPU), block K, every level drafted. Rows: greedy AR;
-    lossless greedy; lossless at temperature 1 over `seeds`; mix at each weight (greedy); prompt
-    lookup. Each gives tokens per forward as mean and spread over prompts, tokens/s, and the AR
-    head's mean log-likelihood of the text it made; lossless greedy also splits its steps into
-    copies (2+ tokens already in the context) and the rest. Then the level settings
-    (levels_report, first 8 prompts), a demo continuation, and out/decode.json. threads > 1 is for
-    tokens per forward only (the ablation's), which no thread count changes."""
-    before = torch.get_num_threads()
+    a second one mostly adds noise on a shared CPU), block K, every level drafted. Per row (below):
+    tokens per forward (mean, sd over prompts), tokens/s, the AR head's mean log-likelihood of its
+    text; lossless greedy's steps split into copies (2+ tokens already in the context) and the rest;
+    then levels_report, demo continuations and out/decode.json. threads > 1: for tokens per forward
+    only (the ablation's), which no thread count changes."""
+    before, n = torch.get_num_threads(), new_tokens
     torch.set_num_threads(threads)
     try:
-        return _decode_report(model, prompts, out, K, weights, seeds, levels, new_tokens)
+        _, decode = load_tokenizer(model)
+
+        def tidar(seed=None, **kw):
+            return lambda p: generate_tidar(model, p, n, block_size=K, **kw, generator=(
+                None if seed is None else torch.Generator().manual_seed(seed)))
+        runs = {"AR": lambda p: generate_ar(model, p, n), "lossless": tidar(record=True),
+                **{f"lossless T=1 seed {s}": tidar(s, temperature=1.0) for s in seeds},
+                **{f"mix w={w}": tidar(sampler="mix", mix_weight=w) for w in weights},
+                "prompt lookup": lambda p: generate_lookup(model, p, n, num_draft=K - 1)}
+        got = {name: [] for name in runs}           # name -> per prompt (Stats, log-lik, tokens)
+        for p in prompts:
+            for name, fn in runs.items():
+                toks, st = fn(p[None])
+                got[name].append((st, log_likelihood(model, toks[0], len(p)), toks[0, len(p):]))
+        print(f"held-out decoding: {len(prompts)} prompts x {n} tokens, batch 1, block {K}, "
+              f"every level drafted, {torch.get_num_threads()} thread(s); tokens/forward: mean +- "
+              "sd over prompts")
+        rows = []
+        for name, res in got.items():
+            st, ll, _ = zip(*res)
+            ll = sum(ll) / len(ll)                                 # mean AR log-likelihood
+            tpf = torch.tensor([s.tokens_per_forward for s in st])
+            tps = sum(s.new_tokens for s in st) / sum(s.seconds for s in st)
+            rows.append(dict(name=name, block=K, tokens_per_forward=float(tpf.mean()),
+                             sd=float(tpf.std()), tokens_per_s=tps, log_likelihood=ll,
+                             speedup=tps / rows[0]["tokens_per_s"] if rows else 1.0))
+            print(f"  {name:22s} {tpf.mean():5.2f} +- {tpf.std():4.2f} tokens/forward {tps:7.1f} "
+                  f"tokens/s {rows[-1]['speedup']:5.2f}x AR, AR log-lik {ll:6.3f}")
+        c, made, steps, total = map(sum, zip(*(copy_steps(p.tolist(), st.log)
+                                               for p, (st, _, _) in zip(prompts, got["lossless"]))))
+        print(f"  lossless copies: {c}/{steps} steps commit 2+ tokens already in the context, "
+              f"{made / max(c, 1):.2f} tokens each; the other steps "
+              f"{(total - made) / max(steps - c, 1):.2f} tokens/forward")
+        hist = sum((Counter(st.histogram) for st, _, _ in got["lossless"]), Counter())
+        if levels:                  # proposal levels chosen per machine (levels.py), on 8 prompts
+            rows += levels_report(model, prompts[:8], K, n, levels, 3 if len(levels) > 2 else 1)
+        for name in ("AR", "lossless", f"mix w={weights[0]}"):
+            print(f"--- {name} continuation of held-out code:\n{decode(got[name][0][2].tolist())}")
+        result = dict(ar_tokens_per_s=rows[0]["tokens_per_s"], rows=rows, acceptance=(
+            acceptance_from_histogram(hist, K)), copies=dict(steps=c, of=steps, tokens=made))
+        _atomic_write(os.path.join(out, "decode.json"),
+                      lambda tmp: Path(tmp).write_text(json.dumps(result)))
+        return result
     finally:
         torch.set_num_threads(before)
 
@@ -505,57 +524,11 @@ def copy_steps(prompt, log):
     return copies, made, len(log) - 1, total
 
 
-def _decode_report(model, prompts, out, K, weights, seeds, levels, n):
-    _, decode = load_tokenizer(model)
-
-    def tidar(**kw):
-        return lambda p, s=None: generate_tidar(model, p, n, block_size=K, **kw, generator=(
-            None if s is None else torch.Generator().manual_seed(s)))
-    runs = {"AR": lambda p, s: generate_ar(model, p, n), "lossless": tidar(record=True),
-            **{f"lossless T=1 seed {s}": tidar(temperature=1.0) for s in seeds},
-            **{f"mix w={w}": tidar(sampler="mix", mix_weight=w) for w in weights},
-            "prompt lookup": lambda p, s: generate_lookup(model, p, n, num_draft=K - 1)}
-    got = {name: [] for name in runs}                 # name -> per prompt (Stats, log-lik, tokens)
-    for p in prompts:
-        for name, fn in runs.items():
-            toks, st = fn(p[None], int(name.split()[-1]) if "seed" in name else None)
-            got[name].append((st, log_likelihood(model, toks[0], len(p)), toks[0, len(p):]))
-    print(f"held-out decoding: {len(prompts)} prompts x {n} tokens, batch 1, block {K}, every "
-          f"level drafted, {torch.get_num_threads()} thread(s); tokens/forward: mean +- sd over "
-          "prompts")
-    rows = []
-    for name, res in got.items():
-        st, ll, _ = zip(*res)
-        tpf = torch.tensor([s.tokens_per_forward for s in st])
-        tps = sum(s.new_tokens for s in st) / sum(s.seconds for s in st)
-        rows.append(dict(name=name, block=K, tokens_per_forward=float(tpf.mean()),
-                         sd=float(tpf.std()), tokens_per_s=tps, log_likelihood=sum(ll) / len(ll),
-                         speedup=tps / rows[0]["tokens_per_s"] if rows else 1.0))
-        print(f"  {name:22s} {tpf.mean():5.2f} +- {tpf.std():4.2f} tokens/forward {tps:7.1f} "
-              f"tokens/s {rows[-1]['speedup']:5.2f}x AR, AR log-lik {sum(ll) / len(ll):6.3f}")
-    c, made, steps, total = map(sum, zip(*(copy_steps(p.tolist(), st.log)
-                                           for p, (st, _, _) in zip(prompts, got["lossless"]))))
-    print(f"  lossless copies: {c}/{steps} steps commit 2+ tokens already in the context, "
-          f"{made / max(c, 1):.2f} tokens each; the other steps "
-          f"{(total - made) / max(steps - c, 1):.2f} tokens/forward")
-    hist = sum((Counter(st.histogram) for st, _, _ in got["lossless"]), Counter())
-    if levels:                  # proposal levels chosen per machine (levels.py), on 8 prompts
-        rows += levels_report(model, prompts[:8], K, n, levels, 3 if len(levels) > 2 else 1)
-    for name in ("AR", "lossless", f"mix w={weights[0]}"):
-        print(f"--- {name} continuation of held-out code:\n{decode(got[name][0][2].tolist())}")
-    result = dict(ar_tokens_per_s=rows[0]["tokens_per_s"], rows=rows, acceptance=(
-        acceptance_from_histogram(hist, K)), copies=dict(steps=c, of=steps, tokens=made))
-    _atomic_write(os.path.join(out, "decode.json"),
-                  lambda tmp: Path(tmp).write_text(json.dumps(result)))
-    return result
-
-
 def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
-    """Tokens/s of AR and TiDAR level settings ("AR", None = dense, a fixed list, "auto"), side by
-    side: each round decodes every prompt with every setting, the order rotating per round, so a
-    busy spell on a shared machine hits all settings alike. auto's latency calibration is done first
-    (once per process) and timed apart. Prints a table with ratios to AR and to the best fixed set;
-    returns rows (the dense row has the per-slot acceptance). Lossless, greedy."""
+    """Lossless greedy tokens/s of AR and TiDAR level settings ("AR", None = dense, a fixed list,
+    "auto") side by side: each round decodes every prompt with every setting in an order rotating
+    per round, so a busy spell on a shared machine hits all alike; auto's calibration runs first,
+    timed apart. Prints ratios to AR and the best fixed set; returns rows (dense: + acceptance)."""
     curve = calibrate(model, 1, K, len(prompts[0]))
     generate_tidar(model, prompts[0][None], new_tokens, groups="auto", block_size=K)   # warm-up
     n = len(settings)
@@ -570,8 +543,7 @@ def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
             hist.update(st.histogram if g is None else {})      # the dense row's acceptance
     tps = [a / b for a, b in zip(tokens, seconds)]
     ar = tps[settings.index("AR")]
-    fixed = [i for i, g in enumerate(settings) if isinstance(g, list)]
-    best = tps[max(fixed, key=lambda i: tps[i])] if fixed else None
+    best = max(t for t, g in zip(tps, settings) if isinstance(g, list))     # the best fixed set
     print(f"  levels, block {K}, lossless: {rounds} rounds x {len(prompts)} prompts x {new_tokens} "
           f"tokens, settings interleaved; auto's calibration took {curve.seconds:.2f} s, once")
     rows = []
@@ -580,13 +552,12 @@ def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
                 else "{" + ",".join(map(str, g)) + "}")
         name += " again" if g == "AR" and settings.index(g) < i else ""
         rows.append(dict(block=K, groups=name, tokens_per_s=tps[i], tokens_per_forward=tpf[i],
-                         speedup=tps[i] / ar, vs_best_fixed=best and tps[i] / best, note=notes[i]))
+                         speedup=tps[i] / ar, vs_best_fixed=tps[i] / best, note=notes[i]))
         if g is None:
             rows[-1]["acceptance"] = acceptance_from_histogram(hist, K)
-        vs = f" {tps[i] / best:5.2f}x best fixed" + (" (best fixed)" if tps[i] == best else "")
         print(f"    {name:12s} {tpf[i]:5.2f} tokens/forward {tps[i]:8.1f} tokens/s "
-              f"{tps[i] / ar:5.2f}x AR{vs if fixed else ''}"
-              + (f"  [{notes[i]}]" if notes[i] else ""))
+              f"{tps[i] / ar:5.2f}x AR {tps[i] / best:5.2f}x best fixed"
+              + " (best fixed)" * (tps[i] == best) + (f"  [{notes[i]}]" if notes[i] else ""))
     return rows
 
 
@@ -608,16 +579,6 @@ def compile_pays(model, new_tokens, prompt_len):
     return new_tokens * step * (1 - 1 / 3) > COMPILE_SECONDS
 
 
-def show_steps(decode, prompt_ids, log):
-    """Replay a decode step by step: accepted drafts green, the sampler's own token yellow."""
-    green, yellow, dim, reset = "\033[32m", "\033[33m", "\033[2m", "\033[0m"
-    print(dim + decode(prompt_ids) + reset, end="", flush=True)
-    for accepted, own in log:
-        print(green + decode(accepted) + yellow + decode([own]) + reset, end="", flush=True)
-        time.sleep(0.05)
-    print()
-
-
 def main(argv):
     args = {**DEFAULTS, **parse_args(argv, DEFAULTS)}
     torch.manual_seed(args["seed"])
@@ -628,7 +589,7 @@ def main(argv):
     encode, decode = load_tokenizer(model)
     ids = encode(args["prompt"]) or [model.config.bos_token_id or 0]
     idx = torch.tensor([ids], device=args["device"])
-    kw = dict(temperature=args["temperature"], top_k=args["top_k"] or None, stop_at_eos=False)
+    kw = dict(temperature=args["temperature"], top_k=args["top_k"] or None)
     g = args["groups"]                                               # auto | all | 0,4,8,12
     groups = [int(x) for x in g.split(",") if x.strip().isdigit()]
     check(g in ("auto", "all") or groups, f"--groups={g}: use auto, all, or levels like 0,4,8,12")
@@ -643,8 +604,13 @@ def main(argv):
     else:
         out, st = generate_tidar(model, idx, n, args["sampler"], args["mix_weight"], groups=groups,
                                  block_size=args["block_size"] or None, record=args["show"], **kw)
-    if args["show"] and st.log:
-        show_steps(decode, ids, st.log)
+    if args["show"] and st.log:           # replay: accepted drafts green, the sampler's own yellow
+        green, yellow, dim, reset = "\033[32m", "\033[33m", "\033[2m", "\033[0m"
+        print(dim + decode(ids) + reset, end="", flush=True)
+        for accepted, own in st.log:
+            print(green + decode(accepted) + yellow + decode([own]) + reset, end="", flush=True)
+            time.sleep(0.05)
+        print()
     else:
         print(decode(out[0].tolist()))
     print("---")
