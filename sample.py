@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import tiktoken
 import torch
@@ -57,8 +58,11 @@ def parse_args(argv, defaults):
 
 
 def get_tokenizer(name):
-    """(tiktoken.Encoding, ids), ids = dict(eot, mask, pad, vocab_size). vocab_size is the model's:
-    n_vocab rounded up to a multiple of 64, so drop ids >= enc.n_vocab before enc.decode(ids)."""
+    """(encoder, ids), ids = dict(eot, mask, pad, vocab_size). vocab_size is the model's: n_vocab
+    rounded up to a multiple of 64, so drop ids >= enc.n_vocab before enc.decode(ids). name: bytes,
+    a tiktoken encoding, or a path: a Hugging Face tokenizer.json or the directory holding one."""
+    if name != "bytes" and ("/" in name or name.endswith(".json") or os.path.exists(name)):
+        return hf_tokenizer(name)
     if name == "bytes":        # 256 single-byte tokens, no merges: offline, and any text encodes
         ranks = {bytes([i]): i for i in range(256)}
         special = {"<|endoftext|>": 256, "<|mask|>": 257, "<|pad|>": 258}
@@ -78,23 +82,37 @@ def get_tokenizer(name):
     return enc, dict(ids, vocab_size=(enc.n_vocab + 63) // 64 * 64)
 
 
+def hf_tokenizer(path):
+    """get_tokenizer for a tokenizer.json, read with the `tokenizers` package: an encoder with
+    tiktoken's methods; the mask token its <mask> (ZAYA's diffusion checkpoint: id 4) or None."""
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    check(os.path.isfile(file), f"no tokenizer file {file}; do pass a Hugging Face tokenizer.json "
+          "or the directory holding one")
+    try:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(file)
+    except Exception as e:
+        raise UsageError(f"cannot read tokenizer {file} ({type(e).__name__}: {e}); do pass a "
+                         "tokenizer.json, with the `tokenizers` package installed") from None
+    vocab = tok.get_vocab()
+    first = lambda *names: next((vocab[n] for n in names if n in vocab), None)   # noqa: E731
+    eot = first("<|endoftext|>", "<eos>", "</s>", "<|end_of_text|>")
+    check(eot is not None, f"tokenizer {file} has no end-of-text token; do add <eos> to it")
+    enc = SimpleNamespace(
+        n_vocab=tok.get_vocab_size(), encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
+        encode_ordinary_batch=lambda texts: [e.ids for e in tok.encode_batch(
+            texts, add_special_tokens=False)], decode=tok.decode)
+    ids = dict(eot=eot, mask=first("<mask>", "[MASK]", "<|mask|>"),
+               pad=first("<pad>", "[PAD]", "<|pad|>") or eot)
+    return enc, dict(ids, vocab_size=(enc.n_vocab + 63) // 64 * 64)
+
+
 def load_tokenizer(model):
-    """(encode, decode) for a loaded checkpoint: our runs name their tiktoken tokenizer; HF
-    directories ship tokenizer.json, read with the `tokenizers` package."""
+    """(encode, decode) for a loaded checkpoint: the tokenizer its run trained with (train.py's
+    --tokenizer), or an HF directory's tokenizer.json."""
     meta = getattr(model, "checkpoint_meta", {})
-    if "hf_dir" in meta:
-        path = os.path.join(meta["hf_dir"], "tokenizer.json")
-        if not os.path.exists(path):
-            raise ValueError(f"{meta['hf_dir']} has no tokenizer.json; pass token ids another way")
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ValueError("decoding this checkpoint needs the `tokenizers` package: "
-                             "pip install tokenizers") from None
-        tok = Tokenizer.from_file(path)
-        return (lambda s: tok.encode(s).ids), (lambda ids: tok.decode(ids))
-    enc, _ = get_tokenizer(meta.get("tokenizer", "bytes"))
-    return (lambda s: enc.encode(s)), (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
+    enc, _ = get_tokenizer(meta.get("hf_dir", meta.get("tokenizer", "bytes")))
+    return enc.encode, (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
 
 
 # -----------------------------------------------------------------------------

@@ -1076,6 +1076,8 @@ def test_dry_run_8b_prints_parameters_in_seconds(capsys):
     printed = capsys.readouterr().out
     assert time.time() - t < 20 and out["params"] > 8.8e9 and 7e8 < out["active"] < 8e8
     assert f"{out['params']:,} parameters" in printed and "TiDAR" in printed and "GFLOP" in printed
+    assert f"checkpoint (DCP): {12 * out['params'] / 2**30:.1f} GiB on disk" in printed and "no full copy" in printed
+    assert f"its own {12 * out['params'] / 64 / 2**30:.1f} GiB" in printed               # 8.8e9 x 12 / 64 GPUs
 
 # -----------------------------------------------------------------------------
 # training runs
@@ -1194,6 +1196,202 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, fsdp)
     assert len(two["losses"]) == len(one["losses"]) == 3                       # measured differences: <= 1e-6
     for a, b in zip(two["losses"], one["losses"]):                              # iter 0, and after updates
         assert all(abs(a[k] - b[k]) < 1e-5 for k in ("loss", "ar", "diff")), (a, b)
+
+
+# sharded checkpoints (FSDP2 + DCP) and shard-by-shard loading, on 2 gloo processes
+
+PROBE = """
+import json, os, runpy, signal, sys
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+sys.path.insert(0, {here!r})
+import zaya
+rank, log = int(os.environ["RANK"]), dict(saves=[], reads=[])
+real_save, real_load, real_write = dcp.save, zaya.load_checkpoint, FileSystemWriter.write_data
+
+
+def save(state, **kw):  # every tensor a rank hands to DCP: its type, global and local shapes
+    log["saves"].append([[k, type(v).__name__, list(v.shape), list(getattr(v, "to_local", lambda: v)().shape)]
+                         for k, v in [*state["model"].items(), *[(p + "." + n, t)
+                         for p, d in state["optimizer"]["state"].items() for n, t in d.items()]]
+                         if hasattr(v, "shape") and v.dim()])
+    return real_save(state, **kw)
+
+
+def write_data(self, plan, planner):  # KILL_AT_SAVE=n: rank 1 dies after writing save n's shards
+    fut = real_write(self, plan, planner)
+    if rank == 1 and len(log["saves"]) == int(os.environ.get("KILL_AT_SAVE", 0)):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return fut
+
+
+def load_checkpoint(path):  # every read of a checkpoint tensor: its name, rows read, all rows
+    config, parts, meta = real_load(path)
+    def probe(k, shape, read):
+        def r(sl):
+            log["reads"].append([k, list(range(*sl.indices(shape[0])))[:1] + [len(range(*sl.indices(shape[0])))], shape[0]])
+            return read(sl)
+        return shape, r
+    return config, {{k: probe(k, *v) for k, v in parts.items()}}, meta
+
+
+dcp.save, zaya.load_checkpoint, FileSystemWriter.write_data = save, load_checkpoint, write_data
+try:
+    runpy.run_path({train!r}, run_name="__main__")
+finally:
+    with open(os.path.join({probes!r}, f"probe-{{os.environ['PROBE_ID']}}-{{rank}}.json"), "w") as f:
+        json.dump(log, f)
+"""
+
+
+def run_two(tmp_path, args, run_id, kill_at_save=0, timeout=300):
+    """train.py on 2 gloo processes under the probe above -> (completed process, [probe of rank 0, 1])."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE.format(here=HERE, train=os.path.join(HERE, "train.py"), probes=str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", KILL_AT_SAVE=str(kill_at_save), PROBE_ID=run_id)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    r = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout)
+    probes = [json.loads((tmp_path / f"probe-{run_id}-{i}.json").read_text())
+              if (tmp_path / f"probe-{run_id}-{i}.json").exists() else None for i in range(2)]
+    return r, probes
+
+
+def assert_every_save_sharded(probes):
+    """No rank ever holds a full copy: every model and AdamW tensor handed to DCP is a DTensor whose local
+    shard is at most ceil(n / 2) of its n rows."""
+    for p in probes:
+        assert p["saves"]
+        for save in p["saves"]:
+            assert len(save) > 3 * 20                                              # model + exp_avg + exp_avg_sq
+            for name, kind, shape, local in save:
+                if not name.endswith("balancing_biases"):                          # a buffer, replicated
+                    assert kind == "DTensor" and local[0] <= -(-shape[0] // 2), (name, kind, shape, local)
+
+
+def test_fsdp_sharded_checkpoint_resumes_exactly_and_reshards_onto_one_process(tmp_path):
+    """N=2 iterations, a DCP save, a resume for M=2 more: the losses and weights of 4 uninterrupted ones, bit for bit.
+    The same DCP checkpoint also resumes on 1 process (DCP reshards): its weights arrive exactly (checked with lr 0)
+    and AdamW's step count continues."""
+    data = write_corpus(tmp_path / "corpus.txt")
+    common = dict(mode="tidar", batch_size=4, eval_interval=2, lr_decay_iters=4, fsdp=True)
+    r, probes = run_two(tmp_path, tiny_args(tmp_path, data, "full", max_iters=4, **common), "full")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_every_save_sharded(probes)
+    r, _ = run_two(tmp_path, tiny_args(tmp_path, data, "split", max_iters=2, **common), "a")
+    assert r.returncode == 0, r.stderr[-3000:]
+    import shutil
+    shutil.copytree(tmp_path / "split", tmp_path / "one")
+    r, _ = run_two(tmp_path, tiny_args(tmp_path, data, "split", max_iters=4, init_from="resume", **common), "b")
+    assert r.returncode == 0, r.stderr[-3000:]
+    full, rest = (json.loads((tmp_path / d / "log.json").read_text()) for d in ("full", "split"))
+    assert [h["iter"] for h in rest["losses"]] == [2, 3] and rest["losses"] == full["losses"][2:]
+    assert os.listdir(tmp_path / "split" / "ckpt-dcp") == ["iter-00000004"]        # older folders removed
+    a, b = Zaya.from_pretrained(str(tmp_path / "full")), Zaya.from_pretrained(str(tmp_path / "split"))
+    assert a.checkpoint_meta["iter_num"] == b.checkpoint_meta["iter_num"] == 4
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    saved = Zaya.from_pretrained(str(tmp_path / "one")).state_dict()                # iteration 2, on 2 ranks
+    one = train.main(tiny_args(tmp_path, data, "one", init_from="resume", max_iters=3, lr=0, min_lr=0, fsdp=False))
+    assert [h["iter"] for h in one["losses"]] == [2] and one["ckpt"].endswith("ckpt.pt")
+    ck = torch.load(one["ckpt"], weights_only=True)
+    assert ck["iter_num"] == 3 and all(torch.equal(v, ck["model"][k]) for k, v in saved.items()
+                                       if not k.endswith("balancing_biases"))    # lr 0: unchanged
+    assert {int(s["step"]) for s in ck["optimizer"]["state"].values()} == {3}  # 2 loaded + 1
+
+
+def test_sigkill_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
+    """Rank 1 is SIGKILLed after writing its shards of the second save (iteration 2), before the save completes:
+    the folder of iteration 1 stays the newest checkpoint, loads, and a run resumes from it."""
+    data = write_corpus(tmp_path / "corpus.txt")
+    args = tiny_args(tmp_path, data, "run", max_iters=3, eval_interval=1, batch_size=4, fsdp=True)
+    r, _ = run_two(tmp_path, args, "kill", kill_at_save=2)
+    assert r.returncode != 0 and "SIGKILL" in r.stderr, r.stderr[-3000:]          # rank 1, in save 2
+    assert sorted(os.listdir(tmp_path / "run" / "ckpt-dcp")) == ["iter-00000001", "tmp-iter-00000002"]
+    assert Zaya.from_pretrained(str(tmp_path / "run")).checkpoint_meta["iter_num"] == 1
+    rest = train.main(tiny_args(tmp_path, data, "run", init_from="resume", max_iters=2, fsdp=False))
+    assert [h["iter"] for h in rest["losses"]] == [1]
+
+
+def test_fsdp_init_from_hf_reads_only_each_ranks_rows_and_exports_to_the_reference(tmp_path):
+    """--init_from of a sharded native HF directory and of a legacy one, with --fsdp=True: each rank reads only the
+    rows it owns (at most ceil(n/2) of each parameter's n), and after one step at lr 0 the DCP checkpoint holds
+    exactly Zaya.from_pretrained's weights (same logits). Its export loads in transformers with the same logits."""
+    from safetensors.torch import save_file
+    m = randomised(small_config(vocab_size=320, mask_token_id=257, eos_token_id=256, bos_token_id=256, pad_token_id=258))
+    m.save_pretrained(tmp_path / "native", max_shard_bytes=60_000)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    save_file({k: v.contiguous() for k, v in _to_legacy(m).items()}, legacy / "model.safetensors")
+    c = m.config
+    (legacy / "config.json").write_text(json.dumps(dict(
+        json.loads((tmp_path / "native" / "config.json").read_text()), num_hidden_layers=2 * c.num_hidden_layers,
+        ffn_hidden_size=2 * c.moe_intermediate_size, zaya_mlp_expansion=c.router_hidden_size)))
+    data = write_corpus(tmp_path / "corpus.txt")
+    idx = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        want = m(idx)[0]
+        for src in ("native", "legacy"):
+            args = tiny_args(tmp_path, data, f"from-{src}", init_from=str(tmp_path / src), max_iters=1, lr=0,
+                             min_lr=0, bias_update_rate=0, batch_size=4, fsdp=True)
+            r, probes = run_two(tmp_path, args, src)
+            assert r.returncode == 0, r.stderr[-3000:]
+            assert r.stdout.count("peak host memory") == 2                        # one line per rank
+            reads = {}
+            for p in probes:
+                for name, (first, rows), n in ([k, v, n] for k, (*v,), n in p["reads"]):
+                    reads.setdefault(name, []).append((first, rows, n))
+            assert set(reads) == set(m.state_dict())
+            for name, got in reads.items():
+                n = got[0][2]
+                if name.endswith("balancing_biases"):                              # buffers: whole, on each rank
+                    assert [r[1] for r in got] == [n, n]
+                else:                                                              # a rank's own rows, together all
+                    assert max(r[1] for r in got) <= -(-n // 2) and sum(r[1] for r in got) == n, (name, got)
+            converted = Zaya.from_pretrained(str(tmp_path / f"from-{src}"))
+            torch.testing.assert_close(converted(idx)[0], want, atol=1e-6, rtol=0)
+        assert train.main([f"--export={tmp_path / 'hf'}", f"--init_from={tmp_path / 'from-native'}"])
+        torch.testing.assert_close(reference(tmp_path / "hf")(idx).logits, want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(Zaya.from_pretrained(str(tmp_path / "hf"))(idx)[0], want, atol=1e-6, rtol=0)
+
+
+def hf_tokenizer_file(path, corpus, vocab_size, special=("<eos>", "<mask>", "<pad>")):
+    """A BPE tokenizer.json trained here by the `tokenizers` package on the corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train([corpus], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
+                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+    return tok
+
+
+def test_training_and_decoding_on_a_hugging_face_tokenizer(tmp_path, capsys):
+    """--tokenizer=PATH trains on a tokenizer.json (here one trained by the `tokenizers` package): its <mask> is the
+    TiDAR mask, the corpus cache holds its ids, and sample.py decodes with it. A missing file, and a vocabulary
+    larger than the model's, are one line each."""
+    from sample import cli, load_tokenizer
+    data = write_corpus(tmp_path / "corpus.txt")
+    tok = hf_tokenizer_file(tmp_path / "tokenizer.json", data, 300)
+    assert tok.get_vocab_size() > 280                                                # BPE merges beyond the bytes
+    out = train.main(tiny_args(tmp_path, data, "hf", mode="tidar", tokenizer=str(tmp_path / "tokenizer.json"),
+                               max_iters=3))
+    m = Zaya.from_pretrained(out["ckpt"])
+    assert m.config.mask_token_id == tok.token_to_id("<mask>") and m.config.eos_token_id == tok.token_to_id("<eos>")
+    assert m.config.vocab_size == 320                                                # 300 rounded up to 64s
+    cache = np.fromfile(next((tmp_path / "cache").glob("tokenizer-*.train.bin")), dtype=np.uint16)
+    assert cache[0] == tok.token_to_id("<eos>") and list(cache[1:9]) == tok.encode(open(data).read()).ids[:8]
+    encode, decode = load_tokenizer(m)
+    assert decode(encode("alpha_3 = beta(12)")) == "alpha_3 = beta(12)" and encode("alpha") == tok.encode("alpha").ids
+    capsys.readouterr()
+    assert cli([f"--init_from={tmp_path / 'hf'}", "--prompt=alpha_3 = ", "--max_new_tokens=6"]) == 0
+    assert "alpha_3 = " in capsys.readouterr().out
+    with pytest.raises(train.UsageError, match="no tokenizer file .*nope.json; do pass") as e:
+        train.main(tiny_args(tmp_path, data, "x", tokenizer=str(tmp_path / "nope.json")))
+    big = tmp_path / "big"
+    big.mkdir()
+    hf_tokenizer_file(big / "tokenizer.json", data, 400)
+    with pytest.raises(train.UsageError, match=r"has 3[3-9]\d ids but the model's vocab_size is 320; do ") as e:
+        train.main(tiny_args(tmp_path, data, "y", mode="tidar", init_from=out["ckpt"], tokenizer=str(big)))
+    assert "\n" not in str(e.value)
 
 
 BAD_INPUTS = {

@@ -18,6 +18,8 @@ import json
 import math
 import os
 import random
+import resource
+import shutil
 import signal
 import sys
 import sysconfig
@@ -31,13 +33,15 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from sample import (LEVEL_SETTINGS, UsageError, check, decode_report, generate_ar, get_tokenizer,
                     parse_args)
-from zaya import CheckpointError, Zaya, ZayaConfig, _atomic_write, causal_layout
+from zaya import (CheckpointError, Zaya, ZayaConfig, _atomic_write, causal_layout, check_tensors,
+                  latest_checkpoint, load_checkpoint, save_hf)
 
 # -----------------------------------------------------------------------------
 # settings: every key can be overridden with --key=value (parsed to the default's type)
@@ -46,7 +50,8 @@ DEFAULTS = dict(
     mode="ar",                     # ar: next-token loss | tidar: AR + diffusion loss (TIDAR.md 1)
     init_from="scratch",           # scratch | resume (out_dir) | PATH: ckpt.pt, its dir, an HF dir
     data="stdlib",                 # stdlib (this Python's .py files) | PATH: a text file or folder
-    tokenizer="bytes",             # bytes (built in, offline) | a tiktoken encoding name, e.g. gpt2
+    tokenizer="bytes",             # bytes (built in, offline) | a tiktoken encoding, e.g. gpt2 |
+                                   # PATH: a Hugging Face tokenizer.json or its directory
     out_dir="out", data_cache="",  # token cache folder ("" = out_dir/data)
     max_iters=300, batch_size=16, seq_len=128, block_size=16, alpha=1.0,
     # conversion shaped for acceptance (ACCEPTANCE.md); these defaults are the paper's (TIDAR.md 1)
@@ -61,6 +66,8 @@ DEFAULTS = dict(
     compile=False, grad_checkpointing=False, fsdp=False,
     loss_chunk=1024,               # tokens per cross-entropy chunk (0 = one chunk, full logits)
     pipeline="",                   # default | long | eval | ablation: see reproduce
+    export="",                     # DIR: write --init_from (resume: out_dir's) as HF, and exit
+    mask_token_id=-1,              # -1: the tokenizer's <mask> (else the checkpoint config's)
     dry_run=False, gpus=8,         # dry_run: print sizes for --gpus GPUs and exit
 )
 
@@ -101,7 +108,8 @@ def load_corpus(data, tokenizer, cache_dir, min_tokens=2):
     files = corpus_files(data)
     stat = [data if data == "stdlib" else os.path.abspath(data), tokenizer]   # cwd-free key
     stat += [(rel, os.path.getsize(p), os.path.getmtime(p)) for rel, p in files]
-    key = f"{tokenizer}-{zlib.crc32(json.dumps(stat).encode()):08x}"
+    stat += [os.path.getmtime(tokenizer)] if os.path.exists(tokenizer) else []   # a tokenizer.json
+    key = f"{Path(tokenizer).stem}-{zlib.crc32(json.dumps(stat).encode()):08x}"
     enc, ids = get_tokenizer(tokenizer)
     dtype = np.uint16 if ids["vocab_size"] <= 2**16 else np.uint32
     paths = [os.path.join(cache_dir, f"{key}.{split}.bin") for split in ("train", "val")]
@@ -288,39 +296,37 @@ def all_mean(x):
 
 # -----------------------------------------------------------------------------
 # one training run
-def read_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}); "
-                              "do pass a train.py ckpt.pt") from None
-
-
 def run(overrides):
     """One run (ar or tidar). Returns a summary dict, also written to out_dir/log.json."""
     # ---- settings: DEFAULTS <- the checkpoint's on resume, or its tokenizer on init <- overrides
-    ck, base = None, {}                                             # the checkpoint, its settings
-    src = overrides.get("init_from", "scratch")
-    if src == "resume":
-        path = os.path.join(overrides.get("out_dir", DEFAULTS["out_dir"]), "ckpt.pt")
-        check(os.path.isfile(path),
-              f"no checkpoint to resume at {path}; do pass the run's --out_dir")
-        ck = read_checkpoint(path)
-        base = {k: v for k, v in ck["train_cfg"].items() if k in DEFAULTS}
-    elif src != "scratch":
+    src, base, meta = overrides.get("init_from", "scratch"), {}, {}   # meta: the checkpoint's
+    resume = src == "resume" and not overrides.get("export")
+    if resume:
+        out = overrides.get("out_dir", DEFAULTS["out_dir"])
+        src = latest_checkpoint(out)                                # ckpt.pt or a DCP folder
+        check(src, f"no checkpoint to resume in {out}; do pass the run's --out_dir")
+    if src not in ("scratch", "resume"):
         check(os.path.exists(src),
               f"init checkpoint {src} not found; do train one first (python train.py) or pass "
               "--init_from=PATH to a ckpt.pt or a Hugging Face directory")
-        own = os.path.join(src, "ckpt.pt") if os.path.isdir(src) else src
-        base = ({"tokenizer": read_checkpoint(own).get("tokenizer", "bytes")}
-                if os.path.isfile(own) else {})
+        try:
+            config, parts, meta = load_checkpoint(src)
+        except CheckpointError as e:
+            raise UsageError(f"{e}; do pass a train.py checkpoint or a Hugging Face directory")
+        hf_tok = os.path.isfile(os.path.join(src, "tokenizer.json"))   # an HF dir's own tokenizer
+        base = ({k: v for k, v in meta["train_cfg"].items() if k in DEFAULTS and k != "fsdp"}
+                if resume else {"tokenizer": meta["tokenizer"]} if "tokenizer" in meta
+                else {"tokenizer": os.path.abspath(src)} if hf_tok else {})
     c = SimpleNamespace(**{**DEFAULTS, **base, **overrides})
+    if c.tokenizer != "bytes" and os.path.exists(c.tokenizer):  # an HF tokenizer: any cwd
+        c.tokenizer = os.path.abspath(c.tokenizer)
     check(c.mode in ("ar", "tidar"), f"--mode={c.mode} is unknown; do use ar or tidar")
     check(c.dtype in ("auto", "float32", "bfloat16"),
           f"--dtype={c.dtype} is unknown; do use auto, float32 or bfloat16")
     for k, v in vars(c).items():  # sizes and intervals >= 1, other numbers >= 0
-        lo = int(k in ("batch_size", "seq_len", "block_size", "eval_interval", "eval_iters",
-                       "log_interval", "gpus"))
+        lo = -(k == "mask_token_id") or int(k in ("batch_size", "seq_len", "block_size",
+                                                  "eval_interval", "eval_iters", "log_interval",
+                                                  "gpus"))
         check(type(v) not in (int, float) or v >= lo,
               f"--{k}={v} must be >= {lo}; do pass a value >= {lo}")
     check(c.mode == "ar" or c.seq_len % c.block_size == 0,
@@ -328,6 +334,8 @@ def run(overrides):
           f"one, e.g. --seq_len={max(1, c.seq_len // c.block_size) * c.block_size}")
     if c.dry_run:
         return dry_run(c)
+    if c.export:
+        return export(c)
 
     # ---- processes and device
     world, rank, local = (int(os.environ.get(k, d))
@@ -369,27 +377,34 @@ def run(overrides):
         distilled = distill_corpus(c, train_ids, c.data_cache or f"{c.out_dir}/data", rank, device)
     check(c.kl <= 1, f"--kl={c.kl} mixes two losses; do pass a weight in [0, 1]")
 
-    # ---- model, wrapped for DDP / FSDP, and optimizer; checkpoints: full state on rank 0's CPU
+    # ---- model: from scratch (initialised alike on every rank), else built on the meta device,
+    # sharded (FSDP2) and filled: from a checkpoint each rank reads only the rows it owns
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                         set_state_dict)
-    full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if c.init_from in ("scratch", "resume"):
-        model = Zaya(ZayaConfig(**ck["config"]) if ck else ZayaConfig.from_name(
+                                                         set_optimizer_state_dict, set_state_dict)
+    if c.init_from == "scratch":
+        mask = c.mask_token_id if c.mask_token_id >= 0 else ids["mask"]
+        model = Zaya(ZayaConfig.from_name(
             c.preset, vocab_size=ids["vocab_size"], bos_token_id=ids["eot"],
-            eos_token_id=ids["eot"], pad_token_id=ids["pad"], mask_token_id=ids["mask"],
+            eos_token_id=ids["eot"], pad_token_id=ids["pad"], mask_token_id=mask,
             block_size=c.block_size))
-    else:                                                           # an AR checkpoint to convert
-        model = Zaya.from_pretrained(c.init_from, dtype=torch.float32)
-        model.config.block_size = c.block_size
-        if model.config.mask_token_id is None:
-            model.config.mask_token_id = ids["mask"]
+    else:
+        config.block_size = c.block_size
+        if not resume:              # the mask token: --mask_token_id, the tokenizer's, the config's
+            mask = c.mask_token_id if c.mask_token_id >= 0 else ids["mask"]
+            config.mask_token_id = config.mask_token_id if mask is None else mask
+        with torch.device("meta"):
+            model = Zaya(config)
+        check_tensors(src, model.state_dict(), parts)
     check(enc.n_vocab <= model.config.vocab_size,
           f"tokenizer {c.tokenizer} has {enc.n_vocab} ids but the model's vocab_size is "
           f"{model.config.vocab_size}; do use the tokenizer the checkpoint was trained with")
     check(c.seq_len <= model.config.max_position_embeddings,
           f"--seq_len={c.seq_len} is longer than the model's context (max_position_embeddings="
           f"{model.config.max_position_embeddings}); do pass a shorter --seq_len")
-    model.to(device).grad_checkpointing = c.grad_checkpointing
+    check(c.mode == "ar" or model.config.mask_token_id is not None,
+          f"no mask token: tokenizer {c.tokenizer} has no <mask> and the model's config names none;"
+          " do pass --mask_token_id=ID")
+    model.grad_checkpointing = c.grad_checkpointing
     loss_model = TrainLoss(model, c)
     if c.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -398,7 +413,14 @@ def run(overrides):
         for layer in model.layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(loss_model, mp_policy=mp)
-    elif world > 1:
+    model.to(device) if c.init_from == "scratch" else model.to_empty(device=device)
+    if c.init_from != "scratch" and "dcp" not in meta:              # DCP: loaded with AdamW's
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # noqa: E731
+        before = peak()                                             # MiB
+        load_rows(model, parts, rank, world)
+        print(f"rank {rank}: weights of {src} read, peak host memory (RSS) {peak():,.0f} MiB, "
+              f"{peak() - before:,.0f} MiB more than before")
+    if world > 1 and not c.fsdp:
         loss_model = nn.parallel.DistributedDataParallel(loss_model, broadcast_buffers=False)
     if c.compile:                                                   # zaya's own forward, compiled
         import kernels
@@ -409,16 +431,20 @@ def run(overrides):
                              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
                             lr=c.lr, betas=(0.9, 0.95), fused=cuda)
 
-    # ---- resume: weights, optimizer, counters, RNGs
+    # ---- resume: optimizer (and a DCP folder's weights), counters, RNGs
     it, best = 0, float("inf")
-    if ck:
-        set_state_dict(loss_model, opt,
-                       model_state_dict={"model." + k: v for k, v in ck["model"].items()},
-                       optim_state_dict=ck["optimizer"], options=full_state)
-        it, best = ck["iter_num"], ck["best_val_loss"]
-        r = ck["rng"]
-        torch.set_rng_state(r["torch"])                             # draws the training batches
-        random.setstate(r["python"])
+    if resume:
+        if "dcp" in meta:                                           # each rank reads its shards
+            msd, osd = get_state_dict(model, opt)
+            dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=meta["dcp"])
+            set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+        else:                                                       # ckpt.pt: AdamW keyed by name
+            set_optimizer_state_dict(model, opt, meta["optimizer"], options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+        it, best = meta["iter_num"], meta["best_val_loss"]
+        r = meta["rng"]
+        torch.set_rng_state(torch.as_tensor(r["torch"], dtype=torch.uint8))   # training batches
+        random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
         np.random.set_state((r["numpy"][0], np.array(r["numpy"][1], dtype=np.uint32),
                              *r["numpy"][2:]))
     log(f"{c.mode} from {c.init_from}: {model.num_params():,} params, {world} process(es), "
@@ -442,22 +468,40 @@ def run(overrides):
         return dict(iter=it, loss=m[0], ar=m[1], diff=m[2], acc=m[3:])
 
     def save_checkpoint(path):
-        """Unsharded state, rank 0, via a temp file; 'optimizer' keyed by name: any layout."""
-        msd, osd = get_state_dict(loss_model, opt, options=full_state)  # a collective under FSDP
-        if rank != 0:
-            return
+        """All of the run's state. FSDP: a DCP folder ckpt-dcp/iter-N in which every rank writes
+        its own shards, via a temp folder renamed when complete (older ones removed only then);
+        else one ckpt.pt on rank 0 via a temp file, the optimizer keyed by name (any layout)."""
         npr = np.random.get_state()
-        state = dict(config=asdict(model.config),
-                     model={k.removeprefix("model."): v for k, v in msd.items()},
-                     optimizer=osd, iter_num=it, best_val_loss=best, mode=c.mode,
-                     tokenizer=c.tokenizer, data=c.data, train_cfg=vars(c),
-                     rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
-                              numpy=[npr[0], npr[1].tolist(), *npr[2:]]))
+        meta = dict(config=asdict(model.config), iter_num=it, best_val_loss=best, mode=c.mode,
+                    tokenizer=c.tokenizer, data=c.data, train_cfg=vars(c),
+                    rng=dict(torch=torch.get_rng_state().tolist(), python=random.getstate(),
+                             numpy=[npr[0], npr[1].tolist(), *npr[2:]]))
+        root = os.path.join(c.out_dir, "ckpt-dcp")
+        final = os.path.join(root, f"iter-{it:08d}")
+        if c.fsdp and not os.path.isdir(final):         # else: saved at this iteration already
+            tmp = os.path.join(root, f"tmp-iter-{it:08d}")
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)              # a killed save's leftovers
+            dist.barrier()
+            msd, osd = get_state_dict(model, opt)                   # this rank's shards: DTensors
+            dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
+            if rank == 0:
+                Path(tmp, "meta.json").write_text(json.dumps(meta))
+                os.rename(tmp, final)                               # now the newest: complete
+                for old in set(os.listdir(root)) - {os.path.basename(final)}:
+                    shutil.rmtree(os.path.join(root, old))
+            dist.barrier()
+        elif not c.fsdp:
+            msd, osd = get_state_dict(model, opt, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))            # a collective under DDP
+            if rank == 0:
+                state = dict(meta, model=msd, optimizer=osd, rng=dict(
+                    meta["rng"], torch=torch.get_rng_state()))
 
-        def write(tmp):  # via a file object: torch.save(obj, name) rejects zaya's ".tmp-" names
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-        _atomic_write(path, write)
+                def write(tmp):  # via a file object: torch.save(obj, name) rejects ".tmp-" names
+                    with open(tmp, "wb") as f:
+                        torch.save(state, f)
+                _atomic_write(path, write)
 
     # ---- the loop
     ckpt = os.path.join(c.out_dir, "ckpt.pt")
@@ -510,10 +554,45 @@ def run(overrides):
         save_checkpoint(ckpt)
         raise Interrupted(f"interrupted at iter {it}: saved {ckpt}; "
                           f"do continue with --init_from=resume --out_dir={c.out_dir}")
-    summary = dict(mode=c.mode, iter=it, losses=history, evals=evals, best_val_loss=best, ckpt=ckpt)
+    summary = dict(mode=c.mode, iter=it, losses=history, evals=evals, best_val_loss=best,
+                   ckpt=latest_checkpoint(c.out_dir))
     if rank == 0:                                                   # for plots and tests
         Path(c.out_dir, "log.json").write_text(json.dumps(summary))
     return summary
+
+
+@torch.no_grad()
+def load_rows(model, parts, rank, world):
+    """Copy a checkpoint's parts (zaya.load_checkpoint) into a model whose tensors are allocated but
+    unset. FSDP2 shards each parameter along dim 0 in torch.chunk pieces, so rank r owns rows
+    r * ceil(n / world) on: it reads only those (a DTensor's local shard); buffers are whole."""
+    for name, t in model.state_dict().items():
+        if hasattr(t, "to_local"):                                  # a DTensor
+            n, t = t.shape[0], t.to_local()
+            lo = min(rank * -(-n // world), n)
+            t.copy_(parts[name][1](slice(lo, lo + len(t))))
+        else:
+            t.copy_(parts[name][1](slice(None)))
+
+
+def export(c):
+    """--export=DIR: the checkpoint --init_from names (resume: out_dir's newest) in the native HF
+    layout (zaya.save_hf), in --dtype (auto: as stored), one safetensors file's tensors in memory
+    at a time: a DCP checkpoint is read tensor by tensor, without a process group."""
+    src = c.out_dir if c.init_from == "resume" else c.init_from
+    check(os.path.exists(src), f"--init_from={src} does not exist; do pass a checkpoint to export")
+    config, parts, _ = load_checkpoint(src)
+    with torch.device("meta"):
+        sizes = Zaya(config).state_dict()
+    check_tensors(src, sizes, parts)
+    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(c.dtype) or parts[
+        "embed_tokens.weight"][1](slice(0, 1)).dtype                # auto: as stored
+    sizes = {k: v.to(torch.float32 if k.endswith("balancing_biases") else dt)
+             for k, v in sizes.items()}
+    save_hf(c.export, config, sizes,
+            lambda names: {k: parts[k][1](slice(None)).to(sizes[k].dtype) for k in names})
+    print(f"exported {src} to {c.export} (Hugging Face layout, {len(parts)} tensors)")
+    return dict(export=c.export)
 
 
 # -----------------------------------------------------------------------------
@@ -526,7 +605,8 @@ def dry_run(c):
     a = 2 (16 d + 6 (nq+nkv) hd + 4 I) for one recomputed layer, L of them without
     grad_checkpointing) + 12 V per loss_chunk token + T^2 (mask). FLOPs per data token:
     6 (N_active + V d) per forwarded token (T / S of them) + 12 L nq hd per attended key (AR S/2;
-    TiDAR S/2 clean + S/2 + K/2 masked: the pairs its mask allows)."""
+    TiDAR S/2 clean + S/2 + K/2 masked: the pairs its mask allows). The DCP checkpoint: 12 N bytes
+    on disk, written by each GPU from its own shards of the states."""
     cfg = ZayaConfig.from_name(c.preset, block_size=c.block_size)
     with torch.device("meta"):
         model = Zaya(cfg)
@@ -543,6 +623,9 @@ def dry_run(c):
           f"grad_checkpointing={c.grad_checkpointing}, loss_chunk {c.loss_chunk}: states 16 N / G "
           f"= {states / GiB:.1f} GiB, gathered bf16 = {gathered / GiB:.1f} GiB (formulas: "
           "train.dry_run.__doc__)")
+    print(f"checkpoint (DCP): {12 * N / GiB:.1f} GiB on disk (fp32 weights, AdamW m and v), each "
+          f"GPU writing its own {12 * N / c.gpus / GiB:.1f} GiB of the states above: no full copy "
+          f"on any rank, no GPU memory beyond them; the HF export in bf16: {2 * N / GiB:.1f} GiB")
     for mode, T, keys in (("AR", S, S / 2), ("TiDAR", 2 * S, S + c.block_size / 2)):
         t = c.batch_size * T
         act = t * (4 * L * d + 2 * (16 * d + 6 * C + 4 * I) * (1 if c.grad_checkpointing else L))

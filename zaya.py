@@ -22,6 +22,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from dataclasses import asdict, dataclass, fields
 
@@ -540,18 +541,11 @@ class Zaya(nn.Module):
                 h, r = layer(h, r, cos, sin, rows, mask, cache)
         return self.norm(h.to(dt))
 
-    def _check_length(self, T):
-        n_ctx = self.config.max_position_embeddings
-        if T > n_ctx:
-            raise ValueError(f"input of {T} tokens is longer than the model's context, "
-                             f"max_position_embeddings={n_ctx}; shorten it")
-
     def lm_head(self, h):
         return F.linear(h, self.embed_tokens.weight)                   # tied embeddings
 
     def forward(self, idx, targets=None):
         """As nanoGPT: logits [B,T,V]; with targets [B,T] (-1 = ignore), the mean cross-entropy."""
-        self._check_length(idx.shape[1])
         pos, pred, mask = causal_layout(idx.shape[1], idx.device)
         logits = self.lm_head(self.forward_hidden(idx, pos, pred, mask))
         loss = None
@@ -575,55 +569,21 @@ class Zaya(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):
         """Load a local HF directory (native or legacy Megatron layout, single or sharded
-        safetensors) or one of this project's training checkpoints (a .pt file, or a directory
-        holding ckpt.pt). The model is built on the meta device and the loaded tensors are assigned,
-        so a load needs one copy of the weights."""
-        config, sd, meta = load_checkpoint(path)
+        safetensors) or train.py's checkpoint (ckpt.pt, a DCP folder, the out_dir holding them).
+        Built on the meta device, then each tensor is read and assigned: one copy of the weights."""
+        config, parts, meta = load_checkpoint(path)
         with torch.device("meta"):
             model = cls(config)
         model.checkpoint_meta = meta                       # e.g. the tokenizer a run trained with
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(sd))
-        unexpected = sorted(set(sd) - set(expected))
-        shapes = sorted(f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k].shape)})"
-                        for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
-        if missing or unexpected or shapes:
-            problems = (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
-            bad = [f"{what}: {', '.join(items)}" for what, items in problems if items]
-            raise CheckpointError(f"checkpoint {path} does not match its config; " + "; ".join(bad))
+        check_tensors(path, model.state_dict(), parts)
+        sd = {k: read(slice(None)) for k, (_, read) in parts.items()}
         dtype = dtype or next(iter(sd.values())).dtype
-        dtypes = {k: torch.float32 if k.endswith("balancing_biases") else dtype for k in sd}
-        sd = {k: v.to(device=device, dtype=dtypes[k]) for k, v in sd.items()}
-        model.load_state_dict(sd, assign=True)
+        model.load_state_dict({k: v.to(device, torch.float32 if k.endswith("balancing_biases")
+                                       else dtype) for k, v in sd.items()}, assign=True)
         return model
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
-        """Write the native HF layout (config.json + safetensors, sharded with an index above
-        max_shard_bytes) that transformers' ZayaForCausalLM loads. Each file is written to a temp
-        name and renamed."""
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
-        sd = {"model." + k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        shards, size = [{}], 0                                         # size: bytes in shards[-1]
-        for k, v in sd.items():
-            if shards[-1] and size + v.numel() * v.element_size() > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += v.numel() * v.element_size()
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        names = ["model.safetensors"] if len(shards) == 1 else names
-        for name, shard in zip(names, shards):
-            _atomic_write(os.path.join(path, name),
-                          lambda f, s=shard: save_file(s, f, metadata={"format": "pt"}))
-        if len(shards) > 1:
-            total = sum(v.numel() * v.element_size() for v in sd.values())
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-            _atomic_write(os.path.join(path, "model.safetensors.index.json"),
-                          lambda f: Path(f).write_text(json.dumps(index, indent=2)))
-        _atomic_write(os.path.join(path, "config.json"),
-                      lambda f: Path(f).write_text(json.dumps(hf_config(self.config), indent=2)))
+        save_hf(path, self.config, self.state_dict(), max_shard_bytes=max_shard_bytes)
 
 # -----------------------------------------------------------------------------
 # checkpoint formats
@@ -643,6 +603,34 @@ def _atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_hf(path, config, tensors, read=None, max_shard_bytes=5 * 2**30):
+    """Write the native HF layout that transformers' ZayaForCausalLM loads: config.json and
+    safetensors, sharded with an index above max_shard_bytes, each file via a temp name. tensors:
+    {our name: tensor}; with read(names) -> {name: tensor}, they may be meta tensors (sizes only)
+    and each file's tensors are read when it is written: one file's worth in memory at a time."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    shards, size = [[]], 0                                             # size: bytes in shards[-1]
+    for k, v in tensors.items():
+        if shards[-1] and size + v.numel() * v.element_size() > max_shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1], size = shards[-1] + [k], size + v.numel() * v.element_size()
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = ["model.safetensors"] if len(shards) == 1 else names
+    for name, keys in zip(names, shards):
+        sd = read(keys) if read else {k: tensors[k] for k in keys}
+        sd = {"model." + k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        _atomic_write(os.path.join(path, name), lambda f: save_file(sd, f, {"format": "pt"}))
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {"model." + k: n for n, s in zip(names, shards) for k in s}}
+        _atomic_write(os.path.join(path, "model.safetensors.index.json"),
+                      lambda f: Path(f).write_text(json.dumps(index, indent=2)))
+    _atomic_write(os.path.join(path, "config.json"),
+                  lambda f: Path(f).write_text(json.dumps(hf_config(config), indent=2)))
 
 
 def hf_config(c):
@@ -697,93 +685,141 @@ def _rename(name, table):
     return table[a] + name[len(a):] if a else name
 
 
-def legacy_to_native(sd, n_layers):
-    """Rename a legacy Megatron-layout state dict (80 sub-layers) to ours (ZAYA1.md section 3.2)."""
-    out, experts = {}, {}
-    attn = {"qkv.linear_q": "qkv_proj.q_proj", "qkv.linear_k": "qkv_proj.k_proj",
-            "qkv.val_proj1": "qkv_proj.v_proj_current", "qkv.val_proj2": "qkv_proj.v_proj_delayed",
-            "qkv.conv_qk.0": "qkv_proj.conv_qk_depthwise", "qkv.temp": "qk_norm.temp",
-            "qkv.conv_qk.1": "qkv_proj.conv_qk_grouped", "o_proj": "o_proj"}
-    router = {"rmsnorm_eda": "router_mlp.norm", "router_mlp.0": "router_mlp.fc1",
-              "router_mlp.2": "router_mlp.fc2", "router_mlp.4": "router_mlp.out_proj"}
-    for k, v in sd.items():
-        k = k.removeprefix("model.")
-        if k.startswith("res_scale."):
-            k = f"layers.{n_layers - 1}.post_mlp_residual_scale." + k[len("res_scale."):]
-        elif k.startswith("final_norm."):
-            k = "norm." + k[len("final_norm."):]
-        elif k.startswith("layers."):
-            _, j, rest = k.split(".", 2)
-            j = int(j)
-            i, odd = j // 2, j % 2
-            if rest.startswith("res_scale."):
-                s = rest[len("res_scale."):]
-                k = (f"input_{s}" if j == 0 else
-                     f"layers.{i}.post_attention_residual_scale.{s}" if odd else
-                     f"layers.{i - 1}.post_mlp_residual_scale.{s}")
-            elif rest.startswith("input_norm."):
-                norm = "post_attention_layernorm" if odd else "input_layernorm"
-                k = f"layers.{i}.{norm}.{rest[len('input_norm.'):]}"
-            elif rest.startswith("self_attn."):
-                k = f"layers.{i}.self_attn.{_rename(rest[len('self_attn.'):], attn)}"
-            elif rest.startswith("zaya_block.router."):
-                k = f"layers.{i}.mlp.gate.{_rename(rest[len('zaya_block.router.'):], router)}"
-            elif rest.startswith("zaya_block.experts.local_experts."):
-                e, fc, _ = rest[len("zaya_block.experts.local_experts."):].split(".", 2)
-                experts.setdefault((i, fc), {})[int(e)] = v
-                continue
-            else:
-                k = f"layers.{i}.{rest}"
-        out[k] = v
-    for (i, fc), d in experts.items():
+# legacy sub-layer tensor name prefixes -> ours (the first that matches)
+_LEGACY = {"self_attn.qkv.linear_q": "self_attn.qkv_proj.q_proj",
+           "self_attn.qkv.linear_k": "self_attn.qkv_proj.k_proj",
+           "self_attn.qkv.val_proj1": "self_attn.qkv_proj.v_proj_current",
+           "self_attn.qkv.val_proj2": "self_attn.qkv_proj.v_proj_delayed",
+           "self_attn.qkv.conv_qk.0": "self_attn.qkv_proj.conv_qk_depthwise",
+           "self_attn.qkv.conv_qk.1": "self_attn.qkv_proj.conv_qk_grouped",
+           "self_attn.qkv.temp": "self_attn.qk_norm.temp",
+           "zaya_block.router.rmsnorm_eda": "mlp.gate.router_mlp.norm",
+           "zaya_block.router.router_mlp.0": "mlp.gate.router_mlp.fc1",
+           "zaya_block.router.router_mlp.2": "mlp.gate.router_mlp.fc2",
+           "zaya_block.router.router_mlp.4": "mlp.gate.router_mlp.out_proj",
+           "zaya_block.router": "mlp.gate"}
+
+
+def legacy_name(k, n_layers):
+    """A legacy Megatron tensor name (80 sub-layers, ZAYA1.md section 3.2) -> (our name, expert):
+    expert e of a layer is row e of our stacked tensor; None for every other tensor."""
+    k = k.removeprefix("model.")
+    if k.startswith(("res_scale.", "final_norm.")):            # after the last sub-layer
+        return k.replace("res_scale.", f"layers.{n_layers - 1}.post_mlp_residual_scale.")\
+            .replace("final_norm.", "norm."), None
+    if not k.startswith("layers."):
+        return k, None
+    _, j, rest = k.split(".", 2)
+    j = int(j)
+    i, odd = j // 2, j % 2
+    if rest.startswith("res_scale."):
+        s = rest[len("res_scale."):]
+        return (f"input_{s}" if j == 0 else f"layers.{i}.post_attention_residual_scale.{s}" if odd
+                else f"layers.{i - 1}.post_mlp_residual_scale.{s}"), None
+    if rest.startswith("zaya_block.experts.local_experts."):
+        e, fc, _ = rest[len("zaya_block.experts.local_experts."):].split(".", 2)
         name = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}.get(fc, fc)
-        out[f"layers.{i}.mlp.experts.{name}"] = torch.stack([d[e] for e in sorted(d)])
-    return out
+        return f"layers.{i}.mlp.experts.{name}", int(e)
+    if rest.startswith("input_norm."):
+        rest = ("post_attention_layernorm" if odd else "input_layernorm") + rest[len("input_norm"):]
+    return f"layers.{i}.{_rename(rest, _LEGACY)}", None
+
+
+def check_tensors(path, expected, parts):
+    """CheckpointError naming every missing, unexpected and wrong-shaped tensor of a checkpoint's
+    parts {name: (shape, read)} against a model's state dict."""
+    missing, unexpected = sorted(set(expected) - set(parts)), sorted(set(parts) - set(expected))
+    shapes = sorted(f"{k} {tuple(parts[k][0])} (expected {tuple(expected[k].shape)})"
+                    for k in set(parts) & set(expected)
+                    if tuple(parts[k][0]) != tuple(expected[k].shape))
+    if missing or unexpected or shapes:
+        problems = (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+        bad = [f"{what}: {', '.join(items)}" for what, items in problems if items]
+        raise CheckpointError(f"checkpoint {path} does not match its config; " + "; ".join(bad))
+
+
+def latest_checkpoint(out_dir):
+    """train.py's newest checkpoint in out_dir, None if none: ckpt.pt (one process) or the last
+    complete DCP folder ckpt-dcp/iter-N (FSDP), whichever was written last."""
+    root = os.path.join(out_dir, "ckpt-dcp")
+    dcp = sorted(os.path.join(root, d) for d in os.listdir(root)
+                 if d.startswith("iter-")) if os.path.isdir(root) else []
+    paths = [p for p in [os.path.join(out_dir, "ckpt.pt"), *dcp[-1:]] if os.path.exists(p)]
+    return max(paths, key=os.path.getmtime, default=None)
+
+
+def _read_fail(path, e):
+    return CheckpointError(f"cannot read {path}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}")
 
 
 def load_checkpoint(path):
-    """(ZayaConfig, state dict with our names, metadata) from any supported checkpoint;
-    CheckpointError otherwise. Metadata: our checkpoints' other entries (tokenizer, iter_num, ...)
-    without optimizer state; for HF, the dir."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "ckpt.pt")):
-        path = os.path.join(path, "ckpt.pt")
-    if os.path.isfile(path):                                           # our own training checkpoint
+    """(ZayaConfig, parts, metadata) from any supported checkpoint, CheckpointError otherwise.
+    parts: {our name: (shape, read)}, nothing read yet: read(slice) returns those rows (dim 0),
+    reading only their bytes from safetensors (safe_open) or a mmapped ckpt.pt; a DCP folder
+    reads one whole tensor. Metadata: our checkpoints' other entries (tokenizer, iter_num, ...);
+    for DCP, also its path; for HF, the dir."""
+    path = os.path.isdir(path) and latest_checkpoint(path) or path
+    if os.path.isfile(os.path.join(path, "meta.json")):                 # train.py's DCP folder
+        import torch.distributed.checkpoint as dcp
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # no_dist: we know
+        meta = json.loads(Path(path, "meta.json").read_text())
+        info = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+
+        def read(sl, k):                      # one process, no collectives: any rank may call it
+            t = {k: torch.empty(tuple(info[k].size), dtype=info[k].properties.dtype)}
+            dcp.load(t, checkpoint_id=path, no_dist=True)
+            return t[k][sl]
+        parts = {k[len("model."):]: (tuple(v.size), functools.partial(read, k=k))
+                 for k, v in info.items() if k.startswith("model.")}
+        return ZayaConfig(**meta["config"]), parts, dict(meta, dcp=path)
+    if os.path.isfile(path):                                           # train.py's ckpt.pt
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-            meta = {k: v for k, v in ck.items() if k not in ("model", "optimizer", "rng")}
-            return ZayaConfig(**ck["config"]), ck["model"], meta
+            ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            meta = {k: v for k, v in ck.items() if k != "model"}    # mmapped, as the weights
+            return (ZayaConfig(**ck["config"]), {k: (v.shape, v.__getitem__)
+                                                 for k, v in ck["model"].items()}, meta)
         except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200]}") from None
+            raise _read_fail(f"checkpoint {path}", e) from None
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path} is neither a checkpoint file nor a directory with "
                               "config.json or ckpt.pt")
     try:
-        with open(cfg_path) as f:
-            raw = json.load(f)
-        config = config_from_hf(raw)
+        config = config_from_hf(raw := json.loads(Path(cfg_path).read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise CheckpointError(f"bad config {cfg_path}: {e}") from None
-    from safetensors.torch import load_file
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    files = (sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+             if os.path.isfile(index) else sorted(f for f in os.listdir(path)
+                                                  if f.endswith(".safetensors")))
     if not files:
         raise CheckpointError(f"{path} has config.json but no *.safetensors weights")
-    sd = {}
+    return config, hf_parts(path, files, raw, config.num_hidden_layers), {"hf_dir": path}
+
+
+def hf_parts(path, files, raw, n_layers):
+    """load_checkpoint's parts of an HF directory's safetensors files. The legacy layout's renames
+    and expert stacking apply per tensor: rows lo:hi of a stacked expert tensor are legacy
+    experts lo..hi-1, each read from its own tensor."""
+    from safetensors import safe_open
+    legacy = is_legacy_config(raw)
+    sources = {}                                       # our name -> {expert or None: (file, name)}
     for name in files:
         try:
-            sd.update(load_file(os.path.join(path, name)))
+            f = safe_open(os.path.join(path, name), "pt")
+            for k in f.keys():
+                ours, e = legacy_name(k, n_layers) if legacy else (k.removeprefix("model."), None)
+                sources.setdefault(ours, {})[e] = (f, k)
         except Exception as e:
-            raise CheckpointError(f"cannot read {os.path.join(path, name)}: "
-                                  f"{str(e).splitlines()[0][:200]}") from None
-    if is_legacy_config(raw) or any("zaya_block" in k for k in sd):
-        sd = legacy_to_native(sd, config.num_hidden_layers)
-    else:
-        sd = {k.removeprefix("model."): v for k, v in sd.items()}
-    sd.pop("lm_head.weight", None)                                     # tied to the embedding
-    return config, sd, {"hf_dir": path}
+            raise _read_fail(os.path.join(path, name), e) from None
+    sources.pop("lm_head.weight", None)                                # tied to the embedding
+
+    def part(src):
+        if None in src:                                                # one tensor, sliced
+            s = src[None][0].get_slice(src[None][1])
+            return tuple(s.get_shape()), lambda sl: s[sl] if s.get_shape() else s[:]
+        one = tuple(src[0][0].get_slice(src[0][1]).get_shape())       # stacked experts
+        return (len(src), *one), lambda sl: torch.stack(
+            [src[e][0].get_tensor(src[e][1]) for e in range(*sl.indices(len(src)))])
+    return {k: part(src) for k, src in sources.items()}
