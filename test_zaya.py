@@ -893,8 +893,14 @@ def test_tidar_train_layout_rejects_partial_blocks():
 
 def forward_tidar(m, idx, K=None):
     """(AR logits, diffusion logits), each [B, S, V], of one TiDAR training forward over [idx | S masks]."""
-    logits = m.lm_head(m.tidar_hidden(idx, K))
+    logits = m.lm_head(tidar_hidden(m, idx, K))
     return logits[:, :idx.shape[1]], logits[:, idx.shape[1]:]
+
+
+def tidar_hidden(m, idx, K=None):
+    """Hidden states [B, 2S, d] of one TiDAR training forward over [idx | S masks], as train.tidar_loss builds it."""
+    pos, pred, mask = tidar_train_layout(idx.shape[1], K or m.config.block_size, idx.device)
+    return m.forward_hidden(torch.cat([idx, torch.full_like(idx, m.config.mask_token_id)], 1), pos, pred, mask)
 
 
 def test_forward_tidar_ar_half_is_the_causal_model():
@@ -955,7 +961,7 @@ def test_shaped_tidar_loss_equals_a_direct_computation():
     c = SimpleNamespace(**{**train.DEFAULTS, "mode": "tidar", "block_size": K, "pos_decay": 2.0, "slot0": 0.3,
                            "kl": 0.6, "alpha": 0.7, "loss_chunk": 5})
     idx, V = w[:, :S], m.config.vocab_size
-    logits_m = m.embed_tokens.weight @ m.tidar_hidden(idx, K)[:, S:].transpose(1, 2)       # [B, V, S]
+    logits_m = m.embed_tokens.weight @ tidar_hidden(m, idx, K)[:, S:].transpose(1, 2)       # [B, V, S]
     num = den = 0.0
     for b in range(3):
         for i in range(S):

@@ -10,8 +10,8 @@ Train ZAYA1 (zaya.py) on text: autoregressive pre-training, or TiDAR conversion 
 TiDAR (../shared/docs/TIDAR.md): section 1 gives the layout [x_0..x_{S-1} | S masks], both halves
 at positions 0..S-1, the labels (clean i -> x_{i+1}, mask i -> x_i) and the loss
 (alpha CE_AR + CE_diff) / (1 + alpha); section 2 the CCA predecessor chain (both built by
-zaya.tidar_train_layout). MoE balance without an auxiliary loss: a bias controller (DeepSeek-V3,
-arXiv 2412.19437 section 2.1.2), see update_balancing_biases.
+zaya.tidar_train_layout, for tidar_loss). MoE balance without an auxiliary loss: a bias controller
+(DeepSeek-V3, arXiv 2412.19437 section 2.1.2), see update_balancing_biases.
 """
 import gc
 import json
@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from sample import (LEVEL_SETTINGS, UsageError, check, decode_report, generate_ar, get_tokenizer,
                     parse_args)
 from zaya import (CheckpointError, Zaya, ZayaConfig, _atomic_write, causal_layout, check_tensors,
-                  latest_checkpoint, load_checkpoint, save_hf)
+                  latest_checkpoint, load_checkpoint, save_hf, tidar_train_layout)
 
 # -----------------------------------------------------------------------------
 # settings: every key can be overridden with --key=value (parsed to the default's type)
@@ -220,7 +220,9 @@ def tidar_loss(model, w, c, real=None):
     mixes in soft targets, the AR head's own p(x_i | x_<i) at clean position i-1 of this forward."""
     B, S, K = w.shape[0], w.shape[1] - 1, c.block_size
     idx = w[:, :S]
-    h = model.tidar_hidden(idx, K)                                # (B, 2S, d) over [idx | S masks]
+    pos, pred, mask = tidar_train_layout(S, K, w.device)          # TIDAR.md 1-2
+    x = torch.cat([idx, torch.full_like(idx, model.config.mask_token_id)], 1)    # [idx | S masks]
+    h = model.forward_hidden(x, pos, pred, mask)                  # (B, 2S, d)
     weight = model.embed_tokens.weight                            # the tied lm_head
     y = w[:, 1:].clone()
     if real is not None:

@@ -308,19 +308,14 @@ class CCAProjection(nn.Module):
         self.conv_qk_grouped = nn.Conv1d(C, C, 2, groups=nq + nkv)
 
 
-class QKNorm(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.temp = nn.Parameter(torch.zeros(c.num_key_value_heads))   # per-KV-head key temperature
-
-
 class CCA(nn.Module):
     """Compressed Convolutional Attention in its GQA form (ZAYA1.md section 2.1)."""
 
     def __init__(self, c, layer_idx):
         super().__init__()
         self.c, self.layer_idx = c, layer_idx
-        self.qkv_proj, self.qk_norm = CCAProjection(c), QKNorm(c)
+        self.qkv_proj, self.qk_norm = CCAProjection(c), nn.Module()
+        self.qk_norm.temp = nn.Parameter(torch.zeros(c.num_key_value_heads))   # per KV head, keys
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, rows, mask, cache):
@@ -553,16 +548,6 @@ class Zaya(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
 
-    def tidar_hidden(self, idx, block_size=None):
-        """Hidden states [B, 2S, d] of one forward over [idx | S masks] in the TiDAR training layout
-        (TIDAR.md 1-2): h[:, i] predicts x_{i+1} (AR), h[:, S + i] predicts x_i (its mask)."""
-        S = idx.shape[1]
-        if self.config.mask_token_id is None:
-            raise ValueError("config.mask_token_id is not set: TiDAR needs a mask token")
-        pos, pred, mask = tidar_train_layout(S, block_size or self.config.block_size, idx.device)
-        x = torch.cat([idx, torch.full_like(idx, self.config.mask_token_id)], 1)    # [B, 2S]
-        return self.forward_hidden(x, pos, pred, mask)
-
     # -------------------------------------------------------------------------
     # checkpoints
 
@@ -606,10 +591,9 @@ def _atomic_write(path, write):
 
 
 def save_hf(path, config, tensors, read=None, max_shard_bytes=5 * 2**30):
-    """Write the native HF layout that transformers' ZayaForCausalLM loads: config.json and
-    safetensors, sharded with an index above max_shard_bytes, each file via a temp name. tensors:
-    {our name: tensor}; with read(names) -> {name: tensor}, they may be meta tensors (sizes only)
-    and each file's tensors are read when it is written: one file's worth in memory at a time."""
+    """The native HF layout that transformers' ZayaForCausalLM loads: config.json, safetensors
+    files of max_shard_bytes (+ index), each via a temp name, from tensors {our name: tensor}, or
+    meta tensors (sizes) and read(names) -> {name: tensor}: one file's tensors at a time."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     shards, size = [[]], 0                                             # size: bytes in shards[-1]
@@ -686,17 +670,14 @@ def _rename(name, table):
 
 
 # legacy sub-layer tensor name prefixes -> ours (the first that matches)
-_LEGACY = {"self_attn.qkv.linear_q": "self_attn.qkv_proj.q_proj",
-           "self_attn.qkv.linear_k": "self_attn.qkv_proj.k_proj",
-           "self_attn.qkv.val_proj1": "self_attn.qkv_proj.v_proj_current",
-           "self_attn.qkv.val_proj2": "self_attn.qkv_proj.v_proj_delayed",
-           "self_attn.qkv.conv_qk.0": "self_attn.qkv_proj.conv_qk_depthwise",
-           "self_attn.qkv.conv_qk.1": "self_attn.qkv_proj.conv_qk_grouped",
-           "self_attn.qkv.temp": "self_attn.qk_norm.temp",
-           "zaya_block.router.rmsnorm_eda": "mlp.gate.router_mlp.norm",
-           "zaya_block.router.router_mlp.0": "mlp.gate.router_mlp.fc1",
-           "zaya_block.router.router_mlp.2": "mlp.gate.router_mlp.fc2",
-           "zaya_block.router.router_mlp.4": "mlp.gate.router_mlp.out_proj",
+_ATTN = {"qkv.linear_q": "qkv_proj.q_proj", "qkv.linear_k": "qkv_proj.k_proj",
+         "qkv.val_proj1": "qkv_proj.v_proj_current", "qkv.val_proj2": "qkv_proj.v_proj_delayed",
+         "qkv.conv_qk.0": "qkv_proj.conv_qk_depthwise", "qkv.temp": "qk_norm.temp",
+         "qkv.conv_qk.1": "qkv_proj.conv_qk_grouped"}
+_ROUTER = {"rmsnorm_eda": "router_mlp.norm", "router_mlp.0": "router_mlp.fc1",
+           "router_mlp.2": "router_mlp.fc2", "router_mlp.4": "router_mlp.out_proj"}
+_LEGACY = {**{f"self_attn.{a}": f"self_attn.{b}" for a, b in _ATTN.items()},
+           **{f"zaya_block.router.{a}": f"mlp.gate.{b}" for a, b in _ROUTER.items()},
            "zaya_block.router": "mlp.gate"}
 
 
@@ -704,11 +685,9 @@ def legacy_name(k, n_layers):
     """A legacy Megatron tensor name (80 sub-layers, ZAYA1.md section 3.2) -> (our name, expert):
     expert e of a layer is row e of our stacked tensor; None for every other tensor."""
     k = k.removeprefix("model.")
-    if k.startswith(("res_scale.", "final_norm.")):            # after the last sub-layer
-        return k.replace("res_scale.", f"layers.{n_layers - 1}.post_mlp_residual_scale.")\
-            .replace("final_norm.", "norm."), None
-    if not k.startswith("layers."):
-        return k, None
+    if not k.startswith("layers."):                     # embeddings; after the last sub-layer
+        return _rename(k, {"res_scale": f"layers.{n_layers - 1}.post_mlp_residual_scale",
+                           "final_norm": "norm"}), None
     _, j, rest = k.split(".", 2)
     j = int(j)
     i, odd = j // 2, j % 2
@@ -728,29 +707,25 @@ def legacy_name(k, n_layers):
 def check_tensors(path, expected, parts):
     """CheckpointError naming every missing, unexpected and wrong-shaped tensor of a checkpoint's
     parts {name: (shape, read)} against a model's state dict."""
-    missing, unexpected = sorted(set(expected) - set(parts)), sorted(set(parts) - set(expected))
-    shapes = sorted(f"{k} {tuple(parts[k][0])} (expected {tuple(expected[k].shape)})"
-                    for k in set(parts) & set(expected)
-                    if tuple(parts[k][0]) != tuple(expected[k].shape))
-    if missing or unexpected or shapes:
-        problems = (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
-        bad = [f"{what}: {', '.join(items)}" for what, items in problems if items]
-        raise CheckpointError(f"checkpoint {path} does not match its config; " + "; ".join(bad))
+    got = {k: tuple(shape) for k, (shape, _) in parts.items()}
+    bad = {"missing": set(expected) - set(got), "unexpected": set(got) - set(expected),
+           "wrong shape": {f"{k} {got[k]} (expected {tuple(v.shape)})" for k, v in expected.items()
+                           if got.get(k, tuple(v.shape)) != tuple(v.shape)}}
+    if any(bad.values()):
+        raise CheckpointError(f"checkpoint {path} does not match its config; " + "; ".join(
+            f"{what}: {', '.join(sorted(names))}" for what, names in bad.items() if names))
 
 
 def latest_checkpoint(out_dir):
     """train.py's newest checkpoint in out_dir, None if none: ckpt.pt (one process) or the last
     complete DCP folder ckpt-dcp/iter-N (FSDP), whichever was written last."""
-    root = os.path.join(out_dir, "ckpt-dcp")
-    dcp = sorted(os.path.join(root, d) for d in os.listdir(root)
-                 if d.startswith("iter-")) if os.path.isdir(root) else []
-    paths = [p for p in [os.path.join(out_dir, "ckpt.pt"), *dcp[-1:]] if os.path.exists(p)]
-    return max(paths, key=os.path.getmtime, default=None)
+    dcp = sorted(Path(out_dir, "ckpt-dcp").glob("iter-*"))[-1:]     # the newest complete folder
+    paths = [p for p in [Path(out_dir, "ckpt.pt"), *dcp] if p.exists()]
+    return str(max(paths, key=os.path.getmtime)) if paths else None
 
 
 def _read_fail(path, e):
-    return CheckpointError(f"cannot read {path}: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+    return CheckpointError(f"cannot read {path}: {type(e).__name__}: {str(e)[:200]}".splitlines()[0])
 
 
 def load_checkpoint(path):
@@ -799,9 +774,8 @@ def load_checkpoint(path):
 
 
 def hf_parts(path, files, raw, n_layers):
-    """load_checkpoint's parts of an HF directory's safetensors files. The legacy layout's renames
-    and expert stacking apply per tensor: rows lo:hi of a stacked expert tensor are legacy
-    experts lo..hi-1, each read from its own tensor."""
+    """load_checkpoint's parts of an HF directory's safetensors files, legacy names renamed per
+    tensor; rows lo:hi of a stacked expert tensor are legacy experts lo..hi-1, each its own."""
     from safetensors import safe_open
     legacy = is_legacy_config(raw)
     sources = {}                                       # our name -> {expert or None: (file, name)}
