@@ -325,10 +325,10 @@ def run(overrides):
     check(c.mode in ("ar", "tidar"), f"--mode={c.mode} is unknown; do use ar or tidar")
     check(c.dtype in ("auto", "float32", "bfloat16"),
           f"--dtype={c.dtype} is unknown; do use auto, float32 or bfloat16")
-    for k, v in vars(c).items():  # sizes and intervals >= 1, other numbers >= 0
-        lo = -(k == "mask_token_id") or int(k in ("batch_size", "seq_len", "block_size",
-                                                  "eval_interval", "eval_iters", "log_interval",
-                                                  "gpus"))
+    for k, v in vars(c).items():  # sizes and intervals >= 1, other numbers >= 0 (-1: no mask id)
+        lo = -1 if k == "mask_token_id" else int(k in (
+            "batch_size", "seq_len", "block_size", "eval_interval", "eval_iters", "log_interval",
+            "gpus"))
         check(type(v) not in (int, float) or v >= lo,
               f"--{k}={v} must be >= {lo}; do pass a value >= {lo}")
     check(c.mode == "ar" or c.seq_len % c.block_size == 0,
@@ -383,17 +383,16 @@ def run(overrides):
     # sharded (FSDP2) and filled: from a checkpoint each rank reads only the rows it owns
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                          set_optimizer_state_dict, set_state_dict)
+    mask = c.mask_token_id if c.mask_token_id >= 0 else ids["mask"]   # else the checkpoint's
     if c.init_from == "scratch":
-        mask = c.mask_token_id if c.mask_token_id >= 0 else ids["mask"]
         model = Zaya(ZayaConfig.from_name(
             c.preset, vocab_size=ids["vocab_size"], bos_token_id=ids["eot"],
             eos_token_id=ids["eot"], pad_token_id=ids["pad"], mask_token_id=mask,
             block_size=c.block_size))
     else:
         config.block_size = c.block_size
-        if not resume:              # the mask token: --mask_token_id, the tokenizer's, the config's
-            mask = c.mask_token_id if c.mask_token_id >= 0 else ids["mask"]
-            config.mask_token_id = config.mask_token_id if mask is None else mask
+        if not resume and mask is not None:     # --mask_token_id, the tokenizer's, the config's
+            config.mask_token_id = mask
         with torch.device("meta"):
             model = Zaya(config)
         check_tensors(src, model.state_dict(), parts)
@@ -497,13 +496,7 @@ def run(overrides):
             msd, osd = get_state_dict(model, opt, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))            # a collective under DDP
             if rank == 0:
-                state = dict(meta, model=msd, optimizer=osd, rng=dict(
-                    meta["rng"], torch=torch.get_rng_state()))
-
-                def write(tmp):  # via a file object: torch.save(obj, name) rejects ".tmp-" names
-                    with open(tmp, "wb") as f:
-                        torch.save(state, f)
-                _atomic_write(path, write)
+                _atomic_write(path, lambda tmp: torch.save(dict(meta, model=msd, optimizer=osd), tmp))
 
     # ---- the loop
     ckpt = os.path.join(c.out_dir, "ckpt.pt")
@@ -664,8 +657,8 @@ def reproduce(o):
     out, p = o.get("out_dir", DEFAULTS["out_dir"]), o["pipeline"]
     check(p in (*PIPELINES, "eval", "ablation"), f"--pipeline={p} is unknown; do use default, "
           "long, eval or ablation")
-    rest = {k: v for k, v in o.items() if k not in ("pipeline", "out_dir")}
-    rest = {"data_cache": f"{out}/data", **rest}
+    rest = {"data_cache": f"{out}/data", **{k: v for k, v in o.items()
+                                            if k not in ("pipeline", "out_dir")}}
     ar, tidar = PIPELINES.get(p, PIPELINES["default"])
     if p in PIPELINES or p == "ablation" and not os.path.exists(f"{out}/ar/ckpt.pt"):
         run({**ar, **rest, "mode": "ar", "out_dir": f"{out}/ar"})
@@ -702,9 +695,9 @@ def reproduce(o):
 
 
 def heldout_prompts(out, data, n_prompts, cache=None):
-    """The model in out/ckpt.pt and n 128-token prompts spread over the held-out split (val files,
+    """The model in out (its newest checkpoint) and n 128-token prompts spread over the held-out split (val files,
     never trained on); the corpus cache in `cache` (default out/data)."""
-    model = Zaya.from_pretrained(os.path.join(out, "ckpt.pt")).eval()
+    model = Zaya.from_pretrained(out).eval()
     name = model.checkpoint_meta.get("tokenizer", "bytes")
     _, val = load_corpus(data, name, cache or os.path.join(out, "data"), 129)
     starts = torch.linspace(0, len(val) - 129, n_prompts).long().tolist()
