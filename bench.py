@@ -164,7 +164,6 @@ def rates(t, c, K, B):
 def level_predictions(model, K, c, batches, prefix):
     """Tokens/s predicted from this machine's latency curve t(n) (eager, levels.calibrate) and
     acceptance c per batch size: AR, dense, the best hand-picked set, auto's (or AR: its margin)."""
-    rows = []
     for B in batches:
         t = calibrate(model, B, K, prefix)
         rate = rates(t.__getitem__, c, K, B)
@@ -176,8 +175,6 @@ def level_predictions(model, K, c, batches, prefix):
             suffix = " (best fixed)" if name == best else f" = {auto}" if name == "auto" else ""
             say(f"batch {B}: {name}" + suffix, rate[name], "tok/s",
                 f"{rate[name] / rate['AR']:.2f}x AR, predicted from t(n) and acceptance")
-        rows.append(dict(batch=B, chosen=auto, best_fixed=best, tokens_per_s=rate))
-    return rows
 
 
 # (bytes/s, dense bf16 FLOP/s): TIDAR.md section 6; the H100 (not there): the H100 SXM's public ones
@@ -190,21 +187,17 @@ REFERENCE = {("TIDAR.md's bound", "H100"): {1: "1.2", 4: "2.3", 16: "3.8", 64: "
              ("Zyphra measured", "MI300X"): {1: "1.16", 8: "0.84-0.98", 64: "0.84-0.98"}}
 
 
-def experts_woken(E, n):
-    """Expected experts of E that n tokens wake under uniform top-1 routing: E(1 - (1 - 1/E)^n)."""
-    return E * (1 - (1 - 1 / E) ** n)
-
-
 def step_cost(c, w=2):
     """cost(B, n, ctx) = (bytes read, FLOPs) of a decode step of B rows of n query tokens (AR: 1; a
     level set: K + K * len(levels)) after ctx cached tokens, w-byte (bf16) weights and KV cache,
-    from the config alone (TIDAR.md section 6). Bytes: each weight once per step, the experts
-    experts_woken(E, B * n) per layer (the skip class, kept unchosen by its bias -1, taken as never
-    chosen: an upper bound), the whole tied head, the query tokens' embedding rows; per row the KV
-    cache as KVCache holds it and CCA's fp32 state. FLOPs per query token: 2 x (those weights + one
-    expert a layer + the head: a logit row each) + per layer 4 nq hd (ctx + n), attention over the
-    cache and the step's own keys, masked but dense (zaya's KVCache.mask and update). Activations
-    are taken to stay on chip."""
+    from the config alone (TIDAR.md section 6). Bytes: each weight once per step, of the experts
+    only the E(1 - (1 - 1/E)^N) per layer that N = B * n tokens are expected to wake under uniform
+    top-1 routing (the skip class, kept unchosen by its bias -1, taken as never chosen: an upper
+    bound), the whole tied head, the query tokens' embedding rows; per row the KV cache as KVCache
+    holds it and CCA's fp32 state. FLOPs per query token: 2 x (those weights + one expert a layer +
+    the head: a logit row each) + per layer 4 nq hd (ctx + n), attention over the cache and the
+    step's own keys, masked but dense (zaya's KVCache.mask and update). Activations are taken to
+    stay on chip."""
     L, E, d, R = c.num_hidden_layers, c.num_experts, c.hidden_size, c.router_hidden_size
     nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     C = (nq + nkv) * hd                                     # CCA's [q|k] conv channels
@@ -217,7 +210,7 @@ def step_cost(c, w=2):
 
     def cost(B, n, ctx):
         N = B * n                                           # query tokens in the step
-        weights = once + L * experts_woken(E, N) * expert + head
+        weights = once + L * E * (1 - (1 - 1 / E) ** N) * expert + head   # experts woken
         return (w * (weights + N * d) + B * (ctx * kv + state),
                 N * (2 * (once + L * expert + head) + 4 * L * nq * hd * (ctx + n)))
     return cost

@@ -61,30 +61,27 @@ def grouped_mm_runs(device, dtype, *widths):
     """Whether F.grouped_mm runs for this device and dtype (probed), rows a multiple of 16 bytes."""
     key = (torch.device(device).type, dtype)
     if key not in _GROUPED_MM and not torch.compiler.is_compiling():
-        a = torch.ones(4, 8, device=device, dtype=dtype)
-        b = torch.ones(2, 8, 8, device=device, dtype=dtype)
+        a, b = (torch.ones(shape, device=device, dtype=dtype) for shape in ((4, 8), (2, 8, 8)))
         offs = torch.tensor([1, 4], device=device, dtype=torch.int32)
         try:
             _GROUPED_MM[key] = F.grouped_mm(a, b, offs=offs) is not None
         except (RuntimeError, NotImplementedError):
             _GROUPED_MM[key] = False
-    aligned = all(w * torch.finfo(dtype).bits // 8 % 16 == 0 for w in widths)
-    return _GROUPED_MM.get(key, False) and aligned
+    return _GROUPED_MM.get(key, False) and all(w * dtype.itemsize % 16 == 0 for w in widths)
 
 
 def experts_forward(x, choice, weight, gate_up_proj, down_proj):
-    """zaya.Experts.forward without host syncs. x [N, d], choice [N] (E = skip: contributes 0),
-    weight [N, 1]; gate_up_proj [E, 2I, d] (rows 0..I-1 gate), down_proj [E, d, I]."""
+    """zaya.Experts.forward without host syncs (grouped GEMMs, or a gather for a few tokens: above).
+    x [N, d], choice [N] (E = skip: contributes 0), weight [N, 1]; gate_up_proj [E, 2I, d] (rows
+    0..I-1 gate), down_proj [E, d, I]."""
     E, I = down_proj.shape[0], down_proj.shape[2]
-    if x.shape[0] > E and grouped_mm_runs(x.device, x.dtype, x.shape[1], I):
-        return experts_grouped(x, choice, weight, gate_up_proj, down_proj)
-    return experts_gathered(x, choice, weight, gate_up_proj, down_proj)
-
-
-def experts_grouped(x, choice, weight, gate_up_proj, down_proj):
-    """Tokens sorted by expert, two grouped GEMMs over the sorted rows, back to token order."""
-    E = down_proj.shape[0]
-    order = choice.argsort()                                         # skips (class E) last
+    if x.shape[0] <= E or not grouped_mm_runs(x.device, x.dtype, x.shape[1], I):
+        e = choice.clamp(max=E - 1)             # each token gathers its expert's weights, one bmm
+        # [N, 2I, d] @ [N, d, 1]
+        gate, up = torch.bmm(gate_up_proj[e], x[:, :, None])[..., 0].chunk(2, -1)
+        y = torch.bmm(down_proj[e], (F.silu(gate) * up)[:, :, None])[..., 0] * weight
+        return torch.where((choice < E)[:, None], y, 0.0).to(x.dtype)
+    order = choice.argsort()                    # sorted by expert (skips, class E, last): grouped
     e_sorted = choice[order].clamp(max=E - 1)                        # skips ride with E-1, zeroed
     experts = torch.arange(E, device=x.device)
     offs = torch.searchsorted(e_sorted, experts, right=True).to(torch.int32)   # group ends [E]
@@ -92,16 +89,6 @@ def experts_grouped(x, choice, weight, gate_up_proj, down_proj):
     y = grouped_linear(F.silu(gate) * up, down_proj, offs) * weight[order]     # [N, d]
     y = torch.where((choice[order] < E)[:, None], y, 0.0).to(x.dtype)
     return torch.empty_like(x).index_copy(0, order, y)
-
-
-def experts_gathered(x, choice, weight, gate_up_proj, down_proj):
-    """Each token gathers its expert's weights, one bmm: reads only the chosen experts (decode)."""
-    E = down_proj.shape[0]
-    e = choice.clamp(max=E - 1)
-    # [N, 2I, d] @ [N, d, 1]
-    gate, up = torch.bmm(gate_up_proj[e], x[:, :, None])[..., 0].chunk(2, -1)
-    y = torch.bmm(down_proj[e], (F.silu(gate) * up)[:, :, None])[..., 0] * weight
-    return torch.where((choice < E)[:, None], y, 0.0).to(x.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -136,7 +123,6 @@ def enable(model, query_lengths=None):
         return decode(model, idx, pos, pred, mask, cache)
 
     model.forward_hidden = forward_hidden
-    return model
 
 
 def disable(model):

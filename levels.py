@@ -93,8 +93,7 @@ class AutoLevels:
         self.every, self.explore, self.margin = every, explore, margin
 
     def start(self, model, B, K, prefix):
-        if self.latency is None:
-            self.latency = calibrate(model, B, K, prefix)
+        self.latency = calibrate(model, B, K, prefix) if self.latency is None else self.latency
         self.K = K
         self.times = {}                    # n -> this run's step times over n query tokens
         self.extra = []                    # TiDAR steps' time beyond t(n)

@@ -127,7 +127,6 @@ class Stats:
     tokens_per_s: float = 0.0
     groups: tuple = ()                # TiDAR levels drafted each step (auto: the last; () after AR)
     note: str = ""                    # why groups="auto" chose what it chose
-    cache: object = field(default=None, repr=False)      # the final KVCache, for inspection
     log: list = field(default_factory=list, repr=False)  # record: row 0's (accepted, own token)
 
     def summary(self):
@@ -199,14 +198,14 @@ class _Outputs:
         self.steps += active.long()
         self.hist += torch.bincount(count[active], minlength=len(self.hist))[:len(self.hist)]
 
-    def finish(self, cache, **fields):
+    def finish(self, **fields):
         """prompt + exactly max_new new tokens a row, Stats(**fields)."""
         rates = ((self.n - 1).double() / self.steps.clamp(min=1))[self.steps > 0]
         new, seconds = len(self.rows) * self.max_new, time.perf_counter() - self.t0
         stats = Stats(forwards=self.forwards, new_tokens=new, seconds=seconds,
                       tokens_per_forward=float(rates.mean()) if len(rates) else 0.0,
                       histogram={i: int(c) for i, c in enumerate(self.hist.tolist()) if c},
-                      tokens_per_s=new / max(seconds, 1e-9), cache=cache, **fields)
+                      tokens_per_s=new / max(seconds, 1e-9), **fields)
         buf, rows = self.buf[:, :self.max_new], self.rows
         if not self.ragged:
             return torch.cat([torch.stack(rows).to(buf.device), buf], 1), stats
@@ -273,7 +272,7 @@ def generate_ar(model, idx, max_new_tokens, temperature=0.0, top_k=None, generat
     while (active := out.active()).any():
         tok = ar_step(model, cache, tok, active, how)
         out.append(tok[:, None], one, active)
-    return out.finish(cache)
+    return out.finish()
 
 
 # -----------------------------------------------------------------------------
@@ -395,7 +394,7 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
         out.append(committed, k + 1, active)
         if record and active[0]:
             log.append((committed[0, :int(k[0])].tolist(), int(committed[0, k[0]])))
-    return out.finish(cache, groups=tuple(groups or ()), note=auto.note() if auto else "", log=log)
+    return out.finish(groups=tuple(groups or ()), note=auto.note() if auto else "", log=log)
 
 
 # -----------------------------------------------------------------------------
@@ -454,7 +453,7 @@ def generate_lookup(model, idx, max_new_tokens, temperature=0.0, top_k=None, num
         committed = torch.cat([drafts, nxt[:, None]], 1).scatter(1, k[:, None], nxt[:, None])
         out.append(committed, k + 1, active)
         tok = torch.where(active, nxt, tok)
-    return out.finish(cache)
+    return out.finish()
 
 
 # -----------------------------------------------------------------------------
@@ -487,8 +486,11 @@ def decode_report(model, prompts, out, K=16, weights=(0.5,), seeds=(0,), levels=
         got = {name: [] for name in runs}           # name -> per prompt (Stats, log-lik, tokens)
         for p in prompts:
             for name, fn in runs.items():
-                toks, st = fn(p[None])
-                got[name].append((st, log_likelihood(model, toks[0], len(p)), toks[0, len(p):]))
+                toks, st = fn(p[None])              # log-lik: the AR head's mean log p(x_t | x_<t)
+                h = model.forward_hidden(toks, *causal_layout(toks.shape[1], toks.device))
+                logp = head_logits(model, h[0, len(p) - 1:-1]).log_softmax(-1)   # at the new tokens
+                new = toks[0, len(p):]
+                got[name].append((st, float(logp.gather(-1, new[:, None]).mean()), new))
         print(f"held-out decoding: {len(prompts)} prompts x {n} tokens, batch 1, block {K}, "
               f"every level drafted, {torch.get_num_threads()} thread(s); tokens/forward: mean +- "
               "sd over prompts")
@@ -503,8 +505,14 @@ def decode_report(model, prompts, out, K=16, weights=(0.5,), seeds=(0,), levels=
                              speedup=tps / rows[0]["tokens_per_s"] if rows else 1.0))
             print(f"  {name:22s} {tpf.mean():5.2f} +- {tpf.std():4.2f} tokens/forward {tps:7.1f} "
                   f"tokens/s {rows[-1]['speedup']:5.2f}x AR, AR log-lik {ll:6.3f}")
-        c, made, steps, total = map(sum, zip(*(copy_steps(p.tolist(), st.log)
-                                               for p, (st, _, _) in zip(prompts, got["lossless"]))))
+        c = made = steps = total = 0        # copies: steps committing 2+ tokens that already occur,
+        for p, (st, _, _) in zip(prompts, got["lossless"]):   # in order, in the context before them
+            ctx = p.tolist() + [st.log[0][1]]                 # (prompt and output; st.log: record)
+            for acc, own in st.log[1:]:
+                step = acc + [own]
+                if acc and any(ctx[j:j + len(step)] == step for j in range(len(ctx))):
+                    c, made = c + 1, made + len(step)
+                ctx, steps, total = ctx + step, steps + 1, total + len(step)
         print(f"  lossless copies: {c}/{steps} steps commit 2+ tokens already in the context, "
               f"{made / max(c, 1):.2f} tokens each; the other steps "
               f"{(total - made) / max(steps - c, 1):.2f} tokens/forward")
@@ -520,26 +528,6 @@ def decode_report(model, prompts, out, K=16, weights=(0.5,), seeds=(0,), levels=
         return result
     finally:
         torch.set_num_threads(before)
-
-
-@torch.no_grad()
-def log_likelihood(model, tokens, P):
-    """The AR head's mean log p(x_t | x_<t) over tokens[P:] (tokens [T], a prompt of P first)."""
-    h = model.forward_hidden(tokens[None], *causal_layout(len(tokens), tokens.device))
-    logp = head_logits(model, h[0, P - 1:-1]).log_softmax(-1)
-    return float(logp.gather(-1, tokens[P:, None]).mean())
-
-
-def copy_steps(prompt, log):
-    """A recorded run's steps (stats.log) -> (copies, their tokens, steps, tokens): a copy commits
-    2+ tokens that already occur, in order, in the context (prompt and output) before it."""
-    ctx, copies, made, total = list(prompt) + [log[0][1]], 0, 0, 0
-    for acc, own in log[1:]:
-        step, n = acc + [own], len(acc) + 1
-        if n > 1 and any(ctx[j:j + n] == step for j in range(len(ctx) - n + 1)):
-            copies, made = copies + 1, made + n
-        ctx, total = ctx + step, total + n
-    return copies, made, len(log) - 1, total
 
 
 def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
@@ -645,7 +633,6 @@ def main(argv):
         print(f"ar: {ar.summary()}\nspeedup vs AR in this run: {result['speedup']:.2f}x")
     if args["json"]:
         print(json.dumps(result))
-    return result
 
 
 def cli(argv):

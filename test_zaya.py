@@ -483,31 +483,41 @@ def test_prompt_lookup_is_lossless():
     assert chi2 < _wilson_hilferty(df), (chi2, df)
 
 
-def test_evaluation_counts_copies_and_scores_text_with_the_ar_head():
-    """decode_report's two new measures. copy_steps: on a recorded TiDAR run, a step is a copy exactly when its
+def test_evaluation_counts_copies_and_scores_text_with_the_ar_head(tmp_path, capsys):
+    """decode_report's two new measures. Copies: in its recorded lossless runs, a step is a copy exactly when its
     2+ committed tokens occur in order in the context before it (checked against a direct search over the
-    rebuilt context), and the totals are the run's steps and tokens. log_likelihood: the mean of the AR head's
-    log p(x_t | x_<t), each term from its own forward over the prefix (float64)."""
-    from sample import copy_steps, log_likelihood
+    rebuilt context), summed over prompts with the runs' steps and tokens. Log-likelihood: a row's mean over
+    prompts of the AR head's mean log p(x_t | x_<t) over the new tokens, each term from its own forward over the
+    prefix (float64), here of the T=1 row's sampled text."""
+    from sample import decode_report
     m = model_accepting("always")                       # one token forever: long accepted copies
-    prompt = torch.tensor([5, 6, 7, 8, 5, 6, 7, 8, 5, 6])
-    _, st = generate_tidar(m, prompt[None], 40, record=True)
-    copies, made, steps, total = copy_steps(prompt.tolist(), st.log)
-    ctx, want = prompt.tolist() + [st.log[0][1]], []
-    for acc, own in st.log[1:]:
-        step = acc + [own]
-        text = " " + " ".join(map(str, ctx)) + " "
-        want.append(len(step) > 1 and (" " + " ".join(map(str, step)) + " ") in text)
-        ctx += step
-    assert (copies, made) == (sum(want), sum(len(a) + 1 for (a, _), w in zip(st.log[1:], want) if w))
-    assert steps == st.forwards and total == sum(len(a) + 1 for a, _ in st.log[1:])
-    assert copies > 0
-    toks = torch.randint(0, m.config.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
-    terms = []
-    for t in range(6, 20):
-        h = m.forward_hidden(toks[None, :t], *causal_layout(t))
-        terms.append((h[0, -1] @ m.embed_tokens.weight.T).log_softmax(-1)[toks[t]])
-    assert abs(log_likelihood(m, toks, 6) - float(torch.stack(terms).mean())) < 1e-9
+    K, prompts = m.config.block_size, [torch.tensor([5, 6, 7, 8, 5, 6, 7, 8, 5, 6]), torch.tensor([9, 5, 6])]
+    res = decode_report(m, prompts, tmp_path, K, seeds=(), new_tokens=40)
+    copies = made = steps = total = 0
+    for prompt in prompts:                              # the report's lossless runs, again
+        _, st = generate_tidar(m, prompt[None], 40, block_size=K, record=True)
+        ctx, steps = prompt.tolist() + [st.log[0][1]], steps + st.forwards
+        for acc, own in st.log[1:]:
+            step = acc + [own]
+            text = " " + " ".join(map(str, ctx)) + " "
+            copy = len(step) > 1 and (" " + " ".join(map(str, step)) + " ") in text
+            copies, made, total, ctx = copies + copy, made + copy * len(step), total + len(step), ctx + step
+    assert res["copies"] == dict(steps=copies, of=steps, tokens=made) and 0 < copies < steps
+    assert f"the other steps {(total - made) / (steps - copies):.2f} tokens/forward" in capsys.readouterr().out
+    m = model_accepting("partly")
+    prompts = [torch.randint(5, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (6, 9)]
+    rows = decode_report(m, prompts, tmp_path, K, seeds=(0,), new_tokens=12)["rows"]
+    means = []
+    for p in prompts:                                   # the report's T=1 seed 0 run, again
+        toks = generate_tidar(m, p[None], 12, block_size=K, temperature=1.0,
+                              generator=torch.Generator().manual_seed(0))[0][0]
+        terms = []
+        for t in range(len(p), len(toks)):
+            h = m.forward_hidden(toks[None, :t], *causal_layout(t))
+            terms.append((h[0, -1] @ m.embed_tokens.weight.T).log_softmax(-1)[toks[t]])
+        means.append(float(torch.stack(terms).mean()))
+    row = next(r for r in rows if r["name"] == "lossless T=1 seed 0")
+    assert abs(row["log_likelihood"] - sum(means) / len(means)) < 1e-9
 
 
 def test_batches_and_ragged_prompts_equal_per_row_decoding():
@@ -526,13 +536,25 @@ def test_batches_and_ragged_prompts_equal_per_row_decoding():
         assert torch.equal(together[b], generate_tidar(m, batch[b:b + 1], 25)[0][0])
 
 
-def test_cache_after_tidar_holds_exactly_the_committed_tokens():
+def final_cache(monkeypatch, generate, *args, **kw):
+    """(generate(*args, **kw), the KVCache its decoding made, as the run left it)."""
+    import sample
+    made = []
+
+    def make(*a, **k):
+        made.append(KVCache(*a, **k))
+        return made[-1]
+    with monkeypatch.context() as mp:
+        mp.setattr(sample, "KVCache", make)
+        return generate(*args, **kw), made[-1]
+
+
+def test_cache_after_tidar_holds_exactly_the_committed_tokens(monkeypatch):
     """After decoding, each row's cache equals a fresh prefill of exactly its committed tokens: K/V of every
     slot below the row's length, and the CCA state. The committed tokens are the greedy AR sequence."""
     m = model_accepting("partly")
     prompts = [torch.randint(5, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (4, 11)]
-    _, st = generate_tidar(m, prompts, 17, block_size=4)
-    cache = st.cache
+    _, cache = final_cache(monkeypatch, generate_tidar, m, prompts, 17, block_size=4)
     full, _ = generate_ar(m, prompts, 17 + 8)
     for b, seq in enumerate(full):
         L = int(cache.lengths[b])
@@ -687,6 +709,7 @@ def test_gpu_level_predictions_use_the_measured_curve_and_borrowed_acceptance(tm
     """bench.py --gpu8b's level table (run on a GPU when one is lent) on a small CPU model: the constant acceptance
     it borrows reproduces the asked dense TPF, a reproduction's per-slot acceptance is read from decode.json, and
     each batch's auto choice is choose_levels' on that batch's latency curve (or AR, with auto's margin)."""
+    import re
     from bench import load_acceptance, level_predictions
     from levels import calibrate, choose_levels, level_rate
     K = 4
@@ -695,13 +718,13 @@ def test_gpu_level_predictions_use_the_measured_curve_and_borrowed_acceptance(tm
     (tmp_path / "decode.json").write_text(json.dumps(dict(acceptance=[0.0, 0.9, 0.5, 0.2, 0.0])))
     assert load_acceptance(str(tmp_path / "decode.json"), K, 2.5) == [0.0, 0.9, 0.5, 0.2, 0.0]
     m = randomised(small_config())
-    rows = level_predictions(m, K, c, [1, 3], 16)
-    assert [r["batch"] for r in rows] == [1, 3] and "batch 3: auto" in capsys.readouterr().out
-    for r in rows:
-        t = calibrate(m, r["batch"], K, 16)
-        assert r["tokens_per_s"]["AR"] == pytest.approx(r["batch"] / t[1])
+    level_predictions(m, K, c, [1, 3], 16)
+    out = capsys.readouterr().out
+    for B in (1, 3):
+        t = calibrate(m, B, K, 16)
+        assert float(re.search(rf"^batch {B}: AR +([\d.]+) tok/s", out, re.M)[1]) == pytest.approx(B / t[1], abs=0.006)
         levels, rate = choose_levels(c, t.__getitem__, K)
-        assert r["chosen"] == (levels if r["batch"] * rate >= 1.05 * r["tokens_per_s"]["AR"] else "AR")
+        assert f"batch {B}: auto = {levels if B * rate >= 1.05 * B / t[1] else 'AR'} " in out
 
 
 def test_auto_levels_are_lossless_and_rows_independent():
@@ -797,8 +820,9 @@ def test_sample_compile_auto_times_a_step_and_compiled_gives_the_eager_text(tmp_
     for c in ("False", "True"):
         capsys.readouterr()
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        assert sample.main(args + [f"--compile={c}"])["compiled"] == (c == "True")
-        texts[c] = capsys.readouterr().out.split("\n---\n")[0]
+        sample.main(args + [f"--compile={c}"])
+        texts[c], report = capsys.readouterr().out.split("\n---\n")
+        assert json.loads(report.splitlines()[-1])["compiled"] == (c == "True") == ("(compiled)" in report)
         assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs) == (c == "True")
     assert texts["True"] == texts["False"] and len(texts["False"]) > len("def main(")
     capsys.readouterr()
@@ -1455,7 +1479,8 @@ def krandomised(config, **kw):
 @pytest.fixture(scope="module")
 def fast_model():
     """One model on the fast paths, shared so its compiled graphs are built once."""
-    m = kernels.enable(krandomised(tiny_config()))
+    m = krandomised(tiny_config())
+    kernels.enable(m)
     yield m
     kernels.disable(m)
 
@@ -1472,15 +1497,16 @@ def _routing(N, E, d, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("path", ["grouped", "gathered"])
-def test_expert_paths_equal_reference(path):
+def test_expert_paths_equal_reference(path, monkeypatch):
+    """experts_forward on 40 tokens, its path forced: grouped GEMMs, or the per-token gather."""
     c = tiny_config()
     ex = krandomised(c).layers[0].mlp.experts
     x, choice, w = _routing(40, c.num_experts, c.hidden_size)
     x.requires_grad_()
     want = ex(x, choice, w)
     gx, gw = torch.autograd.grad(want.square().sum(), (x, ex.gate_up_proj))
-    fn = kernels.experts_grouped if path == "grouped" else kernels.experts_gathered
-    got = fn(x, choice, w, ex.gate_up_proj, ex.down_proj)
+    monkeypatch.setattr(kernels, "grouped_mm_runs", lambda *a: path == "grouped")
+    got = kernels.experts_forward(x, choice, w, ex.gate_up_proj, ex.down_proj)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert got[choice == c.num_experts].abs().max() == 0              # skipped tokens contribute exactly zero
     for a, b in zip(torch.autograd.grad(got.square().sum(), (x, ex.gate_up_proj)), (gx, gw)):
@@ -1531,20 +1557,19 @@ def test_compiled_training_forward_equals_eager(fast_model):
         torch.testing.assert_close(outs[0][2][n], gr, atol=1e-4, rtol=1e-3, msg=n)
 
 
-def test_compiled_decode_gives_the_eager_tokens_and_cache(fast_model):
+def test_compiled_decode_gives_the_eager_tokens_and_cache(fast_model, monkeypatch):
     ref = krandomised(tiny_config())
     idx = torch.randint(5, 97, (2, 24), generator=torch.Generator().manual_seed(2))   # prefill > K(1+K): eager
     want, _ = generate_ar(ref, idx, 24)
     got, st_ar = generate_ar(fast_model, idx, 24)
     assert torch.equal(got, want) and len(set(want[0, 24:].tolist())) > 3
-    want_t, st_ref = generate_tidar(ref, idx, 24)
-    got_t, st = generate_tidar(fast_model, idx, 24)
+    (want_t, st_ref), b = final_cache(monkeypatch, generate_tidar, ref, idx, 24)
+    (got_t, st), a = final_cache(monkeypatch, generate_tidar, fast_model, idx, 24)
     assert torch.equal(got_t, want) and torch.equal(want_t, want)
     assert st.histogram == st_ref.histogram and st.tokens_per_forward > 1
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert torch.equal(generate_ar(fast_model, idx, 30)[0], generate_ar(ref, idx, 30)[0])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs   # a new cache capacity: no recompile
-    a, b = st.cache, st_ref.cache
     assert torch.equal(a.lengths, b.lengths)
     n = int(a.lengths.min())
     torch.testing.assert_close(a.k[..., :n, :], b.k[..., :n, :], atol=1e-5, rtol=0)
@@ -1558,7 +1583,10 @@ def test_fast_path_keeps_the_eager_errors_and_disable_restores(fast_model):
     with pytest.raises(ValueError, match="KV cache full"):
         fast_model.forward_hidden(torch.tensor([[5]]), cache.lengths[:, None], torch.ones(1, 1, dtype=torch.long), one,
                                   cache)
-    m = kernels.disable(kernels.enable(krandomised(tiny_config())))
+    m = krandomised(tiny_config())
+    kernels.enable(m)
+    assert "forward_hidden" in m.__dict__
+    kernels.disable(m)
     assert "forward_hidden" not in m.__dict__ and "_attend_cache" not in m.layers[0].self_attn.__dict__
 
 # -----------------------------------------------------------------------------
@@ -1675,7 +1703,8 @@ def test_kernels_holds_only_what_programs_call():
 @needs_cuda
 def test_cuda_decode_graphs_and_grouped_experts():
     ref = krandomised(tiny_config(), device="cuda")
-    fast = kernels.enable(krandomised(tiny_config(), device="cuda"))
+    fast = krandomised(tiny_config(), device="cuda")
+    kernels.enable(fast)
     idx = torch.randint(5, 97, (2, 24), generator=torch.Generator().manual_seed(2)).cuda()
     want, _ = generate_ar(ref, idx, 24)
     assert torch.equal(generate_ar(fast, idx, 24)[0], want) and torch.equal(generate_tidar(fast, idx, 24)[0], want)
@@ -1726,10 +1755,7 @@ def test_roofline_step_cost_is_the_hand_arithmetic(tmp_path, capsys):
     config's E = 4 makes the woken count exact here), the KV cache linear in context and batch, the 8B's
     ~2.6 GB AR step and ~17.7 GB dense step, and one table row per device x context x batch."""
     import re
-    from bench import GPUS, experts_woken, main as bench_main, step_cost
-    assert experts_woken(16, 1) == 1.0 and experts_woken(4, 1) == 1.0 and experts_woken(16, 0) == 0.0
-    assert experts_woken(16, 32) == pytest.approx(16 * (1 - (15 / 16) ** 32), rel=1e-12)   # ~14 of 16
-    assert 15.99 < experts_woken(16, 272) < 16 and experts_woken(16, 10_000) == pytest.approx(16, abs=1e-9)
+    from bench import GPUS, main as bench_main, step_cost
     c = ZayaConfig.from_name("tiny")
     V, d, L, E, I, R = (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_experts,
                         c.moe_intermediate_size, c.router_hidden_size)
@@ -1752,8 +1778,9 @@ def test_roofline_step_cost_is_the_hand_arithmetic(tmp_path, capsys):
                 + 2 * 1 * d + ctx * kv_token + state_row)   # 1 embedding row, the cache, CCA state
     ar_flops = 2 * (shared + L * expert + V * d) + L * 4 * nq * hd * (ctx + 1)   # + QK and PV
     assert cost(1, 1, ctx) == (ar_bytes, ar_flops)
+    assert E == 4 and cost(1, 2, 0)[0] == 2 * (shared + L * 4 * (1 - (3 / 4) ** 2) * expert + V * d + 2 * d) + state_row
     B, n = 3, c.block_size * (1 + c.block_size)             # a dense TiDAR step: 272 tokens a row
-    assert experts_woken(E, B * n) == E                     # 816 tokens wake all 4 (exactly, in floats)
+    assert E * (1 - (1 - 1 / E) ** (B * n)) == E            # 816 tokens wake all 4 (exactly, in floats)
     td_bytes = 2 * (shared + L * E * expert + V * d + B * n * d) + B * (ctx * kv_token + state_row)
     td_flops = B * n * (2 * (shared + L * expert + V * d) + L * 4 * nq * hd * (ctx + n))
     assert cost(B, n, ctx) == (td_bytes, td_flops)
@@ -1762,6 +1789,11 @@ def test_roofline_step_cost_is_the_hand_arithmetic(tmp_path, capsys):
     assert kv(5, ctx) == pytest.approx(5 * kv(1, ctx), rel=1e-12)
     c8 = step_cost(ZayaConfig.from_name("zaya1-8b"))        # TIDAR.md section 6: ~2.6 GB, 16-17.7 GB
     assert 2.5e9 < c8(1, 1, 0)[0] < 2.7e9 and 15.5e9 < c8(1, 32, 0)[0] < c8(1, 272, 0)[0] < 17.8e9
+    g = ZayaConfig.from_name("zaya1-8b")                    # n tokens' bytes beyond one token's: the
+    for n in (2, 32, 272):                                  # experts woken, E(1 - (1 - 1/E)^n) a layer
+        woken = 1 + ((c8(1, n, 0)[0] - c8(1, 1, 0)[0]) / 2 - (n - 1) * g.hidden_size) / (
+            g.num_hidden_layers * 3 * g.moe_intermediate_size * g.hidden_size)
+        assert woken == pytest.approx(16 * (1 - (15 / 16) ** n), rel=1e-9) and g.num_experts == 16
     bench_main(["--roofline", f"--acceptance={tmp_path / 'none.json'}"])
     out = capsys.readouterr().out
     rows = [f"{g} {x} {B}" for g in GPUS for x in ("4k", "32k") for B in (1, 4, 16, 64)]
