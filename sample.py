@@ -108,8 +108,7 @@ def hf_tokenizer(path):
 
 
 def load_tokenizer(model):
-    """(encode, decode) for a loaded checkpoint: the tokenizer its run trained with (train.py's
-    --tokenizer), or an HF directory's tokenizer.json."""
+    """(encode, decode) for a loaded checkpoint: its run's --tokenizer, or its HF directory's."""
     meta = getattr(model, "checkpoint_meta", {})
     enc, _ = get_tokenizer(meta.get("hf_dir", meta.get("tokenizer", "bytes")))
     return enc.encode, (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))

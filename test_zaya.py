@@ -1433,6 +1433,8 @@ BAD_INPUTS = {
     "missing init": ["--mode=tidar", "--init_from={tmp}/nothing.pt"],
     "no resume ckpt": ["--init_from=resume", "--out_dir={tmp}/fresh"],
     "corrupt ckpt": ["--mode=tidar", "--init_from={junk}"],
+    "missing tokenizer": ["--tokenizer={tmp}/nope/tokenizer.json"],
+    "export without checkpoint": ["--export={tmp}/hf", "--init_from=resume", "--out_dir={tmp}/fresh"],
 }
 
 

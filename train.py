@@ -17,7 +17,6 @@ import gc
 import json
 import math
 import os
-import random
 import resource
 import shutil
 import signal
@@ -67,7 +66,6 @@ DEFAULTS = dict(
     loss_chunk=1024,               # tokens per cross-entropy chunk (0 = one chunk, full logits)
     pipeline="",                   # default | long | eval | ablation: see reproduce
     export="",                     # DIR: write --init_from (resume: out_dir's) as HF, and exit
-    mask_token_id=-1,              # -1: the tokenizer's <mask> (else the checkpoint config's)
     dry_run=False, gpus=8,         # dry_run: print sizes for --gpus GPUs and exit
 )
 
@@ -154,8 +152,7 @@ def distill_corpus(c, train_ids, cache_dir, rank=0, device="cpu"):
     """Self-distillation (ACCEPTANCE.md, lead 1): the teacher c.distill_from continues distill_rows
     training-split prompts (seed c.seed + 2) to distill_len tokens at distill_temp (0: greedy),
     batched on the static cache -> [rows, distill_len] array; cached in cache_dir by rank 0."""
-    src = os.path.join(c.distill_from, "ckpt.pt")
-    src = src if os.path.isfile(src) else c.distill_from
+    src = os.path.isdir(c.distill_from) and latest_checkpoint(c.distill_from) or c.distill_from
     key = [os.path.abspath(src), os.path.getsize(src), os.path.getmtime(src), len(train_ids),
            c.distill_rows, c.distill_prompt, c.distill_len, c.distill_temp, c.seed]
     path = os.path.join(cache_dir, f"distill-{zlib.crc32(json.dumps(key).encode()):08x}.bin")
@@ -302,19 +299,17 @@ def run(overrides):
     """One run (ar or tidar). Returns a summary dict, also written to out_dir/log.json."""
     # ---- settings: DEFAULTS <- the checkpoint's on resume, or its tokenizer on init <- overrides
     src, base, meta = overrides.get("init_from", "scratch"), {}, {}   # meta: the checkpoint's
-    resume = src == "resume" and not overrides.get("export")
+    resume = src == "resume"
     if resume:
         out = overrides.get("out_dir", DEFAULTS["out_dir"])
         src = latest_checkpoint(out)                                # ckpt.pt or a DCP folder
         check(src, f"no checkpoint to resume in {out}; do pass the run's --out_dir")
     if src not in ("scratch", "resume"):
-        check(os.path.exists(src),
-              f"init checkpoint {src} not found; do train one first (python train.py) or pass "
-              "--init_from=PATH to a ckpt.pt or a Hugging Face directory")
         try:
             config, parts, meta = load_checkpoint(src)
         except CheckpointError as e:
-            raise UsageError(f"{e}; do pass a train.py checkpoint or a Hugging Face directory")
+            raise UsageError(f"{e}; do pass a train.py checkpoint or out_dir (python train.py "
+                             "makes one), or a Hugging Face directory") from None
         hf_tok = os.path.isfile(os.path.join(src, "tokenizer.json"))   # an HF dir's own tokenizer
         base = ({k: v for k, v in meta["train_cfg"].items() if k in DEFAULTS and k != "fsdp"}
                 if resume else {"tokenizer": meta["tokenizer"]} if "tokenizer" in meta
@@ -325,10 +320,9 @@ def run(overrides):
     check(c.mode in ("ar", "tidar"), f"--mode={c.mode} is unknown; do use ar or tidar")
     check(c.dtype in ("auto", "float32", "bfloat16"),
           f"--dtype={c.dtype} is unknown; do use auto, float32 or bfloat16")
-    for k, v in vars(c).items():  # sizes and intervals >= 1, other numbers >= 0 (-1: no mask id)
-        lo = -1 if k == "mask_token_id" else int(k in (
-            "batch_size", "seq_len", "block_size", "eval_interval", "eval_iters", "log_interval",
-            "gpus"))
+    for k, v in vars(c).items():  # sizes and intervals >= 1, other numbers >= 0
+        lo = int(k in ("batch_size", "seq_len", "block_size", "eval_interval", "eval_iters",
+                       "log_interval", "gpus"))
         check(type(v) not in (int, float) or v >= lo,
               f"--{k}={v} must be >= {lo}; do pass a value >= {lo}")
     check(c.mode == "ar" or c.seq_len % c.block_size == 0,
@@ -337,7 +331,7 @@ def run(overrides):
     if c.dry_run:
         return dry_run(c)
     if c.export:
-        return export(c)
+        return export(c, src)
 
     # ---- processes and device
     world, rank, local = (int(os.environ.get(k, d))
@@ -358,9 +352,7 @@ def run(overrides):
                               enabled=dtype == "bfloat16")
     log = print if rank == 0 else (lambda *a: None)
     os.makedirs(c.out_dir, exist_ok=True)
-    torch.manual_seed(c.seed)
-    np.random.seed(c.seed)
-    random.seed(c.seed)
+    torch.manual_seed(c.seed)                  # the only RNG training draws from (get_batch)
 
     # ---- tokenizer and data (a cold cache is built by every rank; the writes are atomic)
     enc, ids = get_tokenizer(c.tokenizer)
@@ -383,7 +375,7 @@ def run(overrides):
     # sharded (FSDP2) and filled: from a checkpoint each rank reads only the rows it owns
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                          set_optimizer_state_dict, set_state_dict)
-    mask = c.mask_token_id if c.mask_token_id >= 0 else ids["mask"]   # else the checkpoint's
+    mask = ids["mask"]                                   # the tokenizer's, else the checkpoint's
     if c.init_from == "scratch":
         model = Zaya(ZayaConfig.from_name(
             c.preset, vocab_size=ids["vocab_size"], bos_token_id=ids["eot"],
@@ -391,7 +383,7 @@ def run(overrides):
             block_size=c.block_size))
     else:
         config.block_size = c.block_size
-        if not resume and mask is not None:     # --mask_token_id, the tokenizer's, the config's
+        if not resume and mask is not None:
             config.mask_token_id = mask
         with torch.device("meta"):
             model = Zaya(config)
@@ -404,7 +396,7 @@ def run(overrides):
           f"{model.config.max_position_embeddings}); do pass a shorter --seq_len")
     check(c.mode == "ar" or model.config.mask_token_id is not None,
           f"no mask token: tokenizer {c.tokenizer} has no <mask> and the model's config names none;"
-          " do pass --mask_token_id=ID")
+          " do add <mask> to the tokenizer, or mask_token_id to the checkpoint's config.json")
     model.grad_checkpointing = c.grad_checkpointing
     loss_model = TrainLoss(model, c)
     if c.fsdp:
@@ -432,7 +424,7 @@ def run(overrides):
                              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
                             lr=c.lr, betas=(0.9, 0.95), fused=cuda)
 
-    # ---- resume: optimizer (and a DCP folder's weights), counters, RNGs
+    # ---- resume: optimizer (and a DCP folder's weights), counters, the RNG
     it, best = 0, float("inf")
     if resume:
         if "dcp" in meta:                                           # each rank reads its shards
@@ -443,11 +435,7 @@ def run(overrides):
             set_optimizer_state_dict(model, opt, meta["optimizer"], options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))
         it, best = meta["iter_num"], meta["best_val_loss"]
-        r = meta["rng"]
-        torch.set_rng_state(torch.as_tensor(r["torch"], dtype=torch.uint8))   # training batches
-        random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
-        np.random.set_state((r["numpy"][0], np.array(r["numpy"][1], dtype=np.uint32),
-                             *r["numpy"][2:]))
+        torch.set_rng_state(torch.as_tensor(meta["rng"]["torch"], dtype=torch.uint8))  # batches
     log(f"{c.mode} from {c.init_from}: {model.num_params():,} params, {world} process(es), "
         f"{device}, {dtype}")
 
@@ -472,18 +460,13 @@ def run(overrides):
         """All of the run's state. FSDP: a DCP folder ckpt-dcp/iter-N in which every rank writes
         its own shards, via a temp folder renamed when complete (older ones removed only then);
         else one ckpt.pt on rank 0 via a temp file, the optimizer keyed by name (any layout)."""
-        npr = np.random.get_state()
         meta = dict(config=asdict(model.config), iter_num=it, best_val_loss=best, mode=c.mode,
                     tokenizer=c.tokenizer, data=c.data, train_cfg=vars(c),
-                    rng=dict(torch=torch.get_rng_state().tolist(), python=random.getstate(),
-                             numpy=[npr[0], npr[1].tolist(), *npr[2:]]))
+                    rng=dict(torch=torch.get_rng_state().tolist()))
         root = os.path.join(c.out_dir, "ckpt-dcp")
         final = os.path.join(root, f"iter-{it:08d}")
         if c.fsdp and not os.path.isdir(final):         # else: saved at this iteration already
-            tmp = os.path.join(root, f"tmp-iter-{it:08d}")
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)              # a killed save's leftovers
-            dist.barrier()
+            tmp = os.path.join(root, f"tmp-iter-{it:08d}")          # a killed save's: overwritten
             msd, osd = get_state_dict(model, opt)                   # this rank's shards: DTensors
             dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
             if rank == 0:
@@ -496,7 +479,7 @@ def run(overrides):
             msd, osd = get_state_dict(model, opt, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))            # a collective under DDP
             if rank == 0:
-                _atomic_write(path, lambda tmp: torch.save(dict(meta, model=msd, optimizer=osd), tmp))
+                _atomic_write(path, lambda f: torch.save(dict(meta, model=msd, optimizer=osd), f))
 
     # ---- the loop
     ckpt = os.path.join(c.out_dir, "ckpt.pt")
@@ -570,18 +553,15 @@ def load_rows(model, parts, rank, world):
             t.copy_(parts[name][1](slice(None)))
 
 
-def export(c):
+def export(c, src):
     """--export=DIR: the checkpoint --init_from names (resume: out_dir's newest) in the native HF
     layout (zaya.save_hf), in --dtype (auto: as stored), one safetensors file's tensors in memory
     at a time: a DCP checkpoint is read tensor by tensor, without a process group."""
-    src = c.out_dir if c.init_from == "resume" else c.init_from
-    check(os.path.exists(src), f"--init_from={src} does not exist; do pass a checkpoint to export")
     config, parts, _ = load_checkpoint(src)
     with torch.device("meta"):
         sizes = Zaya(config).state_dict()
     check_tensors(src, sizes, parts)
-    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(c.dtype) or parts[
-        "embed_tokens.weight"][1](slice(0, 1)).dtype                # auto: as stored
+    dt = getattr(torch, c.dtype, None) or parts["embed_tokens.weight"][1](slice(1)).dtype  # auto
     sizes = {k: v.to(torch.float32 if k.endswith("balancing_biases") else dt)
              for k, v in sizes.items()}
     save_hf(c.export, config, sizes,
@@ -607,10 +587,9 @@ def dry_run(c):
         model = Zaya(cfg)
     N, Na = model.num_params(), model.num_params(active=True)       # all, active per token
     L, d, V, S = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, c.seq_len
-    I = cfg.moe_intermediate_size
+    I, GiB = cfg.moe_intermediate_size, 2**30
     C = (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
     A = cfg.num_attention_heads * cfg.head_dim
-    GiB = 2**30
     states = 16 * N / c.gpus
     gathered = 2 * (2 * (N - V * d) / L + V * d)
     print(f"{c.preset}: {N:,} parameters, {Na:,} active per token (one expert, embedding "
@@ -695,8 +674,8 @@ def reproduce(o):
 
 
 def heldout_prompts(out, data, n_prompts, cache=None):
-    """The model in out (its newest checkpoint) and n 128-token prompts spread over the held-out split (val files,
-    never trained on); the corpus cache in `cache` (default out/data)."""
+    """The model in out (its newest checkpoint) and n 128-token prompts spread over the held-out
+    split (val files, never trained on); the corpus cache in `cache` (default out/data)."""
     model = Zaya.from_pretrained(out).eval()
     name = model.checkpoint_meta.get("tokenizer", "bytes")
     _, val = load_corpus(data, name, cache or os.path.join(out, "data"), 129)

@@ -725,7 +725,7 @@ def latest_checkpoint(out_dir):
 
 
 def _read_fail(path, e):
-    return CheckpointError(f"cannot read {path}: {type(e).__name__}: {str(e)[:200]}".splitlines()[0])
+    return CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}"[:300].splitlines()[0])
 
 
 def load_checkpoint(path):
