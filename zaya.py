@@ -775,10 +775,9 @@ def load_checkpoint(path):
 
 def hf_parts(path, files, raw, n_layers):
     """load_checkpoint's parts of an HF directory's safetensors files, legacy names renamed per
-    tensor; rows lo:hi of a stacked expert tensor are legacy experts lo..hi-1, each its own."""
+    tensor; rows lo:hi of a stacked expert tensor are legacy experts lo..hi-1."""
     from safetensors import safe_open
-    legacy = is_legacy_config(raw)
-    sources = {}                                       # our name -> {expert or None: (file, name)}
+    legacy, sources = is_legacy_config(raw), {}                                       # our name -> {expert or None: (file, name)}
     for name in files:
         try:
             f = safe_open(os.path.join(path, name), "pt")
@@ -794,6 +793,7 @@ def hf_parts(path, files, raw, n_layers):
             s = src[None][0].get_slice(src[None][1])
             return tuple(s.get_shape()), lambda sl: s[sl] if s.get_shape() else s[:]
         one = tuple(src[0][0].get_slice(src[0][1]).get_shape())       # stacked experts
-        return (len(src), *one), lambda sl: torch.stack(
-            [src[e][0].get_tensor(src[e][1]) for e in range(*sl.indices(len(src)))])
+        return (len(src), *one), lambda sl: torch.cat(     # a rank may own none (64 ranks, E 16)
+            [src[e][0].get_tensor(src[e][1])[None] for e in range(*sl.indices(len(src)))]
+            or [torch.empty(0, *one)])
     return {k: part(src) for k, src in sources.items()}
