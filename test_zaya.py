@@ -1386,6 +1386,10 @@ def test_fsdp_init_from_hf_reads_only_each_ranks_rows_and_exports_to_the_referen
         assert train.main([f"--export={tmp_path / 'hf'}", f"--init_from={tmp_path / 'from-native'}"])
         torch.testing.assert_close(reference(tmp_path / "hf")(idx).logits, want, atol=1e-4, rtol=0)
         torch.testing.assert_close(Zaya.from_pretrained(str(tmp_path / "hf"))(idx)[0], want, atol=1e-6, rtol=0)
+        train.main([f"--export={tmp_path / 'native-from-legacy'}", f"--init_from={legacy}", "--dtype=bfloat16"])
+        back = Zaya.from_pretrained(str(tmp_path / "native-from-legacy"))              # legacy -> native, in bf16
+        assert back.embed_tokens.weight.dtype == torch.bfloat16 and not list((tmp_path / "native-from-legacy").glob("tmp-*"))
+        assert all(torch.equal(v, m.state_dict()[k].to(v.dtype)) for k, v in back.state_dict().items())
 
 
 def hf_tokenizer_file(path, corpus, vocab_size, special=("<eos>", "<mask>", "<pad>")):
