@@ -59,7 +59,7 @@ def paths(a, model):
     """Yields "eager", then (--compile) "compiled" with kernels.enable(model) on; off afterwards."""
     yield "eager"
     if a.compile:
-        kernels.enable(model)                             # graphs for T = 1 and K(1+K), training
+        kernels.enable(model)                             # graphs: T = 1, TiDAR steps, training
         yield "compiled"
     kernels.disable(model)
 

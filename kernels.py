@@ -1,27 +1,24 @@
 """
 Fast paths for zaya.py: torch.compile of the model's own eager forward (gpt-fast style), and an
 expert dispatch that the compiler can trace. The eager code in zaya.py is the reference;
-test_zaya.py checks each path here against it, and a program that never calls `enable` never runs
-this file.
+test_zaya.py checks each path here against it; a program that never calls `enable` never runs this.
 
 What is compiled, and why:
-- `enable(model)` compiles zaya's `Zaya.forward_hidden` as it is (no parallel copy of the forward to
-  keep equal by hand): one graph per input shape for cache-free calls (training) and for cached
-  calls of the decode query lengths (1 for an AR step, K(1+K) for a dense TiDAR step; more with
-  `query_lengths`). Under the compiler zaya's cache attention reads the whole static cache under its
-  mask instead of the data-dependent first int(L.max()) + T slots, so a decode step is one graph
-  with no host sync, and the cache capacity is its one dynamic dimension: a new generate call never
-  recompiles. On CUDA/ROCm the decode graphs replay as CUDA graphs (mode="reduce-overhead").
-  Prefills (one shape per prompt) run eager.
+- `enable(model)` compiles zaya's own `Zaya.forward_hidden` (no second copy of the forward): one
+  graph per input shape for cache-free calls (training) and for cached calls of the decode query
+  lengths: 1 (AR) and K(1+m) for m = 1, 2, 4, ..., K mask groups, which sample.tidar_step pads any
+  level set up to (copies of its last group). Under the compiler the cache attention reads the whole
+  static cache under its mask, not the first int(L.max()) + T slots: a decode step is one graph with
+  no host sync, the cache capacity its one dynamic dimension (a new generate call never recompiles).
+  On CUDA/ROCm decode graphs replay as CUDA graphs (mode="reduce-overhead"); prefills run eager.
 - Experts: zaya.Experts loops over experts after a host sync (.tolist()), which the compiler cannot
   trace. Traced, it calls `experts_forward` instead (zaya.Experts.dispatch): tokens sorted by expert
-  and two grouped GEMMs (F.grouped_mm, wrapped as a custom op so the compiler takes it in every
-  dtype); for a few tokens (decode: N <= E), or where grouped_mm does not run, each token gathers
-  its expert's weights and one bmm runs: static shapes, reading only the chosen experts.
-Backends: torch.compile picks Triton on CUDA and ROCm and C++/OpenMP on CPU. Seen on CPU (torch
-2.13, 2 cores): F.grouped_mm runs in fp32/bf16 (not fp64), but its meta kernel (what torch.compile
-traces) accepts bf16 only, hence the custom op; a decode graph of a 2-4 layer model compiles in
-10-25 s and runs 3-5x faster than eager (dispatch-bound at that size). Not run here: CUDA graphs.
+  and two grouped GEMMs (F.grouped_mm as a custom op, so the compiler takes it in every dtype); for
+  a few tokens (N <= E), or where grouped_mm does not run, each token gathers its expert's weights
+  and one bmm runs: static shapes, reading only the chosen experts.
+Backends: Triton on CUDA and ROCm, C++/OpenMP on CPU. Seen on CPU (torch 2.13, 2 cores): grouped_mm
+runs in fp32/bf16 (not fp64), but its meta kernel accepts bf16 only, hence the custom op; a decode
+graph compiles in 10-50 s and runs 1.3-5x faster than eager. Not run here: CUDA graphs.
 """
 import torch
 import torch.nn.functional as F
@@ -95,14 +92,16 @@ def experts_forward(x, choice, weight, gate_up_proj, down_proj):
 # the model's own forward, compiled
 def enable(model, query_lengths=None):
     """Run `model` compiled (what and why: above). query_lengths: the cached calls' lengths that get
-    a graph (default 1 and K(1+K): the AR and dense TiDAR steps; a TiDAR step with G groups has
-    K(1+G)). Undo with disable(model)."""
+    a graph, default 1 (AR) and the TiDAR steps K(1+m) with m = 1, 2, 4, ..., K mask groups, which
+    sample.tidar_step pads other sets up to (model.step_sizes). Undo with disable(model)."""
     K = model.config.block_size
     eager = disable(model).forward_hidden
-    query_lengths = {1, K * (1 + K)} if query_lengths is None else set(query_lengths)
+    buckets = [2**i for i in range(K.bit_length()) if 2**i < K] + [K]
+    query_lengths = set(query_lengths or [1, *(K * (1 + m) for m in buckets)])
     w = model.embed_tokens.weight
     zaya.Experts.dispatch = experts_forward                         # used only while tracing
     grouped_mm_runs(w.device, w.dtype)                              # probe before tracing
+    model.step_sizes = sorted(n for n in query_lengths if n > K and n % K == 0)
     train = torch.compile(zaya.Zaya.forward_hidden, dynamic=False, fullgraph=True)
     decode = torch.compile(zaya.Zaya.forward_hidden, dynamic=False, fullgraph=True,
                            mode="reduce-overhead" if w.is_cuda else None)   # CUDA graphs
@@ -128,4 +127,5 @@ def enable(model, query_lengths=None):
 def disable(model):
     """Back to the eager reference."""
     model.__dict__.pop("forward_hidden", None)
+    model.__dict__.pop("step_sizes", None)
     return model

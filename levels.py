@@ -192,6 +192,9 @@ class LatencyCurve(dict):
         model, K, t_start = self.model(), self.K, time.perf_counter()
         c, w, P = model.config, model.embed_tokens.weight, self.prefix
         step = n % K == 0 and n > K                      # K + K*m, m >= 1: drafts and mask groups
+        up = min((s for s in getattr(model, "step_sizes", ()) if s >= n), default=n)
+        if step and up != n:                             # compiled: runs padded up (tidar_step)
+            return self.setdefault(n, self[up])
         if step:
             pos, pred, mask = tidar_step_layout(K, range(n // K - 1), w.device, start=P)
         else:
@@ -211,10 +214,10 @@ _CURVES = {}
 
 
 def calibrate(model, B, K, prefix):
-    """The latency curve for this machine, model shape, dtype, batch, K and prefix (in 64-token
-    buckets), shared by every call in this process: each point measured once, when first needed."""
+    """The latency curve per machine, model shape, dtype, batch, K, prefix (64-token buckets) and
+    path (compiled or not), shared in this process: each point measured once, when first needed."""
     w = model.embed_tokens.weight
-    key = (str(w.device), w.dtype, repr(model.config), B, K, prefix // 64)
+    key = (w.device, w.dtype, repr(model.config), B, K, prefix // 64, hasattr(model, "step_sizes"))
     curve = _CURVES.setdefault(key, LatencyCurve(model, B, K, prefix))
     curve.model = weakref.ref(model)                       # measure with a live model of this shape
     return curve

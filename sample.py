@@ -102,9 +102,8 @@ def hf_tokenizer(path):
         n_vocab=tok.get_vocab_size(), encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
         encode_ordinary_batch=lambda texts: [e.ids for e in tok.encode_batch(
             texts, add_special_tokens=False)], decode=tok.decode)
-    ids = dict(eot=eot, mask=first("<mask>", "[MASK]", "<|mask|>"),
-               pad=first("<pad>", "[PAD]", "<|pad|>") or eot)
-    return enc, dict(ids, vocab_size=(enc.n_vocab + 63) // 64 * 64)
+    return enc, dict(eot=eot, mask=first("<mask>", "[MASK]", "<|mask|>"), pad=first(
+        "<pad>", "[PAD]", "<|pad|>") or eot, vocab_size=(enc.n_vocab + 63) // 64 * 64)
 
 
 def load_tokenizer(model):
@@ -327,9 +326,11 @@ def tidar_step(model, cache, d0, dlog, valid, groups, active, sampler, w, how):
     B, K, dev = d0.shape[0], dlog.shape[1] + 1, d0.device
     drafts = torch.where(valid, sample(dlog, *how), 0)                      # [B, K-1]
 
-    # one forward over [d_0..d_{K-1} | K masks per level in `groups`]
-    pos, pred, mask = tidar_step_layout(K, groups, dev, start=cache.lengths[:, None])
-    masks = torch.full((B, K * len(groups)), model.config.mask_token_id, device=dev)
+    # one forward over [d_0..d_{K-1} | K masks per level in `groups` (+ pad: kernels.enable)]
+    sizes = [n // K - 1 for n in getattr(model, "step_sizes", ()) if n >= K * (1 + len(groups))]
+    pad = [groups[-1]] * (min(sizes, default=len(groups)) - len(groups))   # compiled: pad up
+    pos, pred, mask = tidar_step_layout(K, [*groups, *pad], dev, start=cache.lengths[:, None])
+    masks = torch.full((B, K * (len(groups) + len(pad))), model.config.mask_token_id, device=dev)
     h = model.forward_hidden(torch.cat([d0[:, None], drafts, masks], 1), pos, pred, mask, cache)
 
     # verify the drafts against the AR logits at d_0..d_{K-1}, keep d_0..d_k: drafts[:k], then nxt

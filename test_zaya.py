@@ -1383,7 +1383,7 @@ def test_fsdp_init_from_hf_reads_only_each_ranks_rows_and_exports_to_the_referen
                     assert max(r[1] for r in got) <= -(-n // 2) and sum(r[1] for r in got) == n, (name, got)
             converted = Zaya.from_pretrained(str(tmp_path / f"from-{src}"))
             torch.testing.assert_close(converted(idx)[0], want, atol=1e-6, rtol=0)
-        assert train.main([f"--export={tmp_path / 'hf'}", f"--init_from={tmp_path / 'from-native'}"])
+        train.main([f"--export={tmp_path / 'hf'}", f"--init_from={tmp_path / 'from-native'}"])
         torch.testing.assert_close(reference(tmp_path / "hf")(idx).logits, want, atol=1e-4, rtol=0)
         torch.testing.assert_close(Zaya.from_pretrained(str(tmp_path / "hf"))(idx)[0], want, atol=1e-6, rtol=0)
         train.main([f"--export={tmp_path / 'native-from-legacy'}", f"--init_from={legacy}", "--dtype=bfloat16"])
@@ -1585,6 +1585,32 @@ def test_compiled_decode_gives_the_eager_tokens_and_cache(fast_model, monkeypatc
     n = int(a.lengths.min())
     torch.testing.assert_close(a.k[..., :n, :], b.k[..., :n, :], atol=1e-5, rtol=0)
     torch.testing.assert_close(a.conv, b.conv, atol=1e-5, rtol=0)
+
+
+def test_compiled_tidar_pads_a_level_set_up_to_a_compiled_step_size(fast_model, monkeypatch):
+    """kernels.enable has graphs for m = 1, 2, 4 mask groups (K = 4). The level set {0, 2, 3} (m = 3) runs compiled,
+    padded with a copy of its last group to m = 4: the eager reference's tokens and committed cache, and the forward
+    never sees the unpadded size. The latency curve of the compiled model measures the padded step it will run."""
+    from levels import LatencyCurve
+    K = fast_model.config.block_size
+    assert fast_model.step_sizes == [K * (1 + m) for m in (1, 2, 4)]
+    ref = krandomised(tiny_config())
+    idx = torch.randint(5, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    sizes, real = [], fast_model.forward_hidden
+    monkeypatch.setattr(fast_model, "forward_hidden", lambda x, *a, **kw: sizes.append(x.shape[1]) or real(x, *a, **kw))
+    (want, st_ref), b = final_cache(monkeypatch, generate_tidar, ref, idx, 24, groups=[0, 2, 3])
+    (got, st), a = final_cache(monkeypatch, generate_tidar, fast_model, idx, 24, groups=[0, 2, 3])
+    assert torch.equal(got, want) and st.histogram == st_ref.histogram and st.tokens_per_forward > 1
+    assert K * (1 + 4) in sizes and K * (1 + 3) not in sizes                  # padded, never the odd size
+    assert torch.equal(a.lengths, b.lengths)
+    n = int(a.lengths.min())
+    torch.testing.assert_close(a.k[..., :n, :], b.k[..., :n, :], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.conv, b.conv, atol=1e-5, rtol=0)
+    curve = LatencyCurve(fast_model, 1, K, 16, reps=1)
+    assert curve[K * (1 + 3)] == curve[K * (1 + 4)] and set(curve) == {K * (1 + 3), K * (1 + 4)}
+    other = krandomised(tiny_config())
+    kernels.enable(other)                                                        # compiles lazily: nothing yet
+    assert other.step_sizes and not hasattr(kernels.disable(other), "step_sizes")
 
 
 def test_fast_path_keeps_the_eager_errors_and_disable_restores(fast_model):

@@ -49,8 +49,7 @@ DEFAULTS = dict(
     mode="ar",                     # ar: next-token loss | tidar: AR + diffusion loss (TIDAR.md 1)
     init_from="scratch",           # scratch | resume (out_dir) | PATH: ckpt.pt, its dir, an HF dir
     data="stdlib",                 # stdlib (this Python's .py files) | PATH: a text file or folder
-    tokenizer="bytes",             # bytes (built in, offline) | a tiktoken encoding, e.g. gpt2 |
-                                   # PATH: a Hugging Face tokenizer.json or its directory
+    tokenizer="bytes",             # bytes (offline) | a tiktoken encoding | PATH: tokenizer.json
     out_dir="out", data_cache="",  # token cache folder ("" = out_dir/data)
     max_iters=300, batch_size=16, seq_len=128, block_size=16, alpha=1.0,
     # conversion shaped for acceptance (ACCEPTANCE.md); these defaults are the paper's (TIDAR.md 1)
@@ -64,8 +63,7 @@ DEFAULTS = dict(
     device="auto", dtype="auto",   # auto: cuda + bfloat16 autocast given a GPU, else cpu + float32
     compile=False, grad_checkpointing=False, fsdp=False,
     loss_chunk=1024,               # tokens per cross-entropy chunk (0 = one chunk, full logits)
-    pipeline="",                   # default | long | eval | ablation: see reproduce
-    export="",                     # DIR: write --init_from (resume: out_dir's) as HF, and exit
+    pipeline="", export="",        # default|long|eval|ablation: reproduce | DIR: export, exit
     dry_run=False, gpus=8,         # dry_run: print sizes for --gpus GPUs and exit
 )
 
@@ -567,7 +565,6 @@ def export(c, src):
     save_hf(c.export, config, sizes,
             lambda names: {k: parts[k][1](slice(None)).to(sizes[k].dtype) for k in names})
     print(f"exported {src} to {c.export} (Hugging Face layout, {len(parts)} tensors)")
-    return dict(export=c.export)
 
 
 # -----------------------------------------------------------------------------

@@ -777,7 +777,7 @@ def hf_parts(path, files, raw, n_layers):
     """load_checkpoint's parts of an HF directory's safetensors files, legacy names renamed per
     tensor; rows lo:hi of a stacked expert tensor are legacy experts lo..hi-1."""
     from safetensors import safe_open
-    legacy, sources = is_legacy_config(raw), {}                                       # our name -> {expert or None: (file, name)}
+    legacy, sources = is_legacy_config(raw), {}    # sources: ours -> {expert or None: (file, name)}
     for name in files:
         try:
             f = safe_open(os.path.join(path, name), "pt")
