@@ -102,6 +102,7 @@ def enable(model, query_lengths=None):
     zaya.Experts.dispatch = experts_forward                         # used only while tracing
     grouped_mm_runs(w.device, w.dtype)                              # probe before tracing
     model.step_sizes = sorted(n for n in query_lengths if n > K and n % K == 0)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # graphs
     train = torch.compile(zaya.Zaya.forward_hidden, dynamic=False, fullgraph=True)
     decode = torch.compile(zaya.Zaya.forward_hidden, dynamic=False, fullgraph=True,
                            mode="reduce-overhead" if w.is_cuda else None)   # CUDA graphs

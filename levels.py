@@ -191,14 +191,15 @@ class LatencyCurve(dict):
     def __missing__(self, n):
         model, K, t_start = self.model(), self.K, time.perf_counter()
         c, w, P = model.config, model.embed_tokens.weight, self.prefix
+        S = torch.full((self.B, 1), P, device=w.device)  # start [B, 1] as decoding's: one graph
         step = n % K == 0 and n > K                      # K + K*m, m >= 1: drafts and mask groups
         up = min((s for s in getattr(model, "step_sizes", ()) if s >= n), default=n)
         if step and up != n:                             # compiled: runs padded up (tidar_step)
             return self.setdefault(n, self[up])
         if step:
-            pos, pred, mask = tidar_step_layout(K, range(n // K - 1), w.device, start=P)
+            pos, pred, mask = tidar_step_layout(K, range(n // K - 1), w.device, start=S)
         else:
-            pos, pred, mask = causal_layout(n, w.device, start=P)
+            pos, pred, mask = causal_layout(n, w.device, start=S)
         gen = torch.Generator().manual_seed(n)
         x = torch.randint(0, min(256, c.vocab_size), (self.B, n), generator=gen).to(w.device)
         x[:, K:] = c.mask_token_id if step else x[:, K:]

@@ -86,8 +86,7 @@ def hf_tokenizer(path):
     """get_tokenizer for a tokenizer.json, read with the `tokenizers` package: an encoder with
     tiktoken's methods; the mask token its <mask> (ZAYA's diffusion checkpoint: id 4) or None."""
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    check(os.path.isfile(file), f"no tokenizer file {file}; do pass a Hugging Face tokenizer.json "
-          "or the directory holding one")
+    check(os.path.isfile(file), f"no tokenizer file {file}; do pass a tokenizer.json or its folder")
     try:
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(file)

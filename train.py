@@ -392,9 +392,8 @@ def run(overrides):
     check(c.seq_len <= model.config.max_position_embeddings,
           f"--seq_len={c.seq_len} is longer than the model's context (max_position_embeddings="
           f"{model.config.max_position_embeddings}); do pass a shorter --seq_len")
-    check(c.mode == "ar" or model.config.mask_token_id is not None,
-          f"no mask token: tokenizer {c.tokenizer} has no <mask> and the model's config names none;"
-          " do add <mask> to the tokenizer, or mask_token_id to the checkpoint's config.json")
+    check(c.mode == "ar" or model.config.mask_token_id is not None, f"no mask id in {c.tokenizer}"
+          " or config.json; do add <mask> to the tokenizer or mask_token_id to config.json")
     model.grad_checkpointing = c.grad_checkpointing
     loss_model = TrainLoss(model, c)
     if c.fsdp:
