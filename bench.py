@@ -1,10 +1,10 @@
 """
 Benchmarks, one line per measurement, every ratio of numbers measured side by side in this run:
-- on a random --config model, ours vs transformers' ZayaForCausalLM on the same weights: AR
-  decode tok/s (batch 1, greedy; eager and compiled: kernels.enable) and training tok/s (our AR
-  and TiDAR steps vs its AR step; a step: forward, loss, backward, AdamW);
-- TiDAR (lossless, mix 0.5) vs our AR (tok/s, tokens per forward: TPF), and forward latency vs
-  query tokens T = 1, 2, 4, ..., K(1+K) after a cached prefix, on --init_from's model if given;
+- every row on one model's weights (--init_from's, else a random --config one): ours vs
+  transformers' ZayaForCausalLM, AR decode tok/s (batch 1, greedy; eager and compiled:
+  kernels.enable) and training tok/s (our AR and TiDAR steps vs its AR step; a step: forward,
+  loss, backward, AdamW at lr 0); TiDAR (lossless, mix 0.5, auto; compiled also the fastest fixed
+  level set) vs our AR (tok/s, tokens per forward: TPF); forward latency vs query tokens T;
 - --gpu8b: that curve (beside the H200 roofline's) and AR decode on an 8B-shaped random bf16 model
   (CUDA; --gpu8b_config tiny --device cpu tests it), the TiDAR speedup implied at --tpf,
   TPF * t(1) / t(K(1+K)), and level sets' predicted tok/s per batch; --roofline: step times and
@@ -85,7 +85,7 @@ def bench_vs_reference(a, model, device):
     K, B, S = model.config.block_size, a.train_batch, a.train_len
     w = tokens(model.config, (B, S + 1), device, seed=2)
     def step(net, loss_fn):
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(net.parameters(), lr=0.0)   # the weights stay
         return lambda: (loss_fn().backward(), opt.step(), opt.zero_grad(set_to_none=True))
     def our_step(mode):          # train.py's own loss (the paper's settings), one full-logit chunk
         s = SimpleNamespace(**{**DEFAULTS, "mode": mode, "block_size": K, "loss_chunk": 0})
@@ -267,23 +267,26 @@ def main(argv=None):
     if a.gpu8b or a.roofline:
         return gpu8b(a) if a.gpu8b else roofline(a)
     device = torch.device(a.device)
-    with torch.device(device):
-        model = Zaya(ZayaConfig.from_name(a.config)).float().eval()
-    say(f"random '{a.config}' model: parameters ({device.type}, fp32, "
+    with torch.device(device):                  # every row on these weights
+        model = (Zaya.from_pretrained(a.init_from, device=device) if a.init_from
+                 else Zaya(ZayaConfig.from_name(a.config)).float()).eval()
+    say(f"{a.init_from or 'random ' + a.config} model: parameters ({device.type}, fp32, "
         f"{torch.get_num_threads()} threads)", model.num_params() / 1e6, "M",
         f"{model.num_params(active=True) / 1e6:.2f} M active; load average "
         f"{os.getloadavg()[0]:.1f} (other processes on these cores distort every number)")
     bench_vs_reference(a, model, device)
-    model = Zaya.from_pretrained(a.init_from, device=device).eval() if a.init_from else model
     x, n, K = tokens(model.config, (1, a.prompt_len), device), a.new_tokens, model.config.block_size
     for tag in paths(a, model):                 # TiDAR vs AR decode, then the latency curve
         t_ar = timed(lambda: generate_ar(model, x, n), a)
         say(f"AR decode {tag}", n / t_ar, "tok/s", "1.00 tokens/forward")
-        for sampler in ("lossless", "mix"):
-            run = lambda: generate_tidar(model, x, n, sampler=sampler, mix_weight=0.5)
-            st, t = run()[1], timed(run, a)
-            say(f"TiDAR {sampler} (K={K}) {tag}", n / t, "tok/s",
-                f"{st.tokens_per_forward:.2f} tokens/forward, {t_ar / t:.2f}x AR")
+        sets = {str(g): {"groups": g} for g in HAND_SETS if g[-1] < K} if tag == "compiled" else {}
+        runs = {"lossless": {}, "mix": {"sampler": "mix"}, **sets, "auto": {"groups": "auto"}}
+        tidar = lambda kw: lambda: generate_tidar(model, x, n, **kw)
+        res = {k: (tidar(w)()[1].tokens_per_forward, timed(tidar(w), a)) for k, w in runs.items()}
+        best = min((k for k in res if k[0] == "["), key=lambda k: res[k][1], default=None)
+        for name, (tpf, t) in ((k, v) for k, v in res.items() if k[0] != "[" or k == best):
+            say(f"TiDAR {name}{' (the best fixed set)' * (name == best)} (K={K}) {tag}", n / t,
+                "tok/s", f"{tpf:.2f} tokens/forward, {t_ar / t:.2f}x AR")
         Ts = [2 ** i for i in range(20) if 2 ** i < K * (1 + K)] if tag == "eager" else [1]
         latency_curve(a, model, tag, Ts + [K * (1 + K)])        # compiled: the graphed T only
 

@@ -92,8 +92,8 @@ class AutoLevels:
         self.latency, self.clock, self.probe = latency, clock, probe
         self.every, self.explore, self.margin = every, explore, margin
 
-    def start(self, model, B, K, prefix):
-        self.latency = calibrate(model, B, K, prefix) if self.latency is None else self.latency
+    def start(self, model, B, K, prefix, cap=0):
+        self.latency = calibrate(model, B, K, prefix, cap) if self.latency is None else self.latency
         self.K = K
         self.times = {}                    # n -> this run's step times over n query tokens
         self.extra = []                    # TiDAR steps' time beyond t(n)
@@ -182,9 +182,9 @@ class LatencyCurve(dict):
     time n is asked for: 1 warm-up + `reps` runs. The drafts are random tokens: an MoE's cost
     depends on how tokens spread over experts, and all-zero inputs (one expert) are too cheap."""
 
-    def __init__(self, model, B, K, prefix, reps=5):
+    def __init__(self, model, B, K, prefix, reps=5, capacity=0):
         super().__init__()
-        self.model = weakref.ref(model)
+        self.model, self.capacity = weakref.ref(model), capacity
         self.B, self.K, self.prefix, self.reps, self.seconds = B, K, prefix, reps, 0.0
 
     @torch.no_grad()
@@ -203,7 +203,7 @@ class LatencyCurve(dict):
         gen = torch.Generator().manual_seed(n)
         x = torch.randint(0, min(256, c.vocab_size), (self.B, n), generator=gen).to(w.device)
         x[:, K:] = c.mask_token_id if step else x[:, K:]
-        cache = KVCache(c, self.B, P + n, dtype=w.dtype, device=w.device)
+        cache = KVCache(c, self.B, max(P + n, self.capacity), dtype=w.dtype, device=w.device)
         cache.lengths.fill_(P)                           # a forward writes K/V, keeps the lengths
         run = lambda: model.forward_hidden(x, pos, pred, mask, cache)
         self[n] = median_seconds(run, self.reps, w.device)
@@ -214,11 +214,12 @@ class LatencyCurve(dict):
 _CURVES = {}
 
 
-def calibrate(model, B, K, prefix):
-    """The latency curve per machine, model shape, dtype, batch, K, prefix (64-token buckets) and
-    path (compiled or not), shared in this process: each point measured once, when first needed."""
+def calibrate(model, B, K, prefix, cap=0):
+    """The latency curve per machine, model, dtype, batch, K, prefix, cache capacity (compiled, all
+    of it is read), both in 64-token buckets, and path; shared in this process, measured lazily."""
     w = model.embed_tokens.weight
-    key = (w.device, w.dtype, repr(model.config), B, K, prefix // 64, hasattr(model, "step_sizes"))
-    curve = _CURVES.setdefault(key, LatencyCurve(model, B, K, prefix))
+    key = (w.device, w.dtype, repr(model.config), B, K, prefix // 64, cap // 64,
+           hasattr(model, "step_sizes"))
+    curve = _CURVES.setdefault(key, LatencyCurve(model, B, K, prefix, capacity=cap))
     curve.model = weakref.ref(model)                       # measure with a live model of this shape
     return curve

@@ -372,7 +372,7 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     shift = torch.zeros(B, dtype=torch.long, device=dev)
     log = [([], int(d0[0]))] if record else []                     # Stats.log
     if auto:
-        auto.start(model, B, K, T)
+        auto.start(model, B, K, T, cache.capacity)
 
     while (active := out.active()).any():
         if auto:
@@ -404,8 +404,7 @@ def lookup_drafts(ctx, lengths, ngram, D):
     followed their latest earlier occurrence. ctx [B, Lmax] (row b: its first lengths[b] tokens)
     -> drafts [B, D] and valid [B, D] (False: no draft in that slot)."""
     (B, Lmax), dev = ctx.shape, ctx.device
-    drafts = torch.zeros(B, D, dtype=torch.long, device=dev)
-    valid = torch.zeros(B, D, dtype=torch.bool, device=dev)
+    drafts, valid = (torch.zeros(B, D, dtype=t, device=dev) for t in (torch.long, torch.bool))
     rows = torch.arange(B, device=dev)[:, None]
     for n in range(min(ngram, Lmax - 1), 0, -1):
         last_n = (lengths[:, None] - n + torch.arange(n, device=dev)).clamp(min=0)
@@ -534,8 +533,8 @@ def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
     "auto") side by side: each round decodes every prompt with every setting in an order rotating
     per round, so a busy spell on a shared machine hits all alike; auto's calibration runs first,
     timed apart. Prints ratios to AR and the best fixed set; returns rows (dense: + acceptance)."""
-    curve = calibrate(model, 1, K, len(prompts[0]))
-    generate_tidar(model, prompts[0][None], new_tokens, groups="auto", block_size=K)   # warm-up
+    auto = AutoLevels()                                     # warm-up, and auto's calibration
+    generate_tidar(model, prompts[0][None], new_tokens, groups=auto, block_size=K)
     n = len(settings)
     seconds, tokens, tpf, notes, hist = [0.0] * n, [0] * n, [0.0] * n, [""] * n, Counter()
     for r in range(rounds):
@@ -550,7 +549,7 @@ def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
     ar = tps[settings.index("AR")]
     best = max(t for t, g in zip(tps, settings) if isinstance(g, list))     # the best fixed set
     print(f"  levels, block {K}, lossless: {rounds} rounds x {len(prompts)} prompts x {new_tokens} "
-          f"tokens, settings interleaved; auto's calibration took {curve.seconds:.2f} s, once")
+          f"tokens, settings interleaved; auto's calibration {auto.latency.seconds:.2f} s, once")
     rows = []
     for i, g in enumerate(settings):
         name = (g if isinstance(g, str) else "dense" if g is None

@@ -681,6 +681,20 @@ def test_auto_trusts_measured_step_times_over_the_calibration():
     assert torch.equal(got, generate_ar(m, idx, 80)[0])
 
 
+def test_auto_calibrates_on_a_cache_as_large_as_the_decode_cache(monkeypatch):
+    """Compiled attention reads the whole static cache, so auto's latency curve is measured on caches
+    of the capacity decoding made (a calibration on a prefix-sized cache underestimated compiled
+    steps 2-3x): every calibration cache is at least that large."""
+    import levels
+    m = model_accepting("partly")
+    made, real = [], levels.KVCache
+    monkeypatch.setattr(levels, "KVCache", lambda c, B, n, **kw: made.append(n) or real(c, B, n, **kw))
+    monkeypatch.setattr(levels, "_CURVES", {})
+    idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
+    _, cache = final_cache(monkeypatch, generate_tidar, m, idx, 40, groups="auto", block_size=8)
+    assert made and min(made) >= cache.capacity > 8 + 40
+
+
 def test_acceptance_from_a_dense_histogram_predicts_its_tokens_per_forward():
     """A dense run starts every block at slot 1, so its histogram gives the per-slot acceptance exactly, and
     level_rate on that acceptance must give back the run's own tokens per forward."""
@@ -1784,6 +1798,25 @@ def test_real_zaya1_8b_reference_numbers():
     out, _ = generate_ar(m, prompt, 16)
     assert out[0, 11:].tolist() == [107, 262146, 108, 9259, 236888, 2088, 740, 564, 6361, 611, 3124, 236881, 108,
                                     236769, 10282, 236787]
+
+
+def test_bench_runs_every_row_on_one_models_weights(tmp_path, monkeypatch, capsys):
+    """python bench.py --init_from: the reference, training and TiDAR rows all on that model, whose
+    weights no row changes (its training steps run at lr 0); the compiled path (here its bookkeeping,
+    kernels.enable patched out) adds the fastest fixed level set, one row."""
+    import bench
+    randomised(tiny_config()).save_pretrained(tmp_path / "m")
+    seen, real = [], bench.generate_tidar
+    total = lambda m: float(sum(p.detach().double().sum() for p in m.parameters()))
+    monkeypatch.setattr(bench.kernels, "enable", lambda m, **kw: None)
+    monkeypatch.setattr(bench, "generate_tidar", lambda m, *a, **kw: seen.append(total(m)) or real(m, *a, **kw))
+    bench.main(["--init_from", str(tmp_path / "m"), "--reps", "1", "--new_tokens", "8", "--prompt_len", "8",
+                "--train_batch", "2", "--train_len", "16", "--prefix", "16", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert len(set(seen)) == 1 and seen[0] == total(Zaya.from_pretrained(tmp_path / "m"))
+    assert "transformers ZayaForCausalLM.generate" in out and "train AR step, ours compiled" in out
+    assert out.count("(the best fixed set)") == 1 and "TiDAR auto (K=4) compiled" in out
+    assert "TiDAR auto (K=4) eager" in out and "(the best fixed set) (K=4) eager" not in out
 
 
 def test_roofline_step_cost_is_the_hand_arithmetic(tmp_path, capsys):

@@ -441,8 +441,7 @@ def run(overrides):
         """Val losses on fixed batches (own generator); diffusion top-1 accuracy by block slot."""
         loss_model.eval()
         val_gen = torch.Generator().manual_seed(c.seed + 1)
-        K = c.block_size
-        sums = torch.zeros(3 + K, device=device)
+        K, sums = c.block_size, torch.zeros(3 + c.block_size, device=device)
         for _ in range(c.eval_iters):
             with autocast:
                 loss, ar, diff, hits = loss_model(get_batch(val_ids, c.batch_size, c.seq_len,
@@ -487,9 +486,8 @@ def run(overrides):
     if rank == 0 and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, lambda *_: stop.append(it))
     while it < c.max_iters and not stop:
-        lr = get_lr(it, c)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr = get_lr(it, c)
         with autocast:
             more = (get_batch(distilled, extra, c.seq_len, None, rank, world, device) if extra
                     else None)                                      # self-distilled windows
@@ -586,8 +584,7 @@ def dry_run(c):
     I, GiB = cfg.moe_intermediate_size, 2**30
     C = (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
     A = cfg.num_attention_heads * cfg.head_dim
-    states = 16 * N / c.gpus
-    gathered = 2 * (2 * (N - V * d) / L + V * d)
+    states, gathered = 16 * N / c.gpus, 2 * (2 * (N - V * d) / L + V * d)
     print(f"{c.preset}: {N:,} parameters, {Na:,} active per token (one expert, embedding "
           f"excluded)\nper GPU, FSDP over {c.gpus} GPUs, batch_size {c.batch_size}, seq_len {S}, "
           f"grad_checkpointing={c.grad_checkpointing}, loss_chunk {c.loss_chunk}: states 16 N / G "
