@@ -125,8 +125,7 @@ def gpu8b(a):
     try:
         tag, curve = "compiled", latency_curve(a, model, "compiled", Ts, note)
     except Exception as e:                                  # say why, then measure the eager path
-        print(f"compiled path failed: {type(e).__name__}: "
-              f"{(str(e).splitlines() or [''])[0][:300]}; eager instead")
+        print(f"compiled path failed: {type(e).__name__}: {str(e)[:300]}; eager instead")
         tag, curve = "eager", latency_curve(a, kernels.disable(model), "eager", Ts, note)
     x, n = tokens(c, (1, a.prompt_len), device), a.new_tokens
     t = timed(lambda: generate_ar(model, x, n), a)

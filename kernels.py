@@ -7,19 +7,21 @@ What is compiled, and why:
 - `enable(model)` compiles zaya's own `Zaya.forward_hidden` (no second copy of the forward): one
   graph per input shape for cache-free calls (training) and for cached calls of the decode query
   lengths: 1 (AR) and K(1+m) for m = 1, 2, 4, ..., K mask groups, which sample.tidar_step pads any
-  level set up to (copies of its last group). Under the compiler the cache attention reads the whole
-  static cache under its mask, not the first int(L.max()) + T slots: a decode step is one graph with
-  no host sync, the cache capacity its one dynamic dimension (a new generate call never recompiles).
-  On CUDA/ROCm decode graphs replay as CUDA graphs (mode="reduce-overhead"); prefills run eager.
+  level set up to (copies of its last group). Compiled, the cache attention reads a whole static
+  cache under its mask, its capacity the one dynamic dimension (a new generate call never
+  recompiles): on CUDA/ROCm the run's cache, replayed as CUDA graphs (mode="reduce-overhead"); on
+  a CPU, where a host sync is free, views of it up to the 64-slot bucket holding the step (a TiDAR
+  run's cache, sized for dense steps, would cost AR steps 30-50% here). Prefills run eager.
 - Experts: zaya.Experts loops over experts after a host sync (.tolist()), which the compiler cannot
   trace. Traced, it calls `experts_forward` instead (zaya.Experts.dispatch): tokens sorted by expert
   and two grouped GEMMs (F.grouped_mm as a custom op, so the compiler takes it in every dtype); for
   a few tokens (N <= E), or where grouped_mm does not run, each token gathers its expert's weights
   and one bmm runs: static shapes, reading only the chosen experts.
-Backends: Triton on CUDA and ROCm, C++/OpenMP on CPU. Seen on CPU (torch 2.13, 2 cores): grouped_mm
-runs in fp32/bf16 (not fp64), but its meta kernel accepts bf16 only, hence the custom op; a decode
-graph compiles in 10-50 s and runs 1.3-5x faster than eager. Not run here: CUDA graphs.
+Backends: Triton on CUDA/ROCm (CUDA graphs: not run here), C++/OpenMP on CPU, where (torch 2.13)
+grouped_mm runs in fp32/bf16, not fp64, but its meta kernel takes bf16 only (hence the custom op).
 """
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -111,10 +113,13 @@ def enable(model, query_lengths=None):
         T = idx.shape[1]
         if cache is None:
             return train(model, idx, pos, pred, mask)
-        full = cache.lengths.max() + T > cache.capacity
-        too_far = pos.max() >= model.config.max_position_embeddings
-        if T not in query_lengths or torch.is_grad_enabled() or bool(full | too_far):
+        S = int(cache.lengths.max()) + T                            # slots in use after this step
+        if (T not in query_lengths or torch.is_grad_enabled() or S > cache.capacity
+                or int(pos.max()) >= model.config.max_position_embeddings):
             return eager(idx, pos, pred, mask, cache)               # a prefill, or zaya's own error
+        if not w.is_cuda:       # no device to sync with: read 64-slot buckets, not the capacity
+            S, cache = min(cache.capacity, (S + 63) // 64 * 64), copy.copy(cache)   # k, v: views
+            cache.k, cache.v = cache.k[:, :, :, :S], cache.v[:, :, :, :S]
         for t in (cache.k, cache.v):                                # one graph for every capacity
             torch._dynamo.mark_dynamic(t, 3)
         if w.is_cuda:                                               # CUDA graphs write in place

@@ -76,16 +76,14 @@ def choose_levels(c, seconds, K):
 
 class AutoLevels:
     """groups="auto" (README, "Proposal levels"): before each step, plain AR (None) or the level
-    set choose_levels predicts fastest on this machine and batch. seconds(n), a step over n query
-    tokens: the median of this run's steps of that size, else t(n) (calibrate) plus the median time
-    TiDAR steps took beyond t(n) (verify, sampling, Python). Per-slot acceptance is shrunk towards
-    the pooled rate p, c[s] = (accepted[s] + 2 p) / (tried[s] + 2): rarely tried slots do not
-    inflate the prediction. A TiDAR probe of `probe` steps first (the prefill's drafts are free),
-    then a choice every `every` steps; TiDAR must beat AR by `margin`. A fall back to AR charges the
-    TiDAR steps just taken `lost` = their time - their tokens x an AR step's time (0 if they won);
-    the next probe comes after lost / (explore x AR step) AR steps, so probing spends at most
-    `explore` (2%) of the decoding time, and none if AR wins even when every draft is accepted.
-    Pass an instance as `groups` to change these, the latency curve (n -> seconds) or the clock."""
+    set choose_levels predicts fastest here. seconds(n), a step over n query tokens: the median of
+    this run's steps of that size, else t(n) (calibrate) + the median time TiDAR steps took beyond
+    t(n). Per-slot acceptance is shrunk towards the pooled rate p, c[s] = (accepted[s] + 2 p) /
+    (tried[s] + 2). A TiDAR probe of `probe` steps first (the prefill's drafts are free), then a
+    choice every `every` steps; TiDAR must beat AR by `margin`. A fall back to AR charges the TiDAR
+    steps just taken `lost` = their time - their tokens x an AR step's time (0 if they won); the
+    next probe comes after lost / (explore x AR step) AR steps: probing spends at most `explore`
+    (2%) of the time. An instance as `groups` sets these, the latency curve or the clock."""
 
     def __init__(self, latency=None, clock=time.perf_counter, probe=4, every=8, explore=0.02,
                  margin=0.05):

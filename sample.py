@@ -178,8 +178,7 @@ class _Outputs:
         self.n = torch.ones_like(first)                 # tokens per row: the prefill's, the steps'
         self.steps = torch.zeros_like(first)                           # decode steps per row
         self.hist = first.new_zeros(K + 1)
-        self.forwards = 0                                              # decode steps (model calls)
-        self.max_new = max_new                                         # new tokens per row
+        self.forwards, self.max_new = 0, max_new          # decode steps (model calls); tokens a row
 
     def active(self):
         return self.n < self.max_new
@@ -318,10 +317,9 @@ def _level_index(K, groups, device):
 
 def tidar_step(model, cache, d0, dlog, valid, groups, active, sampler, w, how):
     """One TiDAR decode step (TIDAR.md 3-4): draft, one forward, verify, commit, next drafts.
-    d0 [B]: the token every row commits first; dlog [B, K-1, V]: the logits that draft d_1..d_{K-1};
-    valid [B, K-1]: which of those slots hold a draft. Returns k [B] (drafts accepted), the tokens
-    committed [B, K] (row b: its first k + 1), and the next dlog, valid and shift (slots of the next
-    drafts' group already behind us)."""
+    d0 [B]: each row's first token to commit; dlog [B, K-1, V]: the logits of drafts d_1..d_{K-1};
+    valid [B, K-1]: which slots hold a draft. Returns k [B] (drafts accepted), the tokens committed
+    [B, K] (row b: its first k + 1), the next dlog, valid and shift (group slots already behind)."""
     B, K, dev = d0.shape[0], dlog.shape[1] + 1, d0.device
     drafts = torch.where(valid, sample(dlog, *how), 0)                      # [B, K-1]
 

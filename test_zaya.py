@@ -1601,6 +1601,23 @@ def test_compiled_decode_gives_the_eager_tokens_and_cache(fast_model, monkeypatc
     torch.testing.assert_close(a.conv, b.conv, atol=1e-5, rtol=0)
 
 
+def test_compiled_cpu_decode_reads_the_cache_in_64_slot_buckets(fast_model, monkeypatch):
+    """On a CPU (no device to sync with) a compiled step reads the cache only up to the 64-slot bucket
+    holding its tokens, not the whole capacity (a TiDAR run's is sized for dense steps), through views
+    whose writes land in the run's cache: the tokens stay the eager ones."""
+    import copy
+    made, real = [], copy.copy
+    monkeypatch.setattr(kernels.copy, "copy", lambda x: made.append(real(x)) or made[-1])
+    idx = torch.randint(5, 97, (1, 24), generator=torch.Generator().manual_seed(5))
+    got, _ = generate_tidar(fast_model, idx, 40)
+    monkeypatch.undo()
+    assert torch.equal(got, generate_ar(krandomised(tiny_config()), idx, 40)[0])
+    made = [c for c in made if isinstance(c, KVCache)]            # (copy.copy has other callers)
+    capacity = made[0].capacity                                  # 24 + 40 + K(2 + K) = 88
+    assert {c.k.shape[3] for c in made} == {64, capacity} and capacity == 88
+    assert all(c.k.data_ptr() == made[0].k.data_ptr() for c in made)
+
+
 def test_compiled_tidar_pads_a_level_set_up_to_a_compiled_step_size(fast_model, monkeypatch):
     """kernels.enable has graphs for m = 1, 2, 4 mask groups (K = 4). The level set {0, 2, 3} (m = 3) runs compiled,
     padded with a copy of its last group to m = 4: the eager reference's tokens and committed cache, and the forward
