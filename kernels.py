@@ -7,11 +7,11 @@ What is compiled, and why:
 - `enable(model)` compiles zaya's own `Zaya.forward_hidden` (no second copy of the forward): one
   graph per input shape for cache-free calls (training) and for cached calls of the decode query
   lengths: 1 (AR) and K(1+m) for m = 1, 2, 4, ..., K mask groups, which sample.tidar_step pads any
-  level set up to (copies of its last group). Compiled, the cache attention reads a whole static
-  cache under its mask, its capacity the one dynamic dimension (a new generate call never
-  recompiles): on CUDA/ROCm the run's cache, replayed as CUDA graphs (mode="reduce-overhead"); on
-  a CPU, where a host sync is free, views of it up to the 64-slot bucket holding the step (a TiDAR
-  run's cache, sized for dense steps, would cost AR steps 30-50% here). Prefills run eager.
+  level set up to (copies of its last group); prefills run eager. Compiled, cache attention reads
+  a static cache under its mask, its capacity the one dynamic dimension (no recompile per run): on
+  CUDA/ROCm the run's cache, replayed as CUDA graphs (mode="reduce-overhead"); on a CPU, where a
+  host sync is free, views up to the 64-slot bucket holding the step (a TiDAR run's cache is sized
+  for dense steps), never all of it (a contiguous view would compile a second graph).
 - Experts: zaya.Experts loops over experts after a host sync (.tolist()), which the compiler cannot
   trace. Traced, it calls `experts_forward` instead (zaya.Experts.dispatch): tokens sorted by expert
   and two grouped GEMMs (F.grouped_mm as a custom op, so the compiler takes it in every dtype); for
@@ -113,12 +113,12 @@ def enable(model, query_lengths=None):
         T = idx.shape[1]
         if cache is None:
             return train(model, idx, pos, pred, mask)
-        S = int(cache.lengths.max()) + T                            # slots in use after this step
-        if (T not in query_lengths or torch.is_grad_enabled() or S > cache.capacity
+        S, cpu = int(cache.lengths.max()) + T, not w.is_cuda        # slots in use after this step
+        if (T not in query_lengths or torch.is_grad_enabled() or S > cache.capacity - cpu
                 or int(pos.max()) >= model.config.max_position_embeddings):
             return eager(idx, pos, pred, mask, cache)               # a prefill, or zaya's own error
-        if not w.is_cuda:       # no device to sync with: read 64-slot buckets, not the capacity
-            S, cache = min(cache.capacity, (S + 63) // 64 * 64), copy.copy(cache)   # k, v: views
+        if cpu:     # no device to sync with: views up to the step's 64-slot bucket, never the whole
+            S, cache = min(cache.capacity - 1, (S + 63) // 64 * 64), copy.copy(cache)  # (1 graph)
             cache.k, cache.v = cache.k[:, :, :, :S], cache.v[:, :, :, :S]
         for t in (cache.k, cache.v):                                # one graph for every capacity
             torch._dynamo.mark_dynamic(t, 3)
