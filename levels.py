@@ -154,8 +154,7 @@ class AutoLevels:
         spent = getattr(self.latency, "seconds", 0.0)   # a LatencyCurve counts its own cost
         cal = f" (latency calibration: {spent:.2f} s, once)" if spent else ""
         if self.never:
-            return ("auto: AR is faster on this machine even if every draft is accepted; "
-                    "decoding AR" + cal)
+            return "auto: AR is faster here even if every draft is accepted; decoding AR" + cal
         steps = ", ".join(f"{k} {v}" for k, v in self.used.items())
         return (f"auto: steps {{{steps}}}; probes lost {self.lost * 1e3:.1f} ms to AR; "
                 f"last choice: {self.why or 'the first probe'}" + cal)

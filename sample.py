@@ -531,8 +531,9 @@ def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
     "auto") side by side: each round decodes every prompt with every setting in an order rotating
     per round, so a busy spell on a shared machine hits all alike; auto's calibration runs first,
     timed apart. Prints ratios to AR and the best fixed set; returns rows (dense: + acceptance)."""
-    auto = AutoLevels()                                     # warm-up, and auto's calibration
-    generate_tidar(model, prompts[0][None], new_tokens, groups=auto, block_size=K)
+    auto = AutoLevels()                 # warm-up: auto's calibration, every step size's graph
+    for g in [auto] + [list(range(0, K, max(1, K >> i))) for i in range(K.bit_length())]:
+        generate_tidar(model, prompts[0][None], new_tokens, groups=g, block_size=K)
     n = len(settings)
     seconds, tokens, tpf, notes, hist = [0.0] * n, [0] * n, [0.0] * n, [""] * n, Counter()
     for r in range(rounds):

@@ -710,13 +710,19 @@ def test_acceptance_from_a_dense_histogram_predicts_its_tokens_per_forward():
         assert level_rate(list(range(K)), c, K) == pytest.approx(want, rel=1e-9)
 
 
-def test_levels_report_measures_every_setting_side_by_side(capsys):
+def test_levels_report_measures_every_setting_side_by_side(capsys, monkeypatch):
     """The level benchmark's bookkeeping: one row per setting in order, AR at exactly 1.00x, a repeated AR row
-    (this run's noise), ratios to the best fixed set, the dense run's per-slot acceptance, and auto's note."""
+    (this run's noise), ratios to the best fixed set, the dense run's per-slot acceptance, and auto's note. Its
+    warm-up runs auto (the calibration) and one set of each step size m = 1, 2, 4 = K (compiled: every graph),
+    so no timed run compiles."""
+    import sample
     from sample import levels_report
     m = model_accepting("partly", dtype=torch.float32)
     prompts = [torch.randint(5, 97, (8,), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    calls, real = [], sample.generate_tidar
+    monkeypatch.setattr(sample, "generate_tidar", lambda *a, **kw: calls.append(kw["groups"]) or real(*a, **kw))
     rows = levels_report(m, prompts, 4, 12, ["AR", "AR", None, [0], [0, 2], "auto"], rounds=2)
+    assert type(calls[0]).__name__ == "AutoLevels" and calls[1:4] == [[0], [0, 2], [0, 1, 2, 3]]
     assert [r["groups"] for r in rows] == ["AR", "AR again", "dense", "{0}", "{0,2}", "auto"]
     assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0 and "auto:" in rows[-1]["note"]
     best = max(rows[3:5], key=lambda r: r["tokens_per_s"])
