@@ -682,13 +682,14 @@ def test_auto_trusts_measured_step_times_over_the_calibration():
 
 
 def test_auto_calibrates_on_a_cache_as_large_as_the_decode_cache(monkeypatch):
-    """Compiled attention reads the whole static cache, so auto's latency curve is measured on caches
-    of the capacity decoding made (a calibration on a prefix-sized cache underestimated compiled
-    steps 2-3x): every calibration cache is at least that large."""
+    """Compiled attention reads the whole static cache, so auto's latency curve is measured on
+    caches of the capacity decoding made (a calibration on a prefix-sized cache underestimated
+    compiled steps): every calibration cache is at least that large."""
     import levels
     m = model_accepting("partly")
     made, real = [], levels.KVCache
-    monkeypatch.setattr(levels, "KVCache", lambda c, B, n, **kw: made.append(n) or real(c, B, n, **kw))
+    spy = lambda c, B, n, **kw: made.append(n) or real(c, B, n, **kw)          # noqa: E731
+    monkeypatch.setattr(levels, "KVCache", spy)
     monkeypatch.setattr(levels, "_CURVES", {})
     idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
     _, cache = final_cache(monkeypatch, generate_tidar, m, idx, 40, groups="auto", block_size=8)
@@ -711,16 +712,17 @@ def test_acceptance_from_a_dense_histogram_predicts_its_tokens_per_forward():
 
 
 def test_levels_report_measures_every_setting_side_by_side(capsys, monkeypatch):
-    """The level benchmark's bookkeeping: one row per setting in order, AR at exactly 1.00x, a repeated AR row
-    (this run's noise), ratios to the best fixed set, the dense run's per-slot acceptance, and auto's note. Its
-    warm-up runs auto (the calibration) and one set of each step size m = 1, 2, 4 = K (compiled: every graph),
-    so no timed run compiles."""
+    """The level benchmark's bookkeeping: one row per setting in order, AR at exactly 1.00x, a
+    repeated AR row (this run's noise), ratios to the best fixed set, the dense run's per-slot
+    acceptance, and auto's note. Its warm-up runs auto (the calibration) and one set of each step
+    size m = 1, 2, 4 = K (compiled: every graph), so no timed run compiles."""
     import sample
     from sample import levels_report
     m = model_accepting("partly", dtype=torch.float32)
     prompts = [torch.randint(5, 97, (8,), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
     calls, real = [], sample.generate_tidar
-    monkeypatch.setattr(sample, "generate_tidar", lambda *a, **kw: calls.append(kw["groups"]) or real(*a, **kw))
+    spy = lambda *a, **kw: calls.append(kw["groups"]) or real(*a, **kw)       # noqa: E731
+    monkeypatch.setattr(sample, "generate_tidar", spy)
     rows = levels_report(m, prompts, 4, 12, ["AR", "AR", None, [0], [0, 2], "auto"], rounds=2)
     assert type(calls[0]).__name__ == "AutoLevels" and calls[1:4] == [[0], [0, 2], [0, 1, 2, 3]]
     assert [r["groups"] for r in rows] == ["AR", "AR again", "dense", "{0}", "{0,2}", "auto"]
@@ -1608,9 +1610,9 @@ def test_compiled_decode_gives_the_eager_tokens_and_cache(fast_model, monkeypatc
 
 
 def test_compiled_cpu_decode_reads_the_cache_in_64_slot_buckets(fast_model, monkeypatch):
-    """On a CPU (no device to sync with) a compiled step reads the cache only up to the 64-slot bucket
-    holding its tokens, not the whole capacity (a TiDAR run's is sized for dense steps), through views
-    whose writes land in the run's cache: the tokens stay the eager ones."""
+    """On a CPU (no device to sync with) a compiled step reads the cache only up to the 64-slot
+    bucket holding its tokens, not the whole capacity (a TiDAR run's is sized for dense steps),
+    through views whose writes land in the run's cache: the tokens stay the eager ones."""
     import copy
     made, real = [], copy.copy
     monkeypatch.setattr(kernels.copy, "copy", lambda x: made.append(real(x)) or made[-1])
@@ -1825,16 +1827,18 @@ def test_real_zaya1_8b_reference_numbers():
 
 def test_bench_runs_every_row_on_one_models_weights(tmp_path, monkeypatch, capsys):
     """python bench.py --init_from: the reference, training and TiDAR rows all on that model, whose
-    weights no row changes (its training steps run at lr 0); the compiled path (here its bookkeeping,
-    kernels.enable patched out) adds the fastest fixed level set, one row."""
+    weights no row changes (its training steps run at lr 0); the compiled path (here its
+    bookkeeping, kernels.enable patched out) adds the fastest fixed level set, one row."""
     import bench
     randomised(tiny_config()).save_pretrained(tmp_path / "m")
     seen, real = [], bench.generate_tidar
     total = lambda m: float(sum(p.detach().double().sum() for p in m.parameters()))
     monkeypatch.setattr(bench.kernels, "enable", lambda m, **kw: None)
-    monkeypatch.setattr(bench, "generate_tidar", lambda m, *a, **kw: seen.append(total(m)) or real(m, *a, **kw))
-    bench.main(["--init_from", str(tmp_path / "m"), "--reps", "1", "--new_tokens", "8", "--prompt_len", "8",
-                "--train_batch", "2", "--train_len", "16", "--prefix", "16", "--threads", "1"])
+    spy = lambda m, *a, **kw: seen.append(total(m)) or real(m, *a, **kw)       # noqa: E731
+    monkeypatch.setattr(bench, "generate_tidar", spy)
+    bench.main(["--init_from", str(tmp_path / "m"), "--reps", "1", "--new_tokens", "8",
+                "--prompt_len", "8", "--train_batch", "2", "--train_len", "16", "--prefix", "16",
+                "--threads", "1"])
     out = capsys.readouterr().out
     assert len(set(seen)) == 1 and seen[0] == total(Zaya.from_pretrained(tmp_path / "m"))
     assert "transformers ZayaForCausalLM.generate" in out and "train AR step, ours compiled" in out
