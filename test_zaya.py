@@ -1071,6 +1071,15 @@ def test_self_distillation_comes_from_the_model_and_the_training_split(tmp_path)
     assert all(any(r[o:o + 17].tolist() == w.tolist() for r in rows for o in range(24)) for w in windows)
     c.seed = 1
     assert not np.array_equal(train.distill_corpus(c, train_ids, str(tmp_path / "other"))[:, :8], rows[:, :8].numpy())
+    c.seed, c.distill_temp = 0, 1.0                              # sampled, as train.RECIPE distils
+    hot = train.distill_corpus(c, train_ids, str(tmp_path / "hot"))
+    gen = torch.Generator().manual_seed(c.seed + 2)              # distill_corpus's own draw order
+    starts = torch.randint(len(train_ids) - 8, (6,), generator=gen).tolist()
+    x = torch.from_numpy(np.stack([train_ids[i:i + 8].astype(np.int64) for i in starts]))
+    assert torch.equal(torch.from_numpy(hot[:, :8].astype(np.int64)), x)   # training-split prompts
+    assert np.array_equal(generate_ar(teacher, x, 32, 1.0, generator=gen)[0].numpy(), hot)
+    assert not np.array_equal(hot, again)                        # sampled, not the greedy text
+    assert np.array_equal(train.distill_corpus(c, train_ids, str(tmp_path / "hot2")), hot)
 
 
 def test_balancing_controller_balances_and_never_touches_skip():

@@ -605,10 +605,10 @@ def dry_run(c):
 
 
 # -----------------------------------------------------------------------------
-# the small reproduction: `python train.py` (README, "Results")
-# the paper's TiDAR loss (TIDAR.md 1) and the default recipe (README "Ablation")
+# `python train.py` (README "Results"): the paper's loss (TIDAR.md 1), the default recipe (README)
 PAPER = dict(distill=0.0, real_diffusion=True, pos_decay=0.0, slot0=1.0, kl=0.0, alpha=1.0)
-RECIPE = dict(distill=0.5, real_diffusion=False, pos_decay=7.0, slot0=0.0, kl=1.0, alpha=3.0)
+RECIPE = dict(distill=0.5, distill_temp=1.0, real_diffusion=False, pos_decay=7.0, slot0=0.0, kl=1.0,
+              alpha=2.0)
 PIPELINES = {  # (AR pretraining, TiDAR conversion); README "Results" has their times
     "default": (dict(preset="small", max_iters=600, eval_interval=600, log_interval=100),
                 dict(RECIPE, max_iters=300, lr=2e-3, min_lr=2e-4, eval_interval=300, eval_iters=32,
@@ -617,7 +617,7 @@ PIPELINES = {  # (AR pretraining, TiDAR conversion); README "Results" has their 
              dict(RECIPE, max_iters=1000, lr=1e-3, min_lr=1e-4, eval_interval=250))}
 ABLATION = {"paper": PAPER, "+ self-distillation": dict(PAPER, distill=0.5),
             "+ loss shape": dict(PAPER, distill=0.5, pos_decay=7.0, slot0=0.0, kl=1.0),
-            "+ real rows causal": dict(RECIPE, alpha=1.0),
+            "+ real rows causal": dict(RECIPE, distill_temp=0.0, alpha=3.0),
             "AR only": dict(mode="ar")}   # + the default (out_dir itself), and its AR-only control
 
 
