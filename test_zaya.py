@@ -1001,16 +1001,17 @@ def test_chunked_cross_entropy_equals_full_value_and_gradient():
 
 
 def test_shaped_tidar_loss_equals_a_direct_computation():
-    """ACCEPTANCE.md's loss terms against a direct computation on a tiny float64 model: block-position weights
-    (slot0, exp(-(k-1)/pos_decay)), soft targets from a separate causal forward over x_<i (the AR head's
-    p(x_i | x_<i)), no AR loss on distilled rows, and real_diffusion=False (real rows causal, diffusion on the
-    distilled ones). float64: agreement to 1e-9 is rounding only."""
+    """ACCEPTANCE.md's loss terms against a direct computation on a tiny float64 model: block
+    position weights (slot0, exp(-(k-1)/pos_decay)), soft targets from a lone causal forward over
+    x_<i (the AR head's p(x_i | x_<i)) under CE (kl) and total variation 1 - sum min(p, q) (tv), no
+    AR loss on distilled rows, real_diffusion=False (real rows causal, diffusion on the distilled
+    ones). float64: agreement to 1e-9 is rounding only."""
     from types import SimpleNamespace
     m = tiny_model()
     K, S = 4, 12
     w = torch.randint(0, 256, (3, S + 1), generator=torch.Generator().manual_seed(3))
     c = SimpleNamespace(**{**train.DEFAULTS, "mode": "tidar", "block_size": K, "pos_decay": 2.0, "slot0": 0.3,
-                           "kl": 0.6, "alpha": 0.7, "loss_chunk": 5})
+                           "kl": 0.6, "tv": 0.5, "alpha": 0.7, "loss_chunk": 5})
     idx, V = w[:, :S], m.config.vocab_size
     logits_m = m.embed_tokens.weight @ tidar_hidden(m, idx, K)[:, S:].transpose(1, 2)       # [B, V, S]
     num = den = 0.0
@@ -1024,6 +1025,7 @@ def test_shaped_tidar_loss_equals_a_direct_computation():
                 h = m.forward_hidden(idx[b:b + 1, :i], *causal_layout(i))
                 p = (h[0, -1] @ m.embed_tokens.weight.T).softmax(-1)
                 ce = 0.4 * ce - 0.6 * (p * logq).sum()
+                ce = ce + 0.5 * (1 - torch.minimum(p, logq.exp()).sum())    # tv: TV(p, q)
             num, den = num + wt * ce, den + wt
     diff = num / den
     ar_real = F.cross_entropy((m.embed_tokens.weight @ m.forward_hidden(

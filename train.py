@@ -57,7 +57,7 @@ DEFAULTS = dict(
     distill_from="", distill_rows=1024, distill_prompt=64, distill_len=256, distill_temp=0.0,
     real_diffusion=True,           # diffusion loss on the real windows too (False: distilled)
     pos_decay=0.0, slot0=1.0,      # block slot k>=1 weighs exp(-(k-1)/pos_decay) (0: 1), 0 slot0
-    kl=0.0,                        # soft targets: kl CE(AR head's p(x_i|x_<i)) + (1-kl) CE(x_i)
+    kl=0.0, tv=0.0,                # soft targets p: kl CE(p) + (1-kl) CE(x_i); + tv TV(p, draft)
     lr=3e-3, min_lr=3e-4, warmup_iters=20, lr_decay_iters=0, weight_decay=0.1, grad_clip=1.0,
     bias_update_rate=1e-3, eval_interval=100, eval_iters=4, log_interval=20, seed=1337,
     device="auto", dtype="auto",   # auto: cuda + bfloat16 autocast given a GPU, else cpu + float32
@@ -176,31 +176,33 @@ def distill_corpus(c, train_ids, cache_dir, rank=0, device="cpu"):
 
 # -----------------------------------------------------------------------------
 # losses and load balancing
-def chunked_cross_entropy(h, weight, targets, chunk=0, token_weight=None, teacher=None, kl=0.0):
+def chunked_cross_entropy(h, weight, targets, chunk=0, token_weight=None, teacher=None, kl=0, tv=0):
     """Mean CE of F.linear(h, weight) against targets (-1 ignored) and per-token top-1 hits, `chunk`
     tokens at a time under activation checkpointing: backward recomputes a chunk's logits, so no
     (N, V) logits ever exist (at V = 262k a 1024-token chunk is 1 GiB in fp32). chunk = 0: one
-    chunk, no recomputation. Optional, per token: token_weight (a weighted mean) and soft targets,
-    (1 - kl) CE(y) + kl CE(softmax(teacher @ weight^T)) with no gradient through the teacher."""
-    def ce(h, y, wt, t, kl):
+    chunk, no recomputation. Optional, per token: token_weight (a weighted mean) and soft targets
+    p = softmax(teacher @ weight^T) (no gradient): (1 - kl) CE(y) + kl CE(p) + tv (1 - sum min(p,
+    q)), q = softmax(logits): TV(p, q), speculative sampling's rejection odds (arXiv 2310.08461)."""
+    def ce(h, y, wt, t, kl, tv):
         logits = F.linear(h, weight)                                # (n, V), this chunk only
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = F.cross_entropy(logits, y, ignore_index=-1, reduction="none")
         if t is not None:
             p = F.linear(t, weight.detach()).to(logits.dtype).softmax(-1)
             loss = (1 - kl) * loss - kl * (p * logits.log_softmax(-1)).sum(-1) * (y != -1)
+            loss = loss + tv * (1 - torch.minimum(p, logits.softmax(-1)).sum(-1)) * (y != -1)
         return (loss * wt).sum(), logits.argmax(-1) == y
     d = h.shape[-1]
     y = targets.reshape(-1)                                         # (N,)
     wt = torch.ones(len(y), device=h.device) if token_weight is None else token_weight.reshape(-1)
     wt = wt * (y != -1)
-    kl = torch.as_tensor(kl, device=h.device).expand_as(targets).reshape(-1)
+    kl, tv = (torch.as_tensor(x).to(h).expand_as(targets).reshape(-1) for x in (kl, tv))
     t = teacher.detach().reshape(-1, d) if teacher is not None else None
     chunk = chunk or len(y)
     total, hits = 0.0, []
     for i in range(0, len(y), chunk):
         j = slice(i, i + chunk)
-        args = (h.reshape(-1, d)[j], y[j], wt[j], None if t is None else t[j], kl[j])
+        args = (h.reshape(-1, d)[j], y[j], wt[j], None if t is None else t[j], kl[j], tv[j])
         recompute = torch.is_grad_enabled() and chunk < len(y)
         s, hit = grad_checkpoint(ce, *args, use_reentrant=False) if recompute else ce(*args)
         total, hits = total + s, hits + [hit]
@@ -212,7 +214,7 @@ def tidar_loss(model, w, c, real=None):
     diffusion argmax). One forward over [x_0..x_{S-1} | S masks]; the (S+1)-token window gives every
     clean position a label. Shaped by c (ACCEPTANCE.md): rows from `real` on are self-distilled
     (no AR loss: Medusa-2's warning); block slot k weighs slot0 (k = 0) or exp(-(k-1)/pos_decay); kl
-    mixes in soft targets, the AR head's own p(x_i | x_<i) at clean position i-1 of this forward."""
+    and tv add soft targets: the AR head's p(x_i | x_<i) at clean position i-1 of this forward."""
     B, S, K = w.shape[0], w.shape[1] - 1, c.block_size
     idx = w[:, :S]
     pos, pred, mask = tidar_train_layout(S, K, w.device)          # TIDAR.md 1-2
@@ -227,9 +229,9 @@ def tidar_loss(model, w, c, real=None):
     slot = (i % K).double()
     pw = (torch.exp(-(slot - 1) / c.pos_decay) if c.pos_decay else torch.ones_like(slot))
     pw = torch.where(slot == 0, c.slot0, pw).to(h.dtype).expand(B, S)
-    teacher = torch.cat([h[:, :1], h[:, :S - 1]], 1) if c.kl else None     # clean i-1 -> x_i
+    teacher = torch.cat([h[:, :1], h[:, :S - 1]], 1) if c.kl or c.tv else None  # clean i-1: x_i
     diff, hits = chunked_cross_entropy(h[:, S:], weight, idx, c.loss_chunk, pw, teacher,
-                                       c.kl * (i > 0).to(h.dtype))  # mask i -> x_i
+                                       c.kl * (i > 0), c.tv * (i > 0))  # mask i -> x_i
     return (c.alpha * ar + diff) / (1 + c.alpha), ar, diff, hits.view(B, S)
 
 
@@ -262,9 +264,8 @@ def update_balancing_biases(model, rate):
     MoE layer, with load_e = tokens routed to expert e in this step (summed over ranks) and mean =
     the mean over experts:
         b_e <- b_e + rate * sign(mean - load_e)      for e < E;
-    the skip class b_E (= -1) is never touched. The biases only move the argmax (zaya.Router), never
-    the gate weight, so they add no gradient. Returns the imbalance max_e load_e / mean, averaged
-    over layers (1.0 = balanced)."""
+    the skip class b_E (= -1) is never touched. The biases only move the argmax (zaya.Router), not
+    the gate weight: no gradient. Returns the imbalance max_e load_e / mean, layer-averaged."""
     moes = [layer.mlp for layer in model.layers]
     loads = torch.stack([m.load[:-1] for m in moes]).float()      # (L, E)
     if dist.is_initialized():
@@ -567,15 +568,14 @@ def export(c, src):
 # -----------------------------------------------------------------------------
 # the dry run: sizes of a run, allocating nothing
 def dry_run(c):
-    """Parameters, memory per GPU under FSDP, training FLOPs. Bytes for N params, G GPUs,
-    t = batch_size T tokens per GPU (T = S for AR, 2S for TiDAR): states 16 N / G (fp32 weights
-    + grads, AdamW m, v; sharded); gathered bf16 2 (2 N_layer + V d) (layer in use + prefetched
-    + embedding); activations t (4 L d + a) (fp32 residual per layer,
-    a = 2 (16 d + 6 (nq+nkv) hd + 4 I) for one recomputed layer, L of them without
-    grad_checkpointing) + 12 V per loss_chunk token + T^2 (mask). FLOPs per data token:
-    6 (N_active + V d) per forwarded token (T / S of them) + 12 L nq hd per attended key (AR S/2;
-    TiDAR S/2 clean + S/2 + K/2 masked: the pairs its mask allows). The DCP checkpoint: 12 N bytes
-    on disk, written by each GPU from its own shards of the states."""
+    """Parameters, memory per GPU under FSDP, training FLOPs. Bytes for N params, G GPUs, t =
+    batch_size T tokens per GPU (T = S for AR, 2S for TiDAR): states 16 N / G (fp32 weights + grads,
+    AdamW m, v; sharded); gathered bf16 2 (2 N_layer + V d) (layer in use + prefetched + embedding);
+    activations t (4 L d + a) (fp32 residual per layer, a = 2 (16 d + 6 (nq+nkv) hd + 4 I) for one
+    recomputed layer, L of them without grad_checkpointing) + 12 V per loss_chunk token + T^2
+    (mask). FLOPs per data token: 6 (N_active + V d) per forwarded token (T / S of them) + 12 L nq
+    hd per attended key (AR S/2; TiDAR S/2 clean + S/2 + K/2 masked: the pairs its mask allows).
+    The DCP checkpoint: 12 N bytes on disk, each GPU writing its own shards of the states."""
     cfg = ZayaConfig.from_name(c.preset, block_size=c.block_size)
     with torch.device("meta"):
         model = Zaya(cfg)
@@ -608,7 +608,7 @@ def dry_run(c):
 # `python train.py` (README "Results"): the paper's loss (TIDAR.md 1), the default recipe (README)
 PAPER = dict(distill=0.0, real_diffusion=True, pos_decay=0.0, slot0=1.0, kl=0.0, alpha=1.0)
 RECIPE = dict(distill=0.5, distill_temp=1.0, real_diffusion=False, pos_decay=7.0, slot0=0.0, kl=1.0,
-              alpha=2.0)
+              tv=2.0, alpha=3.0)
 PIPELINES = {  # (AR pretraining, TiDAR conversion); README "Results" has their times
     "default": (dict(preset="small", max_iters=600, eval_interval=600, log_interval=100),
                 dict(RECIPE, max_iters=300, lr=2e-3, min_lr=2e-4, eval_interval=300, eval_iters=32,
@@ -617,8 +617,8 @@ PIPELINES = {  # (AR pretraining, TiDAR conversion); README "Results" has their 
              dict(RECIPE, max_iters=1000, lr=1e-3, min_lr=1e-4, eval_interval=250))}
 ABLATION = {"paper": PAPER, "+ self-distillation": dict(PAPER, distill=0.5),
             "+ loss shape": dict(PAPER, distill=0.5, pos_decay=7.0, slot0=0.0, kl=1.0),
-            "+ real rows causal": dict(RECIPE, distill_temp=0.0, alpha=3.0),
-            "AR only": dict(mode="ar")}   # + the default (out_dir itself), and its AR-only control
+            "+ real rows causal": dict(RECIPE, distill_temp=0.0, tv=0.0),
+            "+ sampled text": dict(RECIPE, tv=0.0), "AR only": dict(mode="ar")}   # + the default
 
 
 def reproduce(o):
