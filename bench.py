@@ -271,8 +271,7 @@ def main(argv=None):
                  else Zaya(ZayaConfig.from_name(a.config)).float()).eval()
     say(f"{a.init_from or 'random ' + a.config} model: parameters ({device.type}, fp32, "
         f"{torch.get_num_threads()} threads)", model.num_params() / 1e6, "M",
-        f"{model.num_params(active=True) / 1e6:.2f} M active; load average "
-        f"{os.getloadavg()[0]:.1f} (other processes on these cores distort every number)")
+        f"{model.num_params(active=True) / 1e6:.2f} M active; loadavg {os.getloadavg()[0]:.1f}")
     bench_vs_reference(a, model, device)
     x, n, K = tokens(model.config, (1, a.prompt_len), device), a.new_tokens, model.config.block_size
     for tag in paths(a, model):                 # TiDAR vs AR decode, then the latency curve

@@ -92,12 +92,9 @@ class AutoLevels:
 
     def start(self, model, B, K, prefix, cap=0):
         self.latency = calibrate(model, B, K, prefix, cap) if self.latency is None else self.latency
-        self.K = K
-        self.times = {}                    # n -> this run's step times over n query tokens
-        self.extra = []                    # TiDAR steps' time beyond t(n)
-        self.last = None                   # (n, start time) of the step under way
-        self.used = {}                     # steps per level set (key "AR" for plain AR)
-        self.why = ""                      # the reason for the last choice
+        self.K, self.last = K, None        # last: (n, start time) of the step under way
+        self.times, self.extra = {}, []    # n -> this run's step times; TiDAR's beyond t(n)
+        self.used, self.why = {}, ""       # steps per level set ("AR": plain AR); last reason
         self.tries, self.succ = torch.zeros(K + 1), torch.zeros(K + 1)
         self.stretch = [0.0, 0.0]          # TiDAR steps since the last AR: seconds, tokens/row
         self.lost = 0.0                    # seconds the probes lost to AR

@@ -26,6 +26,7 @@ from levels import AutoLevels, acceptance_from_histogram, calibrate
 from zaya import (CheckpointError, KVCache, Zaya, _atomic_write, ar_step_layout, causal_layout,
                   tidar_prefill_layout, tidar_step_layout)
 
+DRAFT_SCALE = 1.5      # lossless TiDAR at T > 0 drafts at T / 1.5 (README: T=1 1.98 -> 2.06)
 
 # -----------------------------------------------------------------------------
 # flags and tokenizers, shared with train.py
@@ -315,11 +316,11 @@ def _level_index(K, groups, device):
     return level_of, group_of
 
 
-def tidar_step(model, cache, d0, dlog, valid, groups, active, sampler, w, how):
+def tidar_step(model, cache, d0, dlog, valid, groups, active, sampler, w, how, scale=1.0):
     """One TiDAR decode step (TIDAR.md 3-4): draft, one forward, verify, commit, next drafts.
-    d0 [B]: each row's first token to commit; dlog [B, K-1, V]: the logits of drafts d_1..d_{K-1};
-    valid [B, K-1]: which slots hold a draft. Returns k [B] (drafts accepted), the tokens committed
-    [B, K] (row b: its first k + 1), the next dlog, valid and shift (group slots already behind)."""
+    d0 [B]: each row's first token to commit; dlog [B, K-1, V]: the logits of drafts d_1..d_{K-1}
+    (x scale); valid [B, K-1]: which slots hold a draft. Returns k [B] (drafts accepted), the tokens
+    committed [B, K] (row b: its first k + 1), the next dlog, valid and shift (slots behind)."""
     B, K, dev = d0.shape[0], dlog.shape[1] + 1, d0.device
     drafts = torch.where(valid, sample(dlog, *how), 0)                      # [B, K-1]
 
@@ -343,21 +344,26 @@ def tidar_step(model, cache, d0, dlog, valid, groups, active, sampler, w, how):
     src = shift[:, None] + 1 + torch.arange(K - 1, device=dev)[None]         # [B, K-1]
     qidx = K + group_of[g][:, None] * K + src.clamp(max=K - 1)
     rows = torch.arange(B, device=dev)[:, None]
-    dlog = torch.where(active[:, None, None], head_logits(model, h[rows, qidx]), dlog)
+    dlog = torch.where(active[:, None, None], head_logits(model, h[rows, qidx]) * scale, dlog)
     valid = torch.where(active[:, None], src < K, valid)
     return k, committed, dlog, valid, shift
 
 
 @torch.no_grad()
 def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.5, temperature=0.0,
-                   top_k=None, block_size=None, groups=None, generator=None, record=False):
+                   top_k=None, block_size=None, groups=None, generator=None, record=False,
+                   draft_scale=DRAFT_SCALE):
     """Single-forward TiDAR decoding. `groups`: the acceptance levels that get a draft each step
     (default all 0..K-1; 0 is always included); after accepting k drafts, the next drafts come from
     the closest level <= k. groups="auto" (or an AutoLevels) re-chooses the levels on this machine
     as it decodes, and takes plain AR steps while no level set is predicted to beat AR (levels.py).
+    Lossless at temperature > 0 draws the drafts at temperature / draft_scale; the verifier uses
+    the q they came from, so any draft_scale > 0 is lossless (Leviathan et al. 2023, any proposal).
     record=True: row 0's steps in stats.log (--show). Returns (tokens, Stats) like generate_ar."""
     K = model.config.block_size if block_size is None else block_size
     how = _how(model, temperature, top_k, generator, mix_weight, K, sampler)
+    check(draft_scale > 0, f"draft_scale must be > 0, got {draft_scale}")
+    scale = draft_scale if sampler == "lossless" and temperature > 0 else 1.0     # mix: unscaled
     if model.config.mask_token_id is None:
         raise ValueError("this model has no mask_token_id: it was not converted with TiDAR")
     auto = AutoLevels() if groups == "auto" else groups if isinstance(groups, AutoLevels) else None
@@ -365,7 +371,7 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     check(groups[-1] < K, f"groups must lie in 0..{K - 1}, got {groups}")
     out, cache, d0, h, x, _ = _prefill(model, idx, max_new_tokens, K, how, tidar=True)
     (B, T), dev = x.shape, x.device
-    dlog = head_logits(model, h[:, T + 1:])                          # [B, K-1, V]: d_1..d_{K-1}
+    dlog = head_logits(model, h[:, T + 1:]) * scale                  # [B, K-1, V]: d_1..d_{K-1}
     valid = torch.ones(B, K - 1, dtype=torch.bool, device=dev)
     shift = torch.zeros(B, dtype=torch.long, device=dev)
     log = [([], int(d0[0]))] if record else []                     # Stats.log
@@ -383,7 +389,7 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
             k, committed = torch.zeros_like(d0), d0[:, None]
         else:
             k, committed, dlog, new_valid, new_shift = tidar_step(
-                model, cache, d0, dlog, valid, groups, active, sampler, mix_weight, how)
+                model, cache, d0, dlog, valid, groups, active, sampler, mix_weight, how, scale)
             if auto:
                 auto.count(k, valid, shift, active)
             valid, shift = new_valid, new_shift
@@ -568,8 +574,8 @@ def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
 # command line: python sample.py --init_from=out --prompt="def " --sampler=lossless --compare
 DEFAULTS = dict(init_from="out", prompt="def main(", sampler="lossless", mix_weight=0.5,
                 temperature=0.0, top_k=0, max_new_tokens=128, block_size=0, groups="auto",
-                compare=False, show=False, json=False, seed=1337, device="cpu", dtype="float32",
-                compile="auto")                                  # compile: auto | True | False
+                draft_scale=DRAFT_SCALE, compare=False, show=False, json=False, seed=1337,
+                device="cpu", dtype="float32", compile="auto")   # compile: auto | True | False
 COMPILE_SECONDS = 150.0   # a first compile (AR and dense graphs) on this 2-core CPU, README
 
 
@@ -606,7 +612,8 @@ def main(argv):
         out, st = generate_ar(model, idx, n, **kw)
     else:
         out, st = generate_tidar(model, idx, n, args["sampler"], args["mix_weight"], groups=groups,
-                                 block_size=args["block_size"] or None, record=args["show"], **kw)
+                                 block_size=args["block_size"] or None, record=args["show"],
+                                 draft_scale=args["draft_scale"], **kw)
     if args["show"] and st.log:           # replay: accepted drafts green, the sampler's own yellow
         green, yellow, dim, reset = "\033[32m", "\033[33m", "\033[2m", "\033[0m"
         print(dim + decode(ids) + reset, end="", flush=True)
@@ -616,9 +623,8 @@ def main(argv):
         print()
     else:
         print(decode(out[0].tolist()))
-    print("---")
     levels = f"; levels {list(st.groups)}" if st.groups else ""
-    print(f"{args['sampler']}{' (compiled)' * compiled}: {st.summary()}{levels}"
+    print(f"---\n{args['sampler']}{' (compiled)' * compiled}: {st.summary()}{levels}"
           + (f"\n{st.note}" if st.note else ""))
     result = dict(sampler=args["sampler"], compiled=compiled, forwards=st.forwards,
                   new_tokens=st.new_tokens, tokens_per_forward=round(st.tokens_per_forward, 4),

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+import sample
 import train
 from zaya import (CheckpointError, KVCache, Zaya, ZayaConfig, causal_layout, tidar_step_layout, tidar_train_layout)
 from sample import generate_ar, generate_tidar
@@ -391,11 +392,13 @@ def _wilson_hilferty(df, z=3.0902):
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-def test_lossless_sampling_matches_ar_distribution():
-    """At temperature 1 the first 3 new tokens of the lossless sampler are distributed as AR sampling. The exact
+@pytest.mark.parametrize("draft_scale", [sample.DRAFT_SCALE, 1.0, 0.3])
+def test_lossless_sampling_matches_ar_distribution(draft_scale):
+    """At temperature 1 the first 3 new tokens of the lossless sampler are distributed as AR sampling, whatever
+    temperature the drafts are drawn at (1 / draft_scale: the default's, the model's own, a flat one). The exact
     AR joint distribution is computed by enumerating all continuations on a 5-token vocabulary (the mask token is
     never emitted: 4 tokens, 64 cells). 12,000 rows are decoded in one batch (rows draw independently).
-    Pearson chi-square against the 0.999 quantile: this test fails falsely with probability 1e-3."""
+    Pearson chi-square against the 0.999 quantile: each case fails falsely with probability 1e-3."""
     cfg = small_config(vocab_size=5, mask_token_id=4, pad_token_id=0, bos_token_id=0, eos_token_id=0, block_size=4,
                        num_hidden_layers=2)
     m = randomised(cfg, seed=3, std=0.5)
@@ -410,7 +413,7 @@ def test_lossless_sampling_matches_ar_distribution():
     exact = (p1[:, None, None] * p2[:, :, None] * p3).flatten()
     n = 12_000
     got, st = generate_tidar(m, prompt.expand(n, -1), 3, temperature=1.0, block_size=4,
-                             generator=torch.Generator().manual_seed(0))
+                             generator=torch.Generator().manual_seed(0), draft_scale=draft_scale)
     assert sum((k - 1) * c for k, c in st.histogram.items()) > 1000                         # drafts accepted...
     assert st.histogram.get(1, 0) > 1000                                                     # ...and rejected
     chi2, df = _chi_square(got[:, 4:], exact)
@@ -582,7 +585,8 @@ def test_mask_token_never_emitted_and_bad_arguments():
         out, _ = generate_tidar(m, idx, 30, temperature=t, generator=torch.Generator().manual_seed(0))
         assert out.shape == (2, 36) and not (out[:, 6:] == m.config.mask_token_id).any()
     for kw, msg in ((dict(mix_weight=1.5, sampler="mix"), "mix_weight"), (dict(block_size=0), "block_size"),
-                    (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(sampler="best"), "sampler")):
+                    (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(sampler="best"), "sampler"),
+                    (dict(draft_scale=0.0), "draft_scale")):
         with pytest.raises(ValueError, match=msg):
             generate_tidar(m, idx, 5, **kw)
     with pytest.raises(ValueError, match="context"):

@@ -64,8 +64,7 @@ DEFAULTS = dict(
     compile=False, grad_checkpointing=False, fsdp=False,
     loss_chunk=1024,               # tokens per cross-entropy chunk (0 = one chunk, full logits)
     pipeline="", export="",        # default|long|eval|ablation: reproduce | DIR: export, exit
-    dry_run=False, gpus=8,         # dry_run: print sizes for --gpus GPUs and exit
-)
+    dry_run=False, gpus=8)         # dry_run: print sizes for --gpus GPUs and exit
 
 
 class Interrupted(Exception):
@@ -481,8 +480,7 @@ def run(overrides):
     # ---- the loop
     ckpt = os.path.join(c.out_dir, "ckpt.pt")
     history, evals = [], []
-    start, t_start = it, time.time()                                # for the eta
-    it_log, t_log = it, t_start                                     # the last log line
+    start, t_start = it_log, t_log = it, time.time()                # the eta's; the last log's
     stop = []  # Ctrl-C: finish this step, save, exit (status 130)
     if rank == 0 and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, lambda *_: stop.append(it))
