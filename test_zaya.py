@@ -817,7 +817,7 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys):
     bad = {"--init_from=/nonexistent/ckpt": "nonexistent", "--mix_weight=1.5 --sampler=mix": "mix_weight",
            "--block_size=-1": "block_size", "--temperature=-1": "temperature", "--top_k=-3": "top_k",
            "--sampler=fast": "sampler", "--max_new_tokens=60": "context", "--colour=red": "unknown",
-           "--max_new_tokens=ten": "int", "--groups=0,99": "groups"}
+           "--max_new_tokens=ten": "int", "--groups=0,99": "groups", "--draft_scale=-1": "draft_scale"}
     from sample import cli
     for args, word in bad.items():
         extra = [] if "init_from" in args else [f"--init_from={tmp_path}"]
