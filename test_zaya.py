@@ -394,11 +394,12 @@ def _wilson_hilferty(df, z=3.0902):
 
 @pytest.mark.parametrize("draft_scale", [sample.DRAFT_SCALE, 1.0, 0.3])
 def test_lossless_sampling_matches_ar_distribution(draft_scale):
-    """At temperature 1 the first 3 new tokens of the lossless sampler are distributed as AR sampling, whatever
-    temperature the drafts are drawn at (1 / draft_scale: the default's, the model's own, a flat one). The exact
-    AR joint distribution is computed by enumerating all continuations on a 5-token vocabulary (the mask token is
-    never emitted: 4 tokens, 64 cells). 12,000 rows are decoded in one batch (rows draw independently).
-    Pearson chi-square against the 0.999 quantile: each case fails falsely with probability 1e-3."""
+    """At temperature 1 the first 3 new tokens of the lossless sampler are distributed as AR
+    sampling, whatever temperature the drafts are drawn at (1 / draft_scale: the default's, the
+    model's own, a flat one). The exact AR joint distribution is computed by enumerating all
+    continuations on a 5-token vocabulary (the mask token is never emitted: 4 tokens, 64 cells).
+    12,000 rows are decoded in one batch (rows draw independently). Pearson chi-square against the
+    0.999 quantile: each case fails falsely with probability 1e-3."""
     cfg = small_config(vocab_size=5, mask_token_id=4, pad_token_id=0, bos_token_id=0, eos_token_id=0, block_size=4,
                        num_hidden_layers=2)
     m = randomised(cfg, seed=3, std=0.5)
@@ -585,8 +586,8 @@ def test_mask_token_never_emitted_and_bad_arguments():
         out, _ = generate_tidar(m, idx, 30, temperature=t, generator=torch.Generator().manual_seed(0))
         assert out.shape == (2, 36) and not (out[:, 6:] == m.config.mask_token_id).any()
     for kw, msg in ((dict(mix_weight=1.5, sampler="mix"), "mix_weight"), (dict(block_size=0), "block_size"),
-                    (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(sampler="best"), "sampler"),
-                    (dict(draft_scale=0.0), "draft_scale")):
+                    (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
+                    (dict(sampler="best"), "sampler"), (dict(draft_scale=0.0), "draft_scale")):
         with pytest.raises(ValueError, match=msg):
             generate_tidar(m, idx, 5, **kw)
     with pytest.raises(ValueError, match="context"):
@@ -817,7 +818,8 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys):
     bad = {"--init_from=/nonexistent/ckpt": "nonexistent", "--mix_weight=1.5 --sampler=mix": "mix_weight",
            "--block_size=-1": "block_size", "--temperature=-1": "temperature", "--top_k=-3": "top_k",
            "--sampler=fast": "sampler", "--max_new_tokens=60": "context", "--colour=red": "unknown",
-           "--max_new_tokens=ten": "int", "--groups=0,99": "groups", "--draft_scale=-1": "draft_scale"}
+           "--max_new_tokens=ten": "int", "--groups=0,99": "groups",
+           "--draft_scale=-1": "draft_scale"}
     from sample import cli
     for args, word in bad.items():
         extra = [] if "init_from" in args else [f"--init_from={tmp_path}"]
