@@ -113,12 +113,14 @@ def enable(model, query_lengths=None):
         T = idx.shape[1]
         if cache is None:
             return train(model, idx, pos, pred, mask)
-        S, cpu = int(cache.lengths.max()) + T, not w.is_cuda        # slots in use after this step
+        S = int(cache.lengths.max()) + T                            # slots in use after this step
+        cpu = not w.is_cuda
         if (T not in query_lengths or torch.is_grad_enabled() or S > cache.capacity - cpu
                 or int(pos.max()) >= model.config.max_position_embeddings):
             return eager(idx, pos, pred, mask, cache)               # a prefill, or zaya's own error
         if cpu:     # no device to sync with: views up to the step's 64-slot bucket, never the whole
-            S, cache = min(cache.capacity - 1, (S + 63) // 64 * 64), copy.copy(cache)  # (1 graph)
+            S = min(cache.capacity - 1, (S + 63) // 64 * 64)        # (so one graph)
+            cache = copy.copy(cache)
             cache.k, cache.v = cache.k[:, :, :, :S], cache.v[:, :, :, :S]
         for t in (cache.k, cache.v):                                # one graph for every capacity
             torch._dynamo.mark_dynamic(t, 3)

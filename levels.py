@@ -1,5 +1,6 @@
 """
-Per-machine proposal levels: groups="auto" in sample.generate_tidar (README, "Proposal levels").
+Per-machine proposal levels: groups="auto" in sample.generate_tidar (docs/tidar.md, "Proposal
+levels").
 
 A TiDAR step over n = K + K*m query tokens (K drafts, m mask groups) costs t(n); an AR step costs
 t(1). Where t is flat (a GPU at batch 1: memory-bound) every level pays; where it grows (a CPU, a
@@ -63,38 +64,48 @@ def choose_levels(c, seconds, K):
     """Greedy forward selection from {0}: add the level that raises the predicted tokens/s most,
     until none does; the dense set is tried too. seconds(n): one step over n query tokens. Returns
     (levels, predicted tokens/s)."""
-    rate = lambda levels: level_rate(levels, c, K) / seconds(K + K * len(levels))
-    levels, best = [0], rate([0])
+    def rate(levels):
+        return level_rate(levels, c, K) / seconds(K + K * len(levels))
+    levels = [0]
+    best = rate(levels)
     while trials := [(rate(sorted(levels + [l])), l) for l in range(1, K) if l not in levels]:
         r, l = max(trials)
         if r <= best:
             break
-        best, levels = r, sorted(levels + [l])
+        best = r
+        levels = sorted(levels + [l])
     dense = rate(list(range(K)))
     return (list(range(K)), dense) if dense > best else (levels, best)
 
 
 class AutoLevels:
-    """groups="auto" (README, "Proposal levels"): before each step, plain AR (None) or the level
-    set choose_levels predicts fastest here. seconds(n), a step over n query tokens: the median of
-    this run's steps of that size, else t(n) (calibrate) + the median time TiDAR steps took beyond
-    t(n). Per-slot acceptance is shrunk towards the pooled rate p, c[s] = (accepted[s] + 2 p) /
-    (tried[s] + 2). A TiDAR probe of `probe` steps first (the prefill's drafts are free), then a
-    choice every `every` steps; TiDAR must beat AR by `margin`. A fall back to AR charges the TiDAR
-    steps just taken `lost` = their time - their tokens x an AR step's time (0 if they won); the
-    next probe comes after lost / (explore x AR step) AR steps: probing spends at most `explore`
+    """groups="auto" (docs/tidar.md, "Proposal levels"): before each step, plain AR (None) or the
+    level set choose_levels predicts fastest here. seconds(n), a step over n query tokens: the
+    median of this run's steps of that size, else t(n) (calibrate) + the median time TiDAR steps
+    took beyond t(n). Per-slot acceptance is shrunk towards the pooled rate p, c[s] = (accepted[s] +
+    2 p) / (tried[s] + 2). A TiDAR probe of `probe` steps first (the prefill's drafts are free),
+    then a choice every `every` steps; TiDAR must beat AR by `margin`. A fall back to AR charges the
+    TiDAR steps just taken `lost` = their time - their tokens x an AR step's time (0 if they won);
+    the next probe comes after lost / (explore x AR step) AR steps: probing spends at most `explore`
     (2%) of the time. An instance as `groups` sets these, the latency curve or the clock."""
 
     def __init__(self, latency=None, clock=time.perf_counter, probe=4, every=8, explore=0.02,
                  margin=0.05):
-        self.latency, self.clock, self.probe = latency, clock, probe
-        self.every, self.explore, self.margin = every, explore, margin
+        self.latency = latency
+        self.clock = clock
+        self.probe = probe
+        self.every = every
+        self.explore = explore
+        self.margin = margin
 
     def start(self, model, B, K, prefix, cap=0):
         self.latency = calibrate(model, B, K, prefix, cap) if self.latency is None else self.latency
-        self.K, self.last = K, None        # last: (n, start time) of the step under way
-        self.times, self.extra = {}, []    # n -> this run's step times; TiDAR's beyond t(n)
-        self.used, self.why = {}, ""       # steps per level set ("AR": plain AR); last reason
+        self.K = K
+        self.last = None                   # (n, start time) of the step under way
+        self.times = {}                    # n -> this run's step times
+        self.extra = []                    # TiDAR steps' time beyond t(n)
+        self.used = {}                     # steps per level set ("AR": plain AR)
+        self.why = ""                      # the last choice's reason
         self.tries, self.succ = torch.zeros(K + 1), torch.zeros(K + 1)
         self.stretch = [0.0, 0.0]          # TiDAR steps since the last AR: seconds, tokens/row
         self.lost = 0.0                    # seconds the probes lost to AR
@@ -122,13 +133,17 @@ class AutoLevels:
             levels, rate = choose_levels(c, self.seconds, self.K)
             ar = 1 / self.seconds(1)
             if rate >= ar * (1 + self.margin):  # TiDAR wins: keep going, re-choose soon
-                self.groups, self.left = levels, self.every
+                self.groups = levels
+                self.left = self.every
             elif self.groups is None:           # AR's turn is over: probe TiDAR again
-                self.groups, self.left = levels, self.probe
+                self.groups = levels
+                self.left = self.probe
             else:                               # AR wins: AR until the probe budget allows another
                 lost = max(0.0, self.stretch[0] - self.stretch[1] / ar)
-                self.groups, self.left = None, max(self.every, lost * ar / self.explore)
-                self.lost, self.stretch = self.lost + lost, [0.0, 0.0]
+                self.groups = None
+                self.left = max(self.every, lost * ar / self.explore)
+                self.lost += lost
+                self.stretch = [0.0, 0.0]
             self.why = f"levels {levels} predict {rate:.0f} tokens/s vs AR {ar:.0f}"
         self.left -= 1
         key = "AR" if self.groups is None else str(self.groups)
@@ -178,13 +193,22 @@ class LatencyCurve(dict):
 
     def __init__(self, model, B, K, prefix, reps=5, capacity=0):
         super().__init__()
-        self.model, self.capacity = weakref.ref(model), capacity
-        self.B, self.K, self.prefix, self.reps, self.seconds = B, K, prefix, reps, 0.0
+        self.model = weakref.ref(model)
+        self.capacity = capacity
+        self.B = B
+        self.K = K
+        self.prefix = prefix
+        self.reps = reps
+        self.seconds = 0.0                               # what measuring has cost so far
 
     @torch.no_grad()
     def __missing__(self, n):
-        model, K, t_start = self.model(), self.K, time.perf_counter()
-        c, w, P = model.config, model.embed_tokens.weight, self.prefix
+        t_start = time.perf_counter()
+        model = self.model()
+        K = self.K
+        P = self.prefix
+        config = model.config
+        w = model.embed_tokens.weight
         S = torch.full((self.B, 1), P, device=w.device)  # start [B, 1] as decoding's: one graph
         step = n % K == 0 and n > K                      # K + K*m, m >= 1: drafts and mask groups
         up = min((s for s in getattr(model, "step_sizes", ()) if s >= n), default=n)
@@ -195,9 +219,9 @@ class LatencyCurve(dict):
         else:
             pos, pred, mask = causal_layout(n, w.device, start=S)
         gen = torch.Generator().manual_seed(n)
-        x = torch.randint(0, min(256, c.vocab_size), (self.B, n), generator=gen).to(w.device)
-        x[:, K:] = c.mask_token_id if step else x[:, K:]
-        cache = KVCache(c, self.B, max(P + n, self.capacity), dtype=w.dtype, device=w.device)
+        x = torch.randint(0, min(256, config.vocab_size), (self.B, n), generator=gen).to(w.device)
+        x[:, K:] = config.mask_token_id if step else x[:, K:]
+        cache = KVCache(config, self.B, max(P + n, self.capacity), dtype=w.dtype, device=w.device)
         cache.lengths.fill_(P)                           # a forward writes K/V, keeps the lengths
         run = lambda: model.forward_hidden(x, pos, pred, mask, cache)
         self[n] = median_seconds(run, self.reps, w.device)

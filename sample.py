@@ -1,5 +1,5 @@
 """
-Decoding (../shared/docs/TIDAR.md 3-4): the AR baseline on the static KV cache (zaya.KVCache);
+Decoding (docs/tidar.md sections 3-4): the AR baseline on the static KV cache (zaya.KVCache);
 single-forward TiDAR, whose one forward per step verifies K drafts causally AND drafts the next
 block for every acceptance length (K mask groups, or a subset `groups`), sharing one KV cache:
 accepted tokens' K/V and CCA state are kept without recomputing, the rest truncated; prompt lookup,
@@ -15,103 +15,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
-import tiktoken
 import torch
 import torch.nn.functional as F
 
 import kernels
+from cli import check, load_tokenizer, parse_args
 from levels import AutoLevels, acceptance_from_histogram, calibrate
 from zaya import (CheckpointError, KVCache, Zaya, _atomic_write, ar_step_layout, causal_layout,
                   tidar_prefill_layout, tidar_step_layout)
 
-DRAFT_SCALE = 1.5      # lossless TiDAR at T > 0 drafts at T / 1.5 (README: T=1 1.98 -> 2.11)
-
-# -----------------------------------------------------------------------------
-# flags and tokenizers, shared with train.py
-class UsageError(ValueError):
-    """Bad input; the CLIs print it as one line and exit with status 2, no traceback."""
-
-
-def check(ok, msg):
-    if not ok:
-        raise UsageError(msg)
-
-
-def parse_args(argv, defaults):
-    """--key=value pairs -> dict of overrides of `defaults`. Unknown keys are rejected, values take
-    the default's type, a bare --flag is --flag=True for a bool."""
-    out = {}
-    for arg in argv:
-        key, eq, val = arg.removeprefix("--").partition("=")
-        kind = type(defaults.get(key))
-        check(arg.startswith("--") and key in defaults and (eq or kind is bool),
-              f"unknown or malformed flag {arg!r}; do use --key=value with key one of: "
-              f"{', '.join(defaults)}")
-        try:
-            out[key] = {"True": True, "False": False}[val or "True"] if kind is bool else kind(val)
-        except (KeyError, ValueError):
-            want = "True or False" if kind is bool else kind.__name__
-            raise UsageError(f"--{key}={val}: expected {want}; "
-                             f"do write e.g. --{key}={defaults[key]}") from None
-    return out
-
-
-def get_tokenizer(name):
-    """(encoder, ids), ids = dict(eot, mask, pad, vocab_size). vocab_size is the model's: n_vocab
-    rounded up to a multiple of 64, so drop ids >= enc.n_vocab before enc.decode(ids). name: bytes,
-    a tiktoken encoding, or a path: a Hugging Face tokenizer.json or the directory holding one."""
-    if name != "bytes" and ("/" in name or name.endswith(".json") or os.path.exists(name)):
-        return hf_tokenizer(name)
-    if name == "bytes":        # 256 single-byte tokens, no merges: offline, and any text encodes
-        ranks = {bytes([i]): i for i in range(256)}
-        special = {"<|endoftext|>": 256, "<|mask|>": 257, "<|pad|>": 258}
-        enc = tiktoken.Encoding("bytes", pat_str=r"[^\n]+|\n", mergeable_ranks=ranks,
-                                special_tokens=special)
-    else:                      # a tiktoken encoding with <|mask|> and <|pad|> after its last id
-        try:
-            base = tiktoken.get_encoding(name)
-        except Exception as e:
-            raise UsageError(f"no tiktoken encoding {name!r} ({type(e).__name__}); "
-                             "do use --tokenizer=bytes") from None
-        special = {**base._special_tokens, "<|mask|>": base.n_vocab, "<|pad|>": base.n_vocab + 1}
-        enc = tiktoken.Encoding(f"{name}-tidar", pat_str=base._pat_str,
-                                mergeable_ranks=base._mergeable_ranks, special_tokens=special)
-    ids = dict(eot=enc.eot_token, mask=enc.encode_single_token("<|mask|>"),
-               pad=enc.encode_single_token("<|pad|>"))
-    return enc, dict(ids, vocab_size=(enc.n_vocab + 63) // 64 * 64)
-
-
-def hf_tokenizer(path):
-    """get_tokenizer for a tokenizer.json, read with the `tokenizers` package: an encoder with
-    tiktoken's methods; the mask token its <mask> (ZAYA's diffusion checkpoint: id 4) or None."""
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    check(os.path.isfile(file), f"no tokenizer file {file}; do pass a tokenizer.json or its folder")
-    try:
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(file)
-    except Exception as e:
-        raise UsageError(f"cannot read tokenizer {file} ({type(e).__name__}: {e}); do pass a "
-                         "tokenizer.json, with the `tokenizers` package installed") from None
-    vocab = tok.get_vocab()
-    first = lambda *names: next((vocab[n] for n in names if n in vocab), None)   # noqa: E731
-    eot = first("<|endoftext|>", "<eos>", "</s>", "<|end_of_text|>")
-    check(eot is not None, f"tokenizer {file} has no end-of-text token; do add <eos> to it")
-    enc = SimpleNamespace(
-        n_vocab=tok.get_vocab_size(), encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
-        encode_ordinary_batch=lambda texts: [e.ids for e in tok.encode_batch(
-            texts, add_special_tokens=False)], decode=tok.decode)
-    return enc, dict(eot=eot, mask=first("<mask>", "[MASK]", "<|mask|>"), pad=first(
-        "<pad>", "[PAD]", "<|pad|>") or eot, vocab_size=(enc.n_vocab + 63) // 64 * 64)
-
-
-def load_tokenizer(model):
-    """(encode, decode) for a loaded checkpoint: its run's --tokenizer, or its HF directory's."""
-    meta = getattr(model, "checkpoint_meta", {})
-    enc, _ = get_tokenizer(meta.get("hf_dir", meta.get("tokenizer", "bytes")))
-    return enc.encode, (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
-
+DRAFT_SCALE = 1.5      # lossless TiDAR at T > 0 drafts at T / 1.5 (docs/results.md: draft_scale)
 
 # -----------------------------------------------------------------------------
 # statistics and shared pieces
@@ -134,6 +48,57 @@ class Stats:
                 f"{self.tokens_per_s:.1f} tokens/s; committed per step {{{hist}}}")
 
 
+@dataclass
+class Sampling:
+    """How tokens are drawn (docs/tidar.md section 4). temperature 0 is greedy; top_k keeps the k
+    likeliest; the mask token is never emitted. TiDAR's sampler is "lossless" or "mix" (verify
+    against mix_weight * AR + (1 - mix_weight) * draft logits); lossless at temperature > 0 draws
+    its drafts at temperature / draft_scale, and verifies them against that same sharpened q."""
+    temperature: float = 0.0
+    top_k: int | None = None
+    mask_id: int | None = None
+    generator: torch.Generator | None = None
+    sampler: str = "lossless"
+    mix_weight: float = 0.5
+    draft_scale: float = DRAFT_SCALE
+
+    def __post_init__(self):
+        check(self.sampler in ("lossless", "mix"),
+              f"sampler must be 'lossless' or 'mix', got {self.sampler!r}")
+        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        check(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        check(0.0 <= self.mix_weight <= 1.0, f"mix_weight must be in [0, 1], got {self.mix_weight}")
+        check(self.draft_scale > 0, f"draft_scale must be > 0, got {self.draft_scale}")
+
+    @property
+    def proposal_scale(self):
+        """What draft logits are multiplied by: draft_scale for lossless at T > 0, else 1 (greedy
+        takes the argmax; mix mixes the unscaled logits)."""
+        sharpen = self.sampler == "lossless" and self.temperature > 0
+        return self.draft_scale if sharpen else 1.0
+
+    def process(self, logits):
+        """Logits [..., V] with the mask token banned, then temperature and top-k applied."""
+        if self.mask_id is not None:
+            logits = logits.clone()
+            logits[..., self.mask_id] = float("-inf")
+        if self.temperature > 0:
+            logits = logits / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return logits
+
+    def draw(self, logits):
+        """Tokens [...] from logits [..., V]: the argmax at temperature 0, else a softmax draw."""
+        logits = self.process(logits)
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        flat = logits.softmax(-1).reshape(-1, logits.shape[-1])
+        draws = torch.multinomial(flat, 1, generator=self.generator)
+        return draws.view(logits.shape[:-1])
+
+
 def head_logits(model, h):
     """Logits in fp32 even for a bf16 model (near-ties would flip between AR and TiDAR otherwise).
     The fp32 copy of the tied head is made once per weight version (2 GiB at the 8B's V = 262k)."""
@@ -146,40 +111,20 @@ def head_logits(model, h):
     return F.linear(h.float(), model._head32[1])
 
 
-def _process(logits, temperature, top_k, mask_id):
-    """Temperature and top-k; the mask token is never emitted."""
-    if mask_id is not None:
-        logits = logits.clone()
-        logits[..., mask_id] = float("-inf")
-    if temperature > 0:
-        logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return logits
-
-
-def sample(logits, temperature=0.0, top_k=None, mask_id=None, generator=None):
-    """Tokens from logits [..., V] -> [...]: the mask token banned, temperature and top-k applied,
-    then argmax at temperature 0, else a draw from the softmax."""
-    logits = _process(logits, temperature, top_k, mask_id)
-    if temperature == 0:
-        return logits.argmax(-1)
-    flat = logits.softmax(-1).reshape(-1, logits.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(logits.shape[:-1])
-
-
 class _Outputs:
     """New tokens per row in one tensor (no per-token Python work: 30,000 rows stay fast)."""
 
     def __init__(self, rows, ragged, t0, max_new, K, first):
-        self.rows, self.ragged, self.t0 = rows, ragged, t0          # prompts, a list in?, start
+        self.rows = rows                                # the prompts
+        self.ragged = ragged                            # were they given as a list?
+        self.t0 = t0                                    # the decoding's start time
         self.buf = first.new_zeros(len(rows), max_new + 2 * K + 1)
-        self.buf[:, 0] = first                                         # the prefill's token [B]
+        self.buf[:, 0] = first                          # the prefill's token [B]
         self.n = torch.ones_like(first)                 # tokens per row: the prefill's, the steps'
-        self.steps = torch.zeros_like(first)                           # decode steps per row
+        self.steps = torch.zeros_like(first)            # decode steps per row
         self.hist = first.new_zeros(K + 1)
-        self.forwards, self.max_new = 0, max_new          # decode steps (model calls); tokens a row
+        self.forwards = 0                               # decode steps (model calls)
+        self.max_new = max_new                          # new tokens a row
 
     def active(self):
         return self.n < self.max_new
@@ -198,15 +143,16 @@ class _Outputs:
     def finish(self, **fields):
         """prompt + exactly max_new new tokens a row, Stats(**fields)."""
         rates = ((self.n - 1).double() / self.steps.clamp(min=1))[self.steps > 0]
-        new, seconds = len(self.rows) * self.max_new, time.perf_counter() - self.t0
+        new = len(self.rows) * self.max_new
+        seconds = time.perf_counter() - self.t0
         stats = Stats(forwards=self.forwards, new_tokens=new, seconds=seconds,
                       tokens_per_forward=float(rates.mean()) if len(rates) else 0.0,
                       histogram={i: int(c) for i, c in enumerate(self.hist.tolist()) if c},
                       tokens_per_s=new / max(seconds, 1e-9), **fields)
-        buf, rows = self.buf[:, :self.max_new], self.rows
+        buf = self.buf[:, :self.max_new]
         if not self.ragged:
-            return torch.cat([torch.stack(rows).to(buf.device), buf], 1), stats
-        return [torch.cat([r.to(buf.device), b]) for r, b in zip(rows, buf)], stats
+            return torch.cat([torch.stack(self.rows).to(buf.device), buf], 1), stats
+        return [torch.cat([r.to(buf.device), b]) for r, b in zip(self.rows, buf)], stats
 
 
 def _prefill(model, idx, max_new_tokens, K, how, tidar=False):
@@ -214,56 +160,48 @@ def _prefill(model, idx, max_new_tokens, K, how, tidar=False):
     cache with room for the run, one prefill forward h [B, T(+K), d] over x (tidar: [x | K masks],
     which draft block 1), the first token tok [B] in `out`. Returns (out, cache, tok, h, x, P)."""
     t0 = time.perf_counter()
-    c, dev = model.config, model.embed_tokens.weight.device
+    config = model.config
+    dev = model.embed_tokens.weight.device
     ragged = isinstance(idx, (list, tuple))
     rows = [torch.as_tensor(r, dtype=torch.long).flatten() for r in idx] if ragged else list(idx)
     check(max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check(all(len(r) for r in rows), "empty prompt: give at least one token (e.g. the bos token)")
     P = torch.tensor([len(r) for r in rows], device=dev)
-    check(int(P.max()) + max_new_tokens <= c.max_position_embeddings,
+    n_ctx = config.max_position_embeddings
+    check(int(P.max()) + max_new_tokens <= n_ctx,
           f"prompt ({int(P.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-          f"context of {c.max_position_embeddings} tokens; shorten the prompt or ask for fewer")
+          f"context of {n_ctx} tokens; shorten the prompt or ask for fewer")
     room = int(P.max()) + max_new_tokens + (K * (2 + K) if tidar else K)
-    cache = KVCache(c, len(rows), room, model.embed_tokens.weight.dtype, dev)
+    cache = KVCache(config, len(rows), room, model.embed_tokens.weight.dtype, dev)
     x = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(dev)     # [B, T]
     B, T = x.shape
     if tidar:
-        masks = torch.full((B, K), c.mask_token_id, device=dev)
+        masks = torch.full((B, K), config.mask_token_id, device=dev)
         h = model.forward_hidden(torch.cat([x, masks], 1), *tidar_prefill_layout(P, T, K),
                                  cache=cache)
     else:
         h = model.forward_hidden(x, *causal_layout(T, dev), cache=cache)
     cache.commit(P)
-    tok = sample(head_logits(model, h[torch.arange(B, device=dev), P - 1]), *how)     # [B]
+    tok = how.draw(head_logits(model, h[torch.arange(B, device=dev), P - 1]))     # [B]
     out = _Outputs(rows, ragged, t0, max_new_tokens, K, tok)
     return out, cache, tok, h, x, P
-
-
-def _how(model, temperature, top_k, generator, mix_weight=0.5, block_size=1, sampler="lossless"):
-    """The sampling settings, checked -> how = (temperature, top_k, mask_id, generator)."""
-    check(sampler in ("lossless", "mix"), f"sampler must be 'lossless' or 'mix', got {sampler!r}")
-    check(temperature >= 0, f"temperature must be >= 0, got {temperature}")
-    check(top_k is None or top_k >= 1, f"top_k must be >= 1, got {top_k}")
-    check(0.0 <= mix_weight <= 1.0, f"mix_weight must be in [0, 1], got {mix_weight}")
-    check(block_size >= 1, f"block_size must be >= 1, got {block_size}")
-    return temperature, top_k, model.config.mask_token_id, generator
 
 
 # -----------------------------------------------------------------------------
 # AR baseline
 def ar_step(model, cache, tok, active, how):
     """One AR decode step: tok [B] goes in at each row's cached length, is committed where active,
-    and the next token [B] comes out (inactive rows keep tok); `how` as _how returns it."""
+    and the next token [B] comes out (inactive rows keep tok); how: Sampling."""
     h = model.forward_hidden(tok[:, None], *ar_step_layout(cache.lengths), cache=cache)  # [B, 1, d]
     cache.commit(active.long())
-    return torch.where(active, sample(head_logits(model, h[:, 0]), *how), tok)
+    return torch.where(active, how.draw(head_logits(model, h[:, 0])), tok)
 
 
 @torch.no_grad()
 def generate_ar(model, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None):
     """Plain AR decoding on the static cache. idx: LongTensor [B, T] or a list of 1-D prompts.
     Returns (prompt + exactly max_new_tokens new tokens per row [B, T+N] or a list, Stats)."""
-    how = _how(model, temperature, top_k, generator)
+    how = Sampling(temperature, top_k, model.config.mask_token_id, generator)
     out, cache, tok, *_ = _prefill(model, idx, max_new_tokens, 1, how)
     one = torch.ones_like(tok)
     while (active := out.active()).any():
@@ -274,36 +212,48 @@ def generate_ar(model, idx, max_new_tokens, temperature=0.0, top_k=None, generat
 
 # -----------------------------------------------------------------------------
 # TiDAR
-def _verify(ar, drafts, draft_logits, valid, sampler, w, temperature, top_k, mask_id, generator):
-    """One verification (TIDAR.md section 4), vectorised over rows. ar [B, K, V]: AR logits at
-    d_0..d_{K-1} (fp32); drafts [B, K-1]: d_1..d_{K-1}; draft_logits [B, K-1, V] that proposed
-    them; valid [B, K-1] (False: no draft, always rejected). Returns k [B] (accepted drafts) and
-    the next token [B]: the correction at the first rejection, or the bonus."""
+@dataclass
+class Proposal:
+    """The drafts d_1..d_{K-1} of the next block, not yet drawn: the logits they are drawn from
+    [B, K-1, V] (x Sampling.proposal_scale), which slots hold a draft [B, K-1] (False: none,
+    always rejected), and how many slots into its mask group the block starts [B] (AutoLevels)."""
+    logits: torch.Tensor
+    valid: torch.Tensor
+    shift: torch.Tensor
+
+
+def _verify(ar, drafts, q_logits, valid, how):
+    """One verification (docs/tidar.md section 4), vectorised over rows. ar [B, K, V]: AR logits at
+    d_0..d_{K-1} (fp32); drafts [B, K-1]: d_1..d_{K-1}; q_logits [B, K-1, V] that proposed them;
+    valid [B, K-1]. Returns k [B] (accepted drafts) and the next token [B]: the correction at the
+    first rejection, or the bonus from the AR logits after the last draft."""
     B, K, V = ar.shape
     target = ar[:, :-1]
-    if sampler == "mix":
-        target = torch.where(valid[..., None], w * target + (1 - w) * draft_logits, target)
-    target = _process(target, temperature, top_k, mask_id)                    # [B, K-1, V]
-    q_logits = _process(draft_logits, temperature, top_k, mask_id)
-    if temperature == 0:
+    if how.sampler == "mix":
+        w = how.mix_weight
+        target = torch.where(valid[..., None], w * target + (1 - w) * q_logits, target)
+    target = how.process(target)                                              # [B, K-1, V]
+    q_logits = how.process(q_logits)
+    if how.temperature == 0:
         ok = valid & (drafts == target.argmax(-1))
     else:
-        p, q = target.softmax(-1), q_logits.softmax(-1)
+        p = target.softmax(-1)
+        q = q_logits.softmax(-1)
         pd, qd = (x.gather(-1, drafts[..., None])[..., 0] for x in (p, q))        # at the drafts
-        u = torch.rand(pd.shape, generator=generator, device=pd.device)
+        u = torch.rand(pd.shape, generator=how.generator, device=pd.device)
         ok = valid & (u * qd < pd)                                            # prob min(1, p/q)
     k = ok.long().cumprod(-1).sum(-1)                                         # leading accepted
     rows = torch.arange(B, device=ar.device)
-    bonus = sample(ar[rows, -1], temperature, top_k, mask_id, generator)
+    bonus = how.draw(ar[rows, -1])
     kk = k.clamp(max=K - 2)
-    if temperature == 0:
+    if how.temperature == 0:
         corr = target[rows, kk].argmax(-1)
     else:                                                   # residual max(0, p - q), renormalised
         p = target[rows, kk].softmax(-1)
         q = torch.where(valid[rows, kk, None], q_logits[rows, kk].softmax(-1), 0.0)
         res = (p - q).clamp_min(0)
         res = torch.where(res.sum(-1, keepdim=True) > 0, res, p)
-        corr = torch.multinomial(res, 1, generator=generator)[:, 0]
+        corr = torch.multinomial(res, 1, generator=how.generator)[:, 0]
     return k, torch.where(k == K - 1, bonus, corr)
 
 
@@ -316,23 +266,35 @@ def _level_index(K, groups, device):
     return level_of, group_of
 
 
-def tidar_step(model, cache, d0, dlog, valid, groups, active, sampler, w, how, scale=1.0):
-    """One TiDAR decode step (TIDAR.md 3-4): draft, one forward, verify, commit, next drafts.
-    d0 [B]: each row's first token to commit; dlog [B, K-1, V]: the logits of drafts d_1..d_{K-1}
-    (x scale); valid [B, K-1]: which slots hold a draft. Returns k [B] (drafts accepted), the tokens
-    committed [B, K] (row b: its first k + 1), the next dlog, valid and shift (slots behind)."""
-    B, K, dev = d0.shape[0], dlog.shape[1] + 1, d0.device
-    drafts = torch.where(valid, sample(dlog, *how), 0)                      # [B, K-1]
+def _padded(model, groups, K):
+    """The level set as the forward runs it: a compiled model (kernels.enable) has graphs for some
+    step sizes only (model.step_sizes), so its set is padded up to the next one with copies of its
+    last group, whose drafts are never read. Eager: the set itself."""
+    sizes = [n // K - 1 for n in getattr(model, "step_sizes", ()) if n >= K * (1 + len(groups))]
+    pad = [groups[-1]] * (min(sizes, default=len(groups)) - len(groups))
+    return [*groups, *pad]
+
+
+def tidar_step(model, cache, d0, proposal, groups, active, how):
+    """One TiDAR decode step (docs/tidar.md sections 3-4): draft, one forward, verify, commit, next
+    drafts. d0 [B]: each row's first token to commit; proposal: the drafts d_1..d_{K-1} to draw;
+    groups: the levels that get a mask group; active [B]: rows still decoding; how: Sampling.
+    Returns k [B] (drafts accepted), the tokens committed [B, K] (row b: its first k + 1), and the
+    next Proposal (inactive rows keep theirs)."""
+    B = d0.shape[0]
+    K = proposal.logits.shape[1] + 1
+    dev = d0.device
+    drafts = torch.where(proposal.valid, how.draw(proposal.logits), 0)      # [B, K-1]
 
     # one forward over [d_0..d_{K-1} | K masks per level in `groups` (+ pad: kernels.enable)]
-    sizes = [n // K - 1 for n in getattr(model, "step_sizes", ()) if n >= K * (1 + len(groups))]
-    pad = [groups[-1]] * (min(sizes, default=len(groups)) - len(groups))   # compiled: pad up
-    pos, pred, mask = tidar_step_layout(K, [*groups, *pad], dev, start=cache.lengths[:, None])
-    masks = torch.full((B, K * (len(groups) + len(pad))), model.config.mask_token_id, device=dev)
+    run = _padded(model, groups, K)
+    pos, pred, mask = tidar_step_layout(K, run, dev, start=cache.lengths[:, None])
+    masks = torch.full((B, K * len(run)), model.config.mask_token_id, device=dev)
     h = model.forward_hidden(torch.cat([d0[:, None], drafts, masks], 1), pos, pred, mask, cache)
 
     # verify the drafts against the AR logits at d_0..d_{K-1}, keep d_0..d_k: drafts[:k], then nxt
-    k, nxt = _verify(head_logits(model, h[:, :K]), drafts, dlog, valid, sampler, w, *how)
+    ar = head_logits(model, h[:, :K])
+    k, nxt = _verify(ar, drafts, proposal.logits, proposal.valid, how)
     cache.commit(torch.where(active, k + 1, 0))
     committed = torch.cat([drafts, nxt[:, None]], 1).scatter(1, k[:, None], nxt[:, None])  # [B, K]
 
@@ -344,9 +306,11 @@ def tidar_step(model, cache, d0, dlog, valid, groups, active, sampler, w, how, s
     src = shift[:, None] + 1 + torch.arange(K - 1, device=dev)[None]         # [B, K-1]
     qidx = K + group_of[g][:, None] * K + src.clamp(max=K - 1)
     rows = torch.arange(B, device=dev)[:, None]
-    dlog = torch.where(active[:, None, None], head_logits(model, h[rows, qidx]) * scale, dlog)
-    valid = torch.where(active[:, None], src < K, valid)
-    return k, committed, dlog, valid, shift
+    logits = head_logits(model, h[rows, qidx]) * how.proposal_scale
+    nxt_proposal = Proposal(logits=torch.where(active[:, None, None], logits, proposal.logits),
+                            valid=torch.where(active[:, None], src < K, proposal.valid),
+                            shift=shift)
+    return k, committed, nxt_proposal
 
 
 @torch.no_grad()
@@ -361,38 +325,38 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     the q they came from, so any draft_scale > 0 is lossless (Leviathan et al. 2023, any proposal).
     record=True: row 0's steps in stats.log (--show). Returns (tokens, Stats) like generate_ar."""
     K = model.config.block_size if block_size is None else block_size
-    how = _how(model, temperature, top_k, generator, mix_weight, K, sampler)
-    check(draft_scale > 0, f"draft_scale must be > 0, got {draft_scale}")
-    scale = draft_scale if sampler == "lossless" and temperature > 0 else 1.0     # mix: unscaled
+    how = Sampling(temperature, top_k, model.config.mask_token_id, generator, sampler, mix_weight,
+                   draft_scale)
+    check(K >= 1, f"block_size must be >= 1, got {K}")
     if model.config.mask_token_id is None:
         raise ValueError("this model has no mask_token_id: it was not converted with TiDAR")
     auto = AutoLevels() if groups == "auto" else groups if isinstance(groups, AutoLevels) else None
     groups = list(range(K)) if auto or groups is None else sorted(set(groups) | {0})
     check(groups[-1] < K, f"groups must lie in 0..{K - 1}, got {groups}")
     out, cache, d0, h, x, _ = _prefill(model, idx, max_new_tokens, K, how, tidar=True)
-    (B, T), dev = x.shape, x.device
-    dlog = head_logits(model, h[:, T + 1:]) * scale                  # [B, K-1, V]: d_1..d_{K-1}
-    valid = torch.ones(B, K - 1, dtype=torch.bool, device=dev)
-    shift = torch.zeros(B, dtype=torch.long, device=dev)
+    B, T = x.shape
+    proposal = Proposal(logits=head_logits(model, h[:, T + 1:]) * how.proposal_scale,  # d_1..
+                        valid=torch.ones(B, K - 1, dtype=torch.bool, device=x.device),
+                        shift=torch.zeros(B, dtype=torch.long, device=x.device))
     log = [([], int(d0[0]))] if record else []                     # Stats.log
     if auto:
         auto.start(model, B, K, T, cache.capacity)
 
     while (active := out.active()).any():
         if auto:
-            new = auto.step()
-            if groups is None and new is not None:               # back from AR steps: no drafts yet
-                valid.fill_(False)
-            groups = new
+            chosen = auto.step()
+            if groups is None and chosen is not None:            # back from AR steps: no drafts yet
+                proposal.valid.fill_(False)
+            groups = chosen
         if groups is None:                                       # a plain AR step (groups="auto")
             d0 = ar_step(model, cache, d0, active, how)
-            k, committed = torch.zeros_like(d0), d0[:, None]
+            k = torch.zeros_like(d0)
+            committed = d0[:, None]
         else:
-            k, committed, dlog, new_valid, new_shift = tidar_step(
-                model, cache, d0, dlog, valid, groups, active, sampler, mix_weight, how, scale)
+            k, committed, nxt_proposal = tidar_step(model, cache, d0, proposal, groups, active, how)
             if auto:
-                auto.count(k, valid, shift, active)
-            valid, shift = new_valid, new_shift
+                auto.count(k, proposal.valid, proposal.shift, active)
+            proposal = nxt_proposal
             d0 = torch.where(active, committed.gather(1, k[:, None])[:, 0], d0)
         out.append(committed, k + 1, active)
         if record and active[0]:
@@ -407,8 +371,10 @@ def lookup_drafts(ctx, lengths, ngram, D):
     tokens occurred earlier in the row's context (prompt + output so far), the D tokens that
     followed their latest earlier occurrence. ctx [B, Lmax] (row b: its first lengths[b] tokens)
     -> drafts [B, D] and valid [B, D] (False: no draft in that slot)."""
-    (B, Lmax), dev = ctx.shape, ctx.device
-    drafts, valid = (torch.zeros(B, D, dtype=t, device=dev) for t in (torch.long, torch.bool))
+    B, Lmax = ctx.shape
+    dev = ctx.device
+    drafts = torch.zeros(B, D, dtype=torch.long, device=dev)
+    valid = torch.zeros(B, D, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)[:, None]
     for n in range(min(ngram, Lmax - 1), 0, -1):
         last_n = (lengths[:, None] - n + torch.arange(n, device=dev)).clamp(min=0)
@@ -432,7 +398,7 @@ def generate_lookup(model, idx, max_new_tokens, temperature=0.0, top_k=None, num
     num_draft tokens copied from the context (lookup_drafts) and verifies them in one causal forward
     with generate_tidar's lossless rule and KV-cache rollback. The proposal is a point mass, so
     min(1, p/q) = p(draft) and the residual is p without the draft. Returns as generate_ar."""
-    how = _how(model, temperature, top_k, generator)
+    how = Sampling(temperature, top_k, model.config.mask_token_id, generator)
     out, cache, tok, _, x, P = _prefill(model, idx, max_new_tokens, num_draft + 1, how)
     ctx = torch.cat([x, torch.zeros_like(out.buf)], 1)              # [B, T + room]: prompt + output
 
@@ -441,16 +407,18 @@ def generate_lookup(model, idx, max_new_tokens, temperature=0.0, top_k=None, num
         drafts, valid = lookup_drafts(ctx, P + out.n, ngram, num_draft)
         valid &= active[:, None] & (drafts != model.config.mask_token_id)
         D = int(valid.sum(1).max())                                   # trim to what is drafted
-        drafts, valid = drafts[:, :D], valid[:, :D]
+        drafts = drafts[:, :D]
+        valid = valid[:, :D]
 
         pos, pred, mask = causal_layout(D + 1, x.device, start=cache.lengths[:, None])
         h = model.forward_hidden(torch.cat([tok[:, None], drafts], 1), pos, pred, mask, cache)
         ar = head_logits(model, h)                                    # [B, D+1, V]
         if D == 0:
-            k, nxt = torch.zeros_like(tok), sample(ar[:, 0], *how)
+            k = torch.zeros_like(tok)
+            nxt = how.draw(ar[:, 0])
         else:
             q = torch.full_like(ar[:, :-1], float("-inf")).scatter(-1, drafts[..., None], 0.0)
-            k, nxt = _verify(ar, drafts, q, valid, "lossless", 1.0, *how)
+            k, nxt = _verify(ar, drafts, q, valid, how)
         cache.commit(torch.where(active, k + 1, 0))
         committed = torch.cat([drafts, nxt[:, None]], 1).scatter(1, k[:, None], nxt[:, None])
         out.append(committed, k + 1, active)
@@ -464,72 +432,118 @@ HAND_SETS = [[0], [0, 1], [0, 2], [0, 4], [0, 8], [0, 2, 4], [0, 4, 8, 12]]   # 
 LEVEL_SETTINGS = ["AR", "AR"] + [None] + HAND_SETS + ["auto"]  # AR twice: the 2nd shows the noise
 
 
+def _report_runs(weights, seeds):
+    """The report's rows: name -> how to decode (report_decode's keywords)."""
+    runs = {"AR": dict(kind="ar"), "lossless": dict(record=True)}
+    for s in seeds:
+        runs[f"lossless T=1 seed {s}"] = dict(temperature=1.0, seed=s)
+    for w in weights:
+        runs[f"mix w={w}"] = dict(sampler="mix", mix_weight=w)
+    runs["prompt lookup"] = dict(kind="lookup")
+    return runs
+
+
+def report_decode(model, prompt, new_tokens, K, kind="tidar", seed=None, **tidar_kw):
+    """One of the report's runs on one prompt [1, T] -> (tokens [1, T + new_tokens], Stats)."""
+    if kind == "ar":
+        return generate_ar(model, prompt, new_tokens)
+    if kind == "lookup":
+        return generate_lookup(model, prompt, new_tokens, num_draft=K - 1)
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    return generate_tidar(model, prompt, new_tokens, block_size=K, generator=gen, **tidar_kw)
+
+
+def ar_log_likelihood(model, toks, prompt_len):
+    """The AR head's mean log p(x_t | x_<t) over the tokens after the prompt; toks [1, T]."""
+    h = model.forward_hidden(toks, *causal_layout(toks.shape[1], toks.device))
+    logp = head_logits(model, h[0, prompt_len - 1:-1]).log_softmax(-1)     # at the new tokens
+    new = toks[0, prompt_len:]
+    return float(logp.gather(-1, new[:, None]).mean())
+
+
+def copy_split(prompts, stats):
+    """Lossless steps that copy: a step committing 2+ tokens that occur, in order, in the context
+    before it (prompt and output; Stats.log of record=True runs). Returns (copy steps, steps,
+    tokens the copy steps committed, tokens all steps committed)."""
+    copies = 0
+    copied = 0
+    steps = 0
+    total = 0
+    for p, st in zip(prompts, stats):
+        ctx = p.tolist() + [st.log[0][1]]
+        for accepted, own in st.log[1:]:
+            step = accepted + [own]
+            if accepted and any(ctx[j:j + len(step)] == step for j in range(len(ctx))):
+                copies += 1
+                copied += len(step)
+            ctx += step
+            steps += 1
+            total += len(step)
+    return copies, steps, copied, total
+
+
 @torch.no_grad()
-def decode_report(model, prompts, out, K=16, weights=(0.5,), seeds=(0,), levels=(),
+def decode_report(model, prompts, out, K=None, weights=(0.5,), seeds=(0,), levels=(),
                   new_tokens=128, threads=1):
-    """The held-out evaluation (ACCEPTANCE.md, "measuring"): each prompt alone (batch 1, one thread:
-    a second one mostly adds noise on a shared CPU), block K, every level drafted. Per row (below):
-    tokens per forward (mean, sd over prompts), tokens/s, the AR head's mean log-likelihood of its
-    text; lossless greedy's steps split into copies (2+ tokens already in the context) and the rest;
-    then levels_report, demo continuations and out/decode.json. threads > 1: for tokens per forward
+    """The held-out evaluation (docs/acceptance.md, "Measuring"): each prompt alone (batch 1, one
+    thread: a second one mostly adds noise on a shared CPU), block K (default the model's), every
+    level drafted. Per row: tokens per forward (mean, sd over prompts), tokens/s, the AR head's
+    mean log-likelihood of its text; lossless greedy's steps split into copies and the rest; then
+    levels_report, demo continuations and out/decode.json. threads > 1: for tokens per forward
     only (the ablation's), which no thread count changes."""
-    before, n = torch.get_num_threads(), new_tokens
+    K = K or model.config.block_size
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         _, decode = load_tokenizer(model)
-
-        def tidar(seed=None, **kw):
-            return lambda p: generate_tidar(model, p, n, block_size=K, **kw, generator=(
-                None if seed is None else torch.Generator().manual_seed(seed)))
-        runs = {"AR": lambda p: generate_ar(model, p, n), "lossless": tidar(record=True),
-                **{f"lossless T=1 seed {s}": tidar(s, temperature=1.0) for s in seeds},
-                **{f"mix w={w}": tidar(sampler="mix", mix_weight=w) for w in weights},
-                "prompt lookup": lambda p: generate_lookup(model, p, n, num_draft=K - 1)}
+        runs = _report_runs(weights, seeds)
         got = {name: [] for name in runs}           # name -> per prompt (Stats, log-lik, tokens)
-        for p in prompts:
-            for name, fn in runs.items():
-                toks, st = fn(p[None])              # log-lik: the AR head's mean log p(x_t | x_<t)
-                h = model.forward_hidden(toks, *causal_layout(toks.shape[1], toks.device))
-                logp = head_logits(model, h[0, len(p) - 1:-1]).log_softmax(-1)   # at the new tokens
-                new = toks[0, len(p):]
-                got[name].append((st, float(logp.gather(-1, new[:, None]).mean()), new))
-        print(f"held-out decoding: {len(prompts)} prompts x {n} tokens, batch 1, block {K}, "
-              f"every level drafted, {torch.get_num_threads()} thread(s); tokens/forward: mean +- "
-              "sd over prompts")
+        for p in prompts:                           # every run on a prompt, then the next prompt
+            for name, how in runs.items():
+                toks, st = report_decode(model, p[None], new_tokens, K, **how)
+                got[name].append((st, ar_log_likelihood(model, toks, len(p)), toks[0, len(p):]))
+        print(f"held-out decoding: {len(prompts)} prompts x {new_tokens} tokens, batch 1, block "
+              f"{K}, every level drafted, {torch.get_num_threads()} thread(s); tokens/forward: "
+              "mean +- sd over prompts")
         rows = []
         for name, res in got.items():
-            st, ll, _ = zip(*res)
-            ll = sum(ll) / len(ll)                                 # mean AR log-likelihood
-            tpf = torch.tensor([s.tokens_per_forward for s in st])
-            tps = sum(s.new_tokens for s in st) / sum(s.seconds for s in st)
+            stats = [st for st, _, _ in res]
+            ll = sum(x for _, x, _ in res) / len(res)                  # mean AR log-likelihood
+            tpf = torch.tensor([s.tokens_per_forward for s in stats])
+            tps = sum(s.new_tokens for s in stats) / sum(s.seconds for s in stats)
             rows.append(dict(name=name, block=K, tokens_per_forward=float(tpf.mean()),
                              sd=float(tpf.std()), tokens_per_s=tps, log_likelihood=ll,
                              speedup=tps / rows[0]["tokens_per_s"] if rows else 1.0))
             print(f"  {name:22s} {tpf.mean():5.2f} +- {tpf.std():4.2f} tokens/forward {tps:7.1f} "
                   f"tokens/s {rows[-1]['speedup']:5.2f}x AR, AR log-lik {ll:6.3f}")
-        c = made = steps = total = 0        # copies: steps committing 2+ tokens that already occur,
-        for p, (st, _, _) in zip(prompts, got["lossless"]):   # in order, in the context before them
-            ctx = p.tolist() + [st.log[0][1]]                 # (prompt and output; st.log: record)
-            for acc, own in st.log[1:]:
-                step = acc + [own]
-                if acc and any(ctx[j:j + len(step)] == step for j in range(len(ctx))):
-                    c, made = c + 1, made + len(step)
-                ctx, steps, total = ctx + step, steps + 1, total + len(step)
-        print(f"  lossless copies: {c}/{steps} steps commit 2+ tokens already in the context, "
-              f"{made / max(c, 1):.2f} tokens each; the other steps "
-              f"{(total - made) / max(steps - c, 1):.2f} tokens/forward")
-        hist = sum((Counter(st.histogram) for st, _, _ in got["lossless"]), Counter())
+        lossless = [st for st, _, _ in got["lossless"]]
+        copies, steps, copied, total = copy_split(prompts, lossless)
+        print(f"  lossless copies: {copies}/{steps} steps commit 2+ tokens already in the context, "
+              f"{copied / max(copies, 1):.2f} tokens each; the other steps "
+              f"{(total - copied) / max(steps - copies, 1):.2f} tokens/forward")
+        hist = sum((Counter(st.histogram) for st in lossless), Counter())
         if levels:                  # proposal levels chosen per machine (levels.py), on 8 prompts
-            rows += levels_report(model, prompts[:8], K, n, levels, 3 if len(levels) > 2 else 1)
+            rounds = 3 if len(levels) > 2 else 1
+            rows += levels_report(model, prompts[:8], K, new_tokens, levels, rounds)
         for name in ("AR", "lossless", f"mix w={weights[0]}"):
             print(f"--- {name} continuation of held-out code:\n{decode(got[name][0][2].tolist())}")
-        result = dict(ar_tokens_per_s=rows[0]["tokens_per_s"], rows=rows, acceptance=(
-            acceptance_from_histogram(hist, K)), copies=dict(steps=c, of=steps, tokens=made))
+        result = dict(ar_tokens_per_s=rows[0]["tokens_per_s"], rows=rows,
+                      acceptance=acceptance_from_histogram(hist, K),
+                      copies=dict(steps=copies, of=steps, tokens=copied))
         _atomic_write(os.path.join(out, "decode.json"),
                       lambda tmp: Path(tmp).write_text(json.dumps(result)))
         return result
     finally:
         torch.set_num_threads(before)
+
+
+def _setting_name(setting):
+    """A levels_report setting as printed: "AR", "auto", "dense" (None) or a set like "{0,4}"."""
+    if isinstance(setting, str):
+        return setting
+    if setting is None:
+        return "dense"
+    return "{" + ",".join(map(str, setting)) + "}"
 
 
 def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
@@ -541,15 +555,23 @@ def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
     for g in [auto] + [list(range(0, K, max(1, K >> i))) for i in range(K.bit_length())]:
         generate_tidar(model, prompts[0][None], new_tokens, groups=g, block_size=K)
     n = len(settings)
-    seconds, tokens, tpf, notes, hist = [0.0] * n, [0] * n, [0.0] * n, [""] * n, Counter()
+    seconds = [0.0] * n
+    tokens = [0] * n
+    tpf = [0.0] * n                     # mean tokens per forward over prompts and rounds
+    notes = [""] * n
+    hist = Counter()                    # the dense row's acceptance
     for r in range(rounds):
         for p, i in ((p, (j + r) % n) for p in prompts for j in range(n)):
             g = settings[i]
-            st = (generate_ar(model, p[None], new_tokens) if g == "AR"
-                  else generate_tidar(model, p[None], new_tokens, groups=g, block_size=K))[1]
-            seconds[i], tokens[i] = seconds[i] + st.seconds, tokens[i] + st.new_tokens
-            tpf[i], notes[i] = tpf[i] + st.tokens_per_forward / len(prompts) / rounds, st.note
-            hist.update(st.histogram if g is None else {})      # the dense row's acceptance
+            if g == "AR":
+                st = generate_ar(model, p[None], new_tokens)[1]
+            else:
+                st = generate_tidar(model, p[None], new_tokens, groups=g, block_size=K)[1]
+            seconds[i] += st.seconds
+            tokens[i] += st.new_tokens
+            tpf[i] += st.tokens_per_forward / len(prompts) / rounds
+            notes[i] = st.note
+            hist.update(st.histogram if g is None else {})
     tps = [a / b for a, b in zip(tokens, seconds)]
     ar = tps[settings.index("AR")]
     best = max(t for t, g in zip(tps, settings) if isinstance(g, list))     # the best fixed set
@@ -557,9 +579,7 @@ def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
           f"tokens, settings interleaved; auto's calibration {auto.latency.seconds:.2f} s, once")
     rows = []
     for i, g in enumerate(settings):
-        name = (g if isinstance(g, str) else "dense" if g is None
-                else "{" + ",".join(map(str, g)) + "}")
-        name += " again" if g == "AR" and settings.index(g) < i else ""
+        name = _setting_name(g) + (" again" if g == "AR" and settings.index(g) < i else "")
         rows.append(dict(block=K, groups=name, tokens_per_s=tps[i], tokens_per_forward=tpf[i],
                          speedup=tps[i] / ar, vs_best_fixed=tps[i] / best, note=notes[i]))
         if g is None:
@@ -576,16 +596,37 @@ DEFAULTS = dict(init_from="out", prompt="def main(", sampler="lossless", mix_wei
                 temperature=0.0, top_k=0, max_new_tokens=128, block_size=0, groups="auto",
                 draft_scale=DRAFT_SCALE, compare=False, show=False, json=False, seed=1337,
                 device="cpu", dtype="float32", compile="auto")   # compile: auto | True | False
-COMPILE_SECONDS = 150.0   # a first compile (AR and dense graphs) on this 2-core CPU, README
+COMPILE_SECONDS = 150.0   # a first compile (AR and dense graphs) on this 2-core CPU (docs/results)
 
 
 def compile_pays(model, new_tokens, prompt_len):
     """--compile=auto: on a GPU (CUDA graphs) always; on a CPU when new_tokens eager AR steps (one
-    timed: calibrate) outlast COMPILE_SECONDS + the steps compiled, 3x faster (README Benchmarks)"""
+    timed: calibrate) outlast COMPILE_SECONDS + the steps compiled, 3x faster (docs/results.md)."""
     if model.embed_tokens.weight.device.type != "cpu":
         return True
     step = calibrate(model, 1, model.config.block_size, prompt_len)[1]
     return new_tokens * step * (1 - 1 / 3) > COMPILE_SECONDS
+
+
+def parse_groups(text):
+    """--groups: "auto", "all" (None: every level) or levels like "0,4,8,12" (a list)."""
+    levels = [int(x) for x in text.split(",") if x.strip().isdigit()]
+    check(text in ("auto", "all") or levels,
+          f"--groups={text}: use auto, all, or levels like 0,4,8,12")
+    return {"auto": "auto", "all": None}.get(text, levels)
+
+
+def show_steps(log, decode, prompt_ids):
+    """--show: replays the decoding, accepted drafts green, the sampler's own tokens yellow."""
+    green = "\033[32m"
+    yellow = "\033[33m"
+    dim = "\033[2m"
+    reset = "\033[0m"
+    print(dim + decode(prompt_ids) + reset, end="", flush=True)
+    for accepted, own in log:
+        print(green + decode(accepted) + yellow + decode([own]) + reset, end="", flush=True)
+        time.sleep(0.05)
+    print()
 
 
 def main(argv):
@@ -599,13 +640,11 @@ def main(argv):
     ids = encode(args["prompt"]) or [model.config.bos_token_id or 0]
     idx = torch.tensor([ids], device=args["device"])
     kw = dict(temperature=args["temperature"], top_k=args["top_k"] or None)
-    g = args["groups"]                                               # auto | all | 0,4,8,12
-    groups = [int(x) for x in g.split(",") if x.strip().isdigit()]
-    check(g in ("auto", "all") or groups, f"--groups={g}: use auto, all, or levels like 0,4,8,12")
-    groups = {"auto": "auto", "all": None}.get(g, groups)
-    n, c = args["max_new_tokens"], args["compile"]
-    check(c in ("auto", "True", "False"), f"--compile={c}: use auto, True or False")
-    compiled = c == "True" or c == "auto" and compile_pays(model, n, idx.shape[1])
+    groups = parse_groups(args["groups"])
+    n = args["max_new_tokens"]
+    when = args["compile"]                              # auto | True | False
+    check(when in ("auto", "True", "False"), f"--compile={when}: use auto, True or False")
+    compiled = when == "True" or when == "auto" and compile_pays(model, n, idx.shape[1])
     if compiled:
         kernels.enable(model)                           # on-disk cache: a 2nd process is faster
     if args["sampler"] == "ar":
@@ -614,13 +653,8 @@ def main(argv):
         out, st = generate_tidar(model, idx, n, args["sampler"], args["mix_weight"], groups=groups,
                                  block_size=args["block_size"] or None, record=args["show"],
                                  draft_scale=args["draft_scale"], **kw)
-    if args["show"] and st.log:           # replay: accepted drafts green, the sampler's own yellow
-        green, yellow, dim, reset = "\033[32m", "\033[33m", "\033[2m", "\033[0m"
-        print(dim + decode(ids) + reset, end="", flush=True)
-        for accepted, own in st.log:
-            print(green + decode(accepted) + yellow + decode([own]) + reset, end="", flush=True)
-            time.sleep(0.05)
-        print()
+    if args["show"] and st.log:
+        show_steps(st.log, decode, ids)
     else:
         print(decode(out[0].tolist()))
     levels = f"; levels {list(st.groups)}" if st.groups else ""
@@ -638,7 +672,7 @@ def main(argv):
         print(json.dumps(result))
 
 
-def cli(argv):
+def cli_main(argv):
     """main() with bad input as one line on stderr and a non-zero exit code, no traceback."""
     try:
         main(argv)
@@ -651,4 +685,4 @@ def cli(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    sys.exit(cli_main(sys.argv[1:]))

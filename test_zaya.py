@@ -1,10 +1,12 @@
 """
-Tests for zaya.py, train.py, sample.py and kernels.py. Run: python -m pytest -q test_zaya.py
+Tests for every program file. Run: python -m pytest -q test_zaya.py (about 7 minutes on 2 cores);
+python -m pytest -q -m "not slow" test_zaya.py runs the fast subset (about a minute): every test but
+those marked slow (pipelines, compiled paths, several processes, statistical tests; see pytest.ini).
 
 What they prove, with small random models and data made here:
 - the model computes exactly what transformers' ZayaForCausalLM (the reference, v5.24.0) computes, with every
   parameter randomised; checkpoints round-trip in the native and legacy layouts; the exact 8B builds on meta;
-- the TiDAR layouts are the masks and predecessor chains of ../shared/docs/TIDAR.md, and the training layout
+- the TiDAR layouts are the masks and predecessor chains of docs/tidar.md, and the training layout
   computes the same function as the inference layout;
 - greedy TiDAR decoding is token-for-token greedy AR decoding, and the lossless sampler at temperature 1 draws
   from the AR distribution (chi-square test, false-failure probability written there);
@@ -145,7 +147,8 @@ def test_cache_commit_truncates_rejected_tokens():
 
 
 def _to_legacy(m):
-    """Our state dict written by hand in the legacy Megatron layout of ZAYA1.md section 3.2 (80 sub-layers)."""
+    """Our state dict written by hand in the legacy Megatron layout of docs/zaya1.md section 3.2 (80
+    sub-layers)."""
     out, L = {}, len(m.layers)
     attn = {"qkv_proj.q_proj": "qkv.linear_q", "qkv_proj.k_proj": "qkv.linear_k", "qkv_proj.v_proj_current": "qkv.val_proj1",
             "qkv_proj.v_proj_delayed": "qkv.val_proj2", "qkv_proj.conv_qk_depthwise": "qkv.conv_qk.0",
@@ -242,8 +245,8 @@ def test_8b_on_meta_has_the_reference_parameter_count():
           f"{active / 1e6:.1f}M active per token")
     assert logits.shape == (1, 8, 262272)
     assert n == n_ref == 8_840_488_784
-    # ZAYA1.md's 8,840,479,224 counts the 17 balancing biases of each layer (a buffer) and leaves out each
-    # layer's router RMSNorm weight (256): the same model, counted differently.
+    # An older published figure, 8,840,479,224 (docs/results.md), counts the 17 balancing biases of
+    # each layer (a buffer) and leaves out each layer's router RMSNorm weight (256): the same model.
     n_buffers = sum(l.mlp.gate.balancing_biases.numel() for l in m.layers)
     assert n + n_buffers - 40 * 256 == 8_840_479_224
     assert 753.5e6 < active < 753.7e6
@@ -289,9 +292,10 @@ def test_config_defaults_and_presets():
 
 
 def test_training_blocks_equal_inference_mask_groups():
-    """TIDAR.md section 2: block b's diffusion logits from forward_tidar equal (a) K masks placed after the cached
-    clean prefix x_0..x_{bK-1} (the prefill layout) and (b) decode-step group g placed after d_0..d_g, when the
-    group starts at bK. float64, same math in different layouts: 1e-10."""
+    """docs/tidar.md section 2: block b's diffusion logits from forward_tidar equal (a) K masks
+    placed after the cached clean prefix x_0..x_{bK-1} (the prefill layout) and (b) decode-step
+    group g placed after d_0..d_g, when the group starts at bK. float64, same math in different
+    layouts: 1e-10."""
     K = 4
     m = randomised(small_config(block_size=K), dtype=torch.float64)
     idx = torch.randint(5, 97, (2, 16), generator=torch.Generator().manual_seed(5))
@@ -324,7 +328,8 @@ def test_training_blocks_equal_inference_mask_groups():
 
 
 def test_step_layout_brute_force():
-    """The decode-step mask against the rules of TIDAR.md section 3, written out token by token."""
+    """The decode-step mask against the rules of docs/tidar.md section 3, written out token by
+    token."""
     K, groups = 4, [0, 2, 3]
     offs, pred, mask = tidar_step_layout(K, groups)
     N = K + K * len(groups)
@@ -393,6 +398,7 @@ def _wilson_hilferty(df, z=3.0902):
 
 
 @pytest.mark.parametrize("draft_scale", [sample.DRAFT_SCALE, 1.0, 0.3])
+@pytest.mark.slow
 def test_lossless_sampling_matches_ar_distribution(draft_scale):
     """At temperature 1 the first 3 new tokens of the lossless sampler are distributed as AR
     sampling, whatever temperature the drafts are drawn at (1 / draft_scale: the default's, the
@@ -806,6 +812,7 @@ def test_broken_checkpoints_give_one_clear_error(tmp_path):
         assert "\n" not in str(e.value) and str(path) in str(e.value), what
 
 
+@pytest.mark.slow
 def test_sample_cli_bad_input_is_one_line(tmp_path, capsys):
     m = randomised(small_config(vocab_size=320, mask_token_id=257, eos_token_id=256, bos_token_id=256,
                                 pad_token_id=258, max_position_embeddings=64))
@@ -820,7 +827,7 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys):
            "--sampler=fast": "sampler", "--max_new_tokens=60": "context", "--colour=red": "unknown",
            "--max_new_tokens=ten": "int", "--groups=0,99": "groups",
            "--draft_scale=-1": "draft_scale"}
-    from sample import cli
+    from sample import cli_main as cli
     for args, word in bad.items():
         extra = [] if "init_from" in args else [f"--init_from={tmp_path}"]
         if args in ("--init_from=/nonexistent/ckpt", "--colour=red"):       # through the real entry point
@@ -835,6 +842,7 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys):
         assert len(lines) == 1 and word in lines[0], (args, err)
 
 
+@pytest.mark.slow
 def test_sample_compile_auto_times_a_step_and_compiled_gives_the_eager_text(tmp_path, capsys, monkeypatch):
     """--compile=auto compiles on a CPU only when new_tokens eager AR steps (one timed) cost more than
     COMPILE_SECONDS plus the same steps at a third of the time; --compile=True decodes compiled and prints
@@ -859,11 +867,12 @@ def test_sample_compile_auto_times_a_step_and_compiled_gives_the_eager_text(tmp_
         assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs) == (c == "True")
     assert texts["True"] == texts["False"] and len(texts["False"]) > len("def main(")
     capsys.readouterr()
-    assert sample.cli(args + ["--compile=maybe"]) == 2
+    assert sample.cli_main(args + ["--compile=maybe"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--compile=maybe" in err[0]
 
 
+@pytest.mark.slow
 def test_verify_logits_fp32_and_bf16_divergence_rate():
     """Greedy TiDAR must equal greedy AR in float32 and float64. In bf16 the multi-token step and the one-token
     AR step round differently, so near-ties can flip; the verify logits are fp32 (for exactly that reason) and
@@ -896,9 +905,12 @@ def write_corpus(path, n_lines=400, seed=0):
 
 
 def tiny_args(tmp_path, data, out, **kw):
+    """One run's flags (--mode=ar unless given, or a resume, which keeps the run's own mode)."""
     args = dict(preset="tiny", data=data, out_dir=str(tmp_path / out), data_cache=str(tmp_path / "cache"),
                 batch_size=8, seq_len=32, block_size=8, max_iters=20, warmup_iters=2, lr=3e-3, min_lr=3e-4,
                 eval_interval=1000, eval_iters=1, log_interval=1000, seed=0)
+    if kw.get("init_from") != "resume":
+        args["mode"] = "ar"
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -912,8 +924,9 @@ def tiny_model(seed=0, dtype=torch.float64):
 
 
 def reference_layout(S, K):
-    """TIDAR.md sections 1-2 written out pair by pair. Query/key index i < S: clean token at position i;
-    i >= S: the mask at position i - S. Predecessors in zaya's extended indexing (1 = none, j + 2 = token j)."""
+    """docs/tidar.md sections 1-2 written out pair by pair. Query/key index i < S: clean token at
+    position i; i >= S: the mask at position i - S. Predecessors in zaya's extended indexing (1 =
+    none, j + 2 = token j)."""
     mask = torch.zeros(2 * S, 2 * S, dtype=torch.bool)
     pred = []
     for q in range(2 * S):
@@ -1007,7 +1020,7 @@ def test_chunked_cross_entropy_equals_full_value_and_gradient():
 
 
 def test_shaped_tidar_loss_equals_a_direct_computation():
-    """ACCEPTANCE.md's loss terms against a direct computation on a tiny float64 model: block
+    """docs/acceptance.md's loss terms against a direct computation on a tiny float64 model: block
     position weights (slot0, exp(-(k-1)/pos_decay)), soft targets from a lone causal forward over
     x_<i (the AR head's p(x_i | x_<i)) under CE (kl) and total variation 1 - sum min(p, q) (tv), no
     AR loss on distilled rows, real_diffusion=False (real rows causal, diffusion on the distilled
@@ -1190,6 +1203,7 @@ def _train_proc(tmp_path, data, out, **kw):
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+@pytest.mark.slow
 def test_sigkill_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
     """A run that writes a checkpoint every iteration is SIGKILLed at several moments: each time the checkpoint on
     disk loads and a resumed run continues from it (atomic temp file + rename: never a half-written ckpt.pt)."""
@@ -1219,7 +1233,7 @@ def test_seq_len_beyond_context_and_unknown_tokenizer_are_one_line(tmp_path, cap
     m = train.main(tiny_args(tmp_path, data, "ok", max_iters=1))
     ck = torch.load(m["ckpt"], weights_only=True)
     torch.save({**ck, "tokenizer": "no-such-encoding"}, tmp_path / "odd.pt")       # a tokenizer nobody can load
-    from sample import cli
+    from sample import cli_main as cli
     capsys.readouterr()
     assert cli([f"--init_from={tmp_path / 'odd.pt'}", "--max_new_tokens=4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -1228,6 +1242,7 @@ def test_seq_len_beyond_context_and_unknown_tokenizer_are_one_line(tmp_path, cap
         train.main(tiny_args(tmp_path, data, "conv", mode="tidar", init_from=str(tmp_path / "odd.pt"), max_iters=1))
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     import signal
     data = write_corpus(tmp_path / "corpus.txt")
@@ -1254,6 +1269,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, fsdp):
     """Runs in CI on the CPU (gloo), never skipped: DDP (or FSDP2) with batch_size 4 per rank x 2 processes gives
     the losses of 1 process with batch_size 8, at iter 0 and after two optimizer steps (gradients averaged, the
@@ -1342,6 +1358,7 @@ def assert_every_save_sharded(probes):
                     assert kind == "DTensor" and local[0] <= -(-shape[0] // 2), (name, kind, shape, local)
 
 
+@pytest.mark.slow
 def test_fsdp_sharded_checkpoint_resumes_exactly_and_reshards_onto_one_process(tmp_path):
     """N=2 iterations, a DCP save, a resume for M=2 more: the losses and weights of 4 uninterrupted ones, bit for bit.
     The same DCP checkpoint also resumes on 1 process (DCP reshards): its weights arrive exactly (checked with lr 0)
@@ -1372,6 +1389,7 @@ def test_fsdp_sharded_checkpoint_resumes_exactly_and_reshards_onto_one_process(t
     assert {int(s["step"]) for s in ck["optimizer"]["state"].values()} == {3}  # 2 loaded + 1
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
     """Rank 1 is SIGKILLed after writing its shards of the second save (iteration 2), before the save completes:
     the folder of iteration 1 stays the newest checkpoint, loads, and a run resumes from it."""
@@ -1385,6 +1403,7 @@ def test_sigkill_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
     assert [h["iter"] for h in rest["losses"]] == [1]
 
 
+@pytest.mark.slow
 def test_fsdp_init_from_hf_reads_only_each_ranks_rows_and_exports_to_the_reference(tmp_path):
     """--init_from of a sharded native HF directory and of a legacy one, with --fsdp=True: each rank reads only the
     rows it owns (at most ceil(n/2) of each parameter's n), and after one step at lr 0 the DCP checkpoint holds
@@ -1446,7 +1465,8 @@ def test_training_and_decoding_on_a_hugging_face_tokenizer(tmp_path, capsys):
     """--tokenizer=PATH trains on a tokenizer.json (here one trained by the `tokenizers` package): its <mask> is the
     TiDAR mask, the corpus cache holds its ids, and sample.py decodes with it. A missing file, and a vocabulary
     larger than the model's, are one line each."""
-    from sample import cli, load_tokenizer
+    from sample import cli_main as cli
+    from cli import load_tokenizer
     data = write_corpus(tmp_path / "corpus.txt")
     tok = hf_tokenizer_file(tmp_path / "tokenizer.json", data, 300)
     assert tok.get_vocab_size() > 280                                                # BPE merges beyond the bytes
@@ -1486,6 +1506,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
     empty, junk = tmp_path / "empty.txt", tmp_path / "junk.pt"
     empty.write_text("")
@@ -1563,6 +1584,7 @@ def test_expert_paths_equal_reference(path, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_experts_equal_reference_with_gradients():
     """Compiled, the grouped path runs grouped_mm through the custom op (the compiler's own takes bf16 only)."""
     c = tiny_config()
@@ -1588,6 +1610,7 @@ def test_compiled_experts_equal_reference_with_gradients():
 # the model on the fast paths
 
 
+@pytest.mark.slow
 def test_compiled_training_forward_equals_eager(fast_model):
     m, ref = fast_model, krandomised(tiny_config())                    # same seed: same weights
     idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(5))
@@ -1607,6 +1630,7 @@ def test_compiled_training_forward_equals_eager(fast_model):
         torch.testing.assert_close(outs[0][2][n], gr, atol=1e-4, rtol=1e-3, msg=n)
 
 
+@pytest.mark.slow
 def test_compiled_decode_gives_the_eager_tokens_and_cache(fast_model, monkeypatch):
     ref = krandomised(tiny_config())
     idx = torch.randint(5, 97, (2, 24), generator=torch.Generator().manual_seed(2))   # prefill > K(1+K): eager
@@ -1626,6 +1650,7 @@ def test_compiled_decode_gives_the_eager_tokens_and_cache(fast_model, monkeypatc
     torch.testing.assert_close(a.conv, b.conv, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_cpu_decode_reads_the_cache_in_64_slot_buckets(fast_model, monkeypatch):
     """On a CPU (no device to sync with) a compiled step reads the cache only up to the 64-slot
     bucket holding its tokens, not the whole capacity (a TiDAR run's is sized for dense steps),
@@ -1686,7 +1711,7 @@ def test_fast_path_keeps_the_eager_errors_and_disable_restores(fast_model):
 # the house: imports point one way, layouts live in zaya.py (STYLE.md)
 
 
-PROGRAMS = ["zaya.py", "train.py", "sample.py", "kernels.py", "levels.py", "bench.py"]
+PROGRAMS = ["zaya.py", "cli.py", "train.py", "sample.py", "kernels.py", "levels.py", "bench.py"]
 
 
 def _our_imports(path):
@@ -1702,10 +1727,11 @@ def _our_imports(path):
 
 
 def test_imports_point_one_way_towards_zaya():
-    """kernels.py and levels.py import only zaya.py; sample.py neither train.py nor bench.py; nothing
-    imports bench.py; the graph has no cycle, so `python train.py` cannot reach bench.py's code."""
+    """kernels.py and levels.py import only zaya.py, and cli.py (flags, tokenizers) none of ours:
+    both CLIs take it without a trip up; sample.py neither train.py nor bench.py; nothing imports
+    bench.py; the graph has no cycle, so `python train.py` cannot reach bench.py's code."""
     graph = {p[:-3]: _our_imports(p) for p in PROGRAMS}
-    assert graph["zaya"] == set()
+    assert graph["zaya"] == set() and graph["cli"] == set()
     assert graph["kernels"] <= {"zaya"} and graph["levels"] <= {"zaya"}
     assert not graph["sample"] & {"train", "bench"}
     assert not any("bench" in deps for deps in graph.values())
@@ -1715,8 +1741,80 @@ def test_imports_point_one_way_towards_zaya():
         return set().union({m}, *(reach(d, seen + (m,)) for d in graph[m]))
     for m in graph:
         reach(m)
-    assert "bench" not in reach("train") and reach("sample") <= {"sample", "zaya", "levels", "kernels"}
+    assert "bench" not in reach("train")
+    assert reach("sample") <= {"sample", "zaya", "levels", "kernels", "cli"}
     assert train.reproduce.__module__ == "train" and train.dry_run.__module__ == "train"
+
+
+def _expression_shape(node):
+    """An expression with every name, attribute, constant and subscript index blanked:
+    q.transpose(1, 2) and k.transpose(1, 2) have one shape, model.num_params() and 2**30 two."""
+    class Blank(ast.NodeTransformer):
+        def visit_Name(self, n):
+            return ast.Name(id="_", ctx=ast.Load())
+
+        def visit_Constant(self, n):
+            return ast.Constant(value=0)
+
+        def visit_Attribute(self, n):
+            return ast.Attribute(value=self.visit(n.value), attr="_", ctx=ast.Load())
+
+        def visit_Subscript(self, n):
+            blank = ast.Constant(value=0)
+            return ast.Subscript(value=self.visit(n.value), slice=blank, ctx=ast.Load())
+    return ast.dump(Blank().visit(ast.parse(ast.unparse(node), mode="eval")))
+
+
+def _squeezed_assignments(source):
+    """Lines that assign several names at once without being one idea (STYLE: one assignment per
+    line unless the names are one idea): chains a = b = x, and a, b = x, y whose values differ in
+    kind. Unpacking one value (B, T = x.shape), the same operation on several (q, k, v = q.t(),
+    k.t(), v.t(), a generator over them), and sizes read off one config are one idea each."""
+    bad = []
+    for n in ast.walk(ast.parse(source)):
+        if not isinstance(n, ast.Assign):
+            continue
+        parallel = isinstance(n.targets[0], ast.Tuple) and isinstance(n.value, ast.Tuple)
+        if len(n.targets) > 1 or parallel and len({_expression_shape(e) for e in n.value.elts}) > 1:
+            bad.append(n.lineno)
+    return bad
+
+
+def test_no_program_squeezes_several_assignments_onto_one_line():
+    """Every program file assigns one name per line unless the names are one idea; the checker flags
+    the squeezed forms the code once had (a chain, a counter beside a list, a config beside a
+    time)."""
+    assert {p: _squeezed_assignments(open(os.path.join(HERE, p)).read()) for p in PROGRAMS} == {
+        p: [] for p in PROGRAMS}
+    squeezed = "\n".join(["c = self.config = config", "shards, size = [[]], 0",
+                          "nkv, hd = c.num_key_value_heads, c.head_dim",
+                          "x, n = tokens(c, (1, 8), d), a.new_tokens",
+                          "q, k = q.transpose(1, 2), k.transpose(1, 2)", "B, T = x.shape",
+                          "kl, tv = (f(x) for x in (kl, tv))", "lo, hi = 0.0, 1.0"])
+    assert _squeezed_assignments(squeezed) == [1, 2, 4]
+
+
+def test_files_written_for_others_follow_the_umask(tmp_path):
+    """--export's config.json and safetensors, a checkpoint and a token cache get 0666 less the
+    umask, as any file a program creates (the temp file they are renamed from is 0600), and leave no
+    temp file."""
+    old = os.umask(0o022)
+    try:
+        randomised(tiny_config()).save_pretrained(tmp_path / "m")
+        data = write_corpus(tmp_path / "corpus.txt")
+        run = train.main(tiny_args(tmp_path, data, "run", max_iters=1))
+        train.main([f"--export={tmp_path / 'hf'}", f"--init_from={run['ckpt']}"])
+        os.umask(0o077)
+        train.main([f"--export={tmp_path / 'private'}", f"--init_from={run['ckpt']}"])
+    finally:
+        os.umask(old)
+    mode = lambda p: os.stat(p).st_mode & 0o777
+    for f in ("config.json", "model.safetensors"):
+        assert mode(tmp_path / "hf" / f) == 0o644 and mode(tmp_path / "private" / f) == 0o600
+        assert mode(tmp_path / "m" / f) == 0o644
+    assert mode(run["ckpt"]) == 0o644
+    assert all(mode(p) == 0o644 for p in (tmp_path / "cache").glob("*.bin"))
+    assert not list(tmp_path.rglob("tmp-*"))
 
 
 def _layout_violations(path):
@@ -1808,6 +1906,7 @@ def test_cuda_decode_graphs_and_grouped_experts():
     torch.testing.assert_close(got, want, atol=2e-2 * float(want.abs().max()), rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_reproduction_pipeline_end_to_end(tmp_path, capsys):
     """`python train.py`'s pipeline on a tiny corpus and preset: AR pretraining, TiDAR conversion, the held-out
     decoding report. The converted model lands in out_dir/ckpt.pt (where sample.py looks), its greedy lossless
@@ -1834,7 +1933,8 @@ def test_reproduction_pipeline_end_to_end(tmp_path, capsys):
 
 @pytest.mark.skipif(not os.environ.get("ZAYA1_8B"), reason="set ZAYA1_8B=/path/to/ZAYA1-8B (the real weights, ~18 GB)")
 def test_real_zaya1_8b_reference_numbers():
-    """ZAYA1.md section 4, the upstream integration test's numbers (real 8B weights, bf16): runs where they exist."""
+    """docs/zaya1.md section 4, the upstream integration test's numbers (real 8B weights, bf16):
+    runs where they exist."""
     m = Zaya.from_pretrained(os.environ["ZAYA1_8B"], dtype=torch.bfloat16).eval()
     prompt = torch.tensor([[2, 9259, 236888, 2088, 740, 564, 6361, 611, 3124, 236881, 106]])
     out, _ = generate_ar(m, prompt, 16)
@@ -1864,10 +1964,11 @@ def test_bench_runs_every_row_on_one_models_weights(tmp_path, monkeypatch, capsy
 
 
 def test_roofline_step_cost_is_the_hand_arithmetic(tmp_path, capsys):
-    """bench.py --roofline (TIDAR.md section 6) against sums written out from the tiny config's fields:
-    experts woken under uniform top-1 routing, an AR and a TiDAR step's bytes and FLOPs (exact: the tiny
-    config's E = 4 makes the woken count exact here), the KV cache linear in context and batch, the 8B's
-    ~2.6 GB AR step and ~17.7 GB dense step, and one table row per device x context x batch."""
+    """bench.py --roofline (docs/tidar.md section 6) against sums written out from the tiny config's
+    fields: experts woken under uniform top-1 routing, an AR and a TiDAR step's bytes and FLOPs
+    (exact: the tiny config's E = 4 makes the woken count exact here), the KV cache linear in
+    context and batch, the 8B's ~2.6 GB AR step and ~17.7 GB dense step, and one table row per
+    device x context x batch."""
     import re
     from bench import GPUS, main as bench_main, step_cost
     c = ZayaConfig.from_name("tiny")
@@ -1901,7 +2002,7 @@ def test_roofline_step_cost_is_the_hand_arithmetic(tmp_path, capsys):
     kv = lambda B, ctx: cost(B, 1, ctx)[0] - cost(B, 1, 0)[0]
     assert kv(1, ctx) == ctx * kv_token and kv(1, 8 * ctx) == 8 * kv(1, ctx)
     assert kv(5, ctx) == pytest.approx(5 * kv(1, ctx), rel=1e-12)
-    c8 = step_cost(ZayaConfig.from_name("zaya1-8b"))        # TIDAR.md section 6: ~2.6 GB, 16-17.7 GB
+    c8 = step_cost(ZayaConfig.from_name("zaya1-8b"))        # docs/tidar.md 6: ~2.6, 16-17.7 GB
     assert 2.5e9 < c8(1, 1, 0)[0] < 2.7e9 and 15.5e9 < c8(1, 32, 0)[0] < c8(1, 272, 0)[0] < 17.8e9
     g = ZayaConfig.from_name("zaya1-8b")                    # n tokens' bytes beyond one token's: the
     for n in (2, 32, 272):                                  # experts woken, E(1 - (1 - 1/E)^n) a layer
@@ -1914,4 +2015,60 @@ def test_roofline_step_cost_is_the_hand_arithmetic(tmp_path, capsys):
     assert sorted(" ".join(l.split()[:3]) for l in out.splitlines() if l[:7].strip() in GPUS) == sorted(rows)
     b, f = c8(1, 1, 4096)
     assert re.search(rf"^H200 +4k +1 +{max(b / 4.8e12, f / 989e12) * 1e3:.2f} ", out, re.M)
-    assert "Zyphra measured, H100 batch 64: 1.13x" in out and "TIDAR.md's bound, H100 batch 16: 3.8x" in out
+    assert "Zyphra measured, H100 batch 64: 1.13x" in out
+    assert "docs/tidar.md's bound, H100 batch 16: 3.8x" in out
+
+
+@pytest.mark.slow
+def test_every_flag_reaches_the_pipeline_and_convert_reuses_an_ar_checkpoint(tmp_path, capsys):
+    """Flags without --mode run the default pipeline, and reach each stage end to end:
+    --block_size=8 trains the conversion AND the report at block 8 (report rows, decode.json's
+    per-slot acceptance, the converted model's config). --pipeline=convert converts an existing AR
+    checkpoint with the default recipe (train.RECIPE, self-distilled text) and reports, without pretraining again; a
+    convert without --init_from, or --pipeline beside --mode, is one clear error."""
+    data = write_corpus(tmp_path / "corpus.txt", n_lines=1500)
+    out = tmp_path / "out"
+    common = [f"--data={data}", "--preset=tiny", "--max_iters=6", "--seq_len=32", "--batch_size=4",
+              "--distill_rows=16", "--distill_prompt=16", "--distill_len=64", "--eval_iters=1",
+              "--log_interval=1000"]
+    res = train.main([f"--out_dir={out}", "--block_size=8", *common])
+    assert (out / "ar" / "ckpt.pt").exists() and (out / "ckpt.pt").exists()
+    assert {r["block"] for r in res["rows"]} == {8} and len(res["acceptance"]) == 9
+    assert "block 8, every level drafted" in capsys.readouterr().out
+    model = Zaya.from_pretrained(str(out))
+    assert model.config.block_size == 8 and model.checkpoint_meta["train_cfg"]["max_iters"] == 6
+    conv = tmp_path / "conv"
+    base = str(out / "ar" / "ckpt.pt")
+    res = train.main(["--pipeline=convert", f"--init_from={base}", f"--out_dir={conv}",
+                      "--block_size=4", *common])
+    assert not (conv / "ar").exists() and list((conv / "data").glob("distill-*.bin"))
+    assert {r["block"] for r in res["rows"]} == {4}
+    cfg = Zaya.from_pretrained(str(conv)).checkpoint_meta["train_cfg"]
+    assert {k: cfg[k] for k in train.RECIPE} == train.RECIPE and cfg["init_from"] == base
+    bad_runs = {"--pipeline=convert": "do pass --init_from", "--pipeline=eval --mode=ar": "one or"}
+    for bad, msg in bad_runs.items():
+        with pytest.raises(train.UsageError, match=msg):
+            train.main([*bad.split(), f"--out_dir={tmp_path / 'bad'}", *common])
+
+
+@pytest.mark.slow
+def test_bench_draft_scales_averages_temperature_one_runs_over_prompts_and_seeds(tmp_path, capsys):
+    """python bench.py --draft_scales (docs/results.md's draft-scale table): for each scale, the
+    mean over seeds of the mean over held-out prompts of lossless T=1 tokens per forward, each run
+    seeded alone, as generate_tidar gives them directly."""
+    import re
+    import bench
+    data = write_corpus(tmp_path / "corpus.txt", n_lines=1500)
+    run = train.main(tiny_args(tmp_path, data, "m", max_iters=2))
+    bench.main(["--init_from", str(tmp_path / "m"), "--data", data, "--draft_scales", "1", "2",
+                "--seeds", "0", "1", "--prompts", "3", "--new_tokens", "12"])
+    out = capsys.readouterr().out
+    model, prompts = train.heldout_prompts(str(tmp_path / "m"), data, 3)
+    for scale in (1.0, 2.0):
+        per_seed = []
+        for s in (0, 1):
+            runs = [generate_tidar(model, p[None], 12, temperature=1.0, draft_scale=scale,
+                                   generator=torch.Generator().manual_seed(s))[1] for p in prompts]
+            per_seed.append(sum(st.tokens_per_forward for st in runs) / 3)
+        line = re.search(rf"draft_scale {scale}, 3 prompts +([\d.]+) tokens/forward", out)
+        assert float(line[1]) == pytest.approx(sum(per_seed) / 2, abs=0.006), run["ckpt"]

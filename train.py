@@ -1,17 +1,22 @@
 """
 Train ZAYA1 (zaya.py) on text: autoregressive pre-training, or TiDAR conversion of an AR checkpoint.
 
-  python train.py  # the small reproduction: AR, TiDAR conversion (K=16), held-out decoding report
-  python train.py --preset=tiny --max_iters=300           # one AR run from scratch, ~15 s on a CPU
-  python train.py --mode=tidar --init_from=out/ar/ckpt.pt --out_dir=out-tidar --data_cache=out/data
-  torchrun --nproc_per_node=8 train.py --preset=medium    # DDP; add --fsdp=True for FSDP2
+  python train.py                    # the small reproduction (--pipeline=default): AR pretraining,
+                                     # TiDAR conversion (K=16), held-out decoding report
+  python train.py --pipeline=convert --init_from=out/ar/ckpt.pt --out_dir=out-conv
+                                     # convert an existing AR checkpoint (the default recipe)
+  python train.py --mode=ar --preset=tiny --max_iters=300          # one AR run, ~15 s on a CPU
+  python train.py --mode=tidar --init_from=out/ar/ckpt.pt --out_dir=out-tidar   # the paper's loss
+  torchrun --nproc_per_node=8 train.py --mode=ar --preset=medium   # DDP; add --fsdp=True for FSDP2
   python train.py --preset=zaya1-8b --dry_run=True --gpus=64  # params, memory, FLOPs; no allocation
 
-TiDAR (../shared/docs/TIDAR.md): section 1 gives the layout [x_0..x_{S-1} | S masks], both halves
-at positions 0..S-1, the labels (clean i -> x_{i+1}, mask i -> x_i) and the loss
-(alpha CE_AR + CE_diff) / (1 + alpha); section 2 the CCA predecessor chain (both built by
-zaya.tidar_train_layout, for tidar_loss). MoE balance without an auxiliary loss: a bias controller
-(DeepSeek-V3, arXiv 2412.19437 section 2.1.2), see update_balancing_biases.
+Without --mode (or --dry_run, --export, --init_from=resume) train.py runs a pipeline, and every
+flag reaches each of its stages. TiDAR (docs/tidar.md): section 1 gives the layout
+[x_0..x_{S-1} | S masks], both halves at positions 0..S-1, the labels (clean i -> x_{i+1},
+mask i -> x_i) and the loss (alpha CE_AR + CE_diff) / (1 + alpha); section 2 the CCA predecessor
+chain (both built by zaya.tidar_train_layout, for tidar_loss). The conversion recipe that shapes
+the loss for acceptance: docs/acceptance.md. MoE balance without an auxiliary loss: a bias
+controller (DeepSeek-V3, arXiv 2412.19437 section 2.1.2), see update_balancing_biases.
 """
 import gc
 import json
@@ -37,8 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from sample import (LEVEL_SETTINGS, UsageError, check, decode_report, generate_ar, get_tokenizer,
-                    parse_args)
+from cli import UsageError, check, get_tokenizer, parse_args
+from sample import LEVEL_SETTINGS, decode_report, generate_ar
 from zaya import (CheckpointError, Zaya, ZayaConfig, _atomic_write, causal_layout, check_tensors,
                   latest_checkpoint, load_checkpoint, save_hf, tidar_train_layout)
 
@@ -46,13 +51,13 @@ from zaya import (CheckpointError, Zaya, ZayaConfig, _atomic_write, causal_layou
 # settings: every key can be overridden with --key=value (parsed to the default's type)
 DEFAULTS = dict(
     preset="tiny",                 # zaya.PRESETS name
-    mode="ar",                     # ar: next-token loss | tidar: AR + diffusion loss (TIDAR.md 1)
+    mode="ar",                     # ar: next-token loss | tidar: AR + diffusion (docs/tidar.md 1)
     init_from="scratch",           # scratch | resume (out_dir) | PATH: ckpt.pt, its dir, an HF dir
     data="stdlib",                 # stdlib (this Python's .py files) | PATH: a text file or folder
     tokenizer="bytes",             # bytes (offline) | a tiktoken encoding | PATH: tokenizer.json
     out_dir="out", data_cache="",  # token cache folder ("" = out_dir/data)
     max_iters=300, batch_size=16, seq_len=128, block_size=16, alpha=1.0,
-    # conversion shaped for acceptance (ACCEPTANCE.md); these defaults are the paper's (TIDAR.md 1)
+    # conversion shaped for acceptance (docs/acceptance.md); these defaults are the paper's loss
     distill=0.0,                   # + distill * batch_size windows of the AR teacher's own text
     distill_from="", distill_rows=1024, distill_prompt=64, distill_len=256, distill_temp=0.0,
     real_diffusion=True,           # diffusion loss on the real windows too (False: distilled)
@@ -63,7 +68,8 @@ DEFAULTS = dict(
     device="auto", dtype="auto",   # auto: cuda + bfloat16 autocast given a GPU, else cpu + float32
     compile=False, grad_checkpointing=False, fsdp=False,
     loss_chunk=1024,               # tokens per cross-entropy chunk (0 = one chunk, full logits)
-    pipeline="", export="",        # default|long|eval|ablation: reproduce | DIR: export, exit
+    pipeline="default",            # default|long|convert|eval|ablation (without --mode)
+    export="",                     # DIR: export --init_from in the HF layout, exit
     dry_run=False, gpus=8)         # dry_run: print sizes for --gpus GPUs and exit
 
 
@@ -76,7 +82,7 @@ class Diverged(Exception):
 
 
 # -----------------------------------------------------------------------------
-# data (the tokenizers and the flag parser live in sample.py, which both CLIs share)
+# data (the tokenizers and the flag parser live in cli.py, which both CLIs share)
 def corpus_files(data):
     """Sorted (relative path, path): Python's stdlib .py files (no test dirs, no site-packages), one
     file, or every file under a folder (hidden entries skipped; binary files dropped when read)."""
@@ -146,7 +152,7 @@ def get_batch(ids, batch_size, seq_len, gen=None, rank=0, world=1, device="cpu")
 
 @torch.no_grad()
 def distill_corpus(c, train_ids, cache_dir, rank=0, device="cpu"):
-    """Self-distillation (ACCEPTANCE.md, lead 1): the teacher c.distill_from continues distill_rows
+    """Self-distillation (docs/acceptance.md): the teacher c.distill_from continues distill_rows
     training-split prompts (seed c.seed + 2) to distill_len tokens at distill_temp (0: greedy),
     batched on the static cache -> [rows, distill_len] array; cached in cache_dir by rank 0."""
     src = os.path.isdir(c.distill_from) and latest_checkpoint(c.distill_from) or c.distill_from
@@ -198,25 +204,29 @@ def chunked_cross_entropy(h, weight, targets, chunk=0, token_weight=None, teache
     kl, tv = (torch.as_tensor(x).to(h).expand_as(targets).reshape(-1) for x in (kl, tv))
     t = teacher.detach().reshape(-1, d) if teacher is not None else None
     chunk = chunk or len(y)
-    total, hits = 0.0, []
+    total = 0.0
+    hits = []
     for i in range(0, len(y), chunk):
         j = slice(i, i + chunk)
         args = (h.reshape(-1, d)[j], y[j], wt[j], None if t is None else t[j], kl[j], tv[j])
         recompute = torch.is_grad_enabled() and chunk < len(y)
         s, hit = grad_checkpoint(ce, *args, use_reentrant=False) if recompute else ce(*args)
-        total, hits = total + s, hits + [hit]
+        total = total + s
+        hits.append(hit)
     return total / wt.sum().clamp_min(1e-9), torch.cat(hits)
 
 
 def tidar_loss(model, w, c, real=None):
-    """TiDAR loss (TIDAR.md 1) on windows w [B, S+1] -> (loss, ar, diff, hits [B, S] of the
+    """TiDAR loss (docs/tidar.md 1) on windows w [B, S+1] -> (loss, ar, diff, hits [B, S] of the
     diffusion argmax). One forward over [x_0..x_{S-1} | S masks]; the (S+1)-token window gives every
-    clean position a label. Shaped by c (ACCEPTANCE.md): rows from `real` on are self-distilled
+    clean position a label. Shaped by c (docs/acceptance.md): rows from `real` on are self-distilled
     (no AR loss: Medusa-2's warning); block slot k weighs slot0 (k = 0) or exp(-(k-1)/pos_decay); kl
     and tv add soft targets: the AR head's p(x_i | x_<i) at clean position i-1 of this forward."""
-    B, S, K = w.shape[0], w.shape[1] - 1, c.block_size
+    B = w.shape[0]
+    S = w.shape[1] - 1                                            # inputs per window
+    K = c.block_size
     idx = w[:, :S]
-    pos, pred, mask = tidar_train_layout(S, K, w.device)          # TIDAR.md 1-2
+    pos, pred, mask = tidar_train_layout(S, K, w.device)          # docs/tidar.md 1-2
     x = torch.cat([idx, torch.full_like(idx, model.config.mask_token_id)], 1)    # [idx | S masks]
     h = model.forward_hidden(x, pos, pred, mask)                  # (B, 2S, d)
     weight = model.embed_tokens.weight                            # the tied lm_head
@@ -292,26 +302,50 @@ def all_mean(x):
 
 
 # -----------------------------------------------------------------------------
-# one training run
+# one training run, in stages: settings, processes, data, model, resume, the loop
 def run(overrides):
     """One run (ar or tidar). Returns a summary dict, also written to out_dir/log.json."""
-    # ---- settings: DEFAULTS <- the checkpoint's on resume, or its tokenizer on init <- overrides
-    src, base, meta = overrides.get("init_from", "scratch"), {}, {}   # meta: the checkpoint's
-    resume = src == "resume"
-    if resume:
+    c, src, ckpt = settings(overrides)
+    if c.dry_run:
+        return dry_run(c)
+    if c.export:
+        return export(c, src)
+    proc = processes(c)
+    data = load_data(c, proc)
+    job = build(c, proc, data, ckpt, src)
+    job.it = 0
+    job.best = float("inf")
+    if c.init_from == "resume":
+        restore(job, ckpt[2])
+    proc.log(f"{c.mode} from {c.init_from}: {job.model.num_params():,} params, {proc.world} "
+             f"process(es), {proc.device}, {proc.dtype}")
+    return train_loop(c, proc, data, job)
+
+
+def settings(overrides):
+    """DEFAULTS <- the checkpoint's settings on resume, or its tokenizer on init <- overrides;
+    checked. Returns (c, the checkpoint's path, (config, parts, meta) or None)."""
+    src = overrides.get("init_from", "scratch")
+    if src == "resume":
         out = overrides.get("out_dir", DEFAULTS["out_dir"])
         src = latest_checkpoint(out)                                # ckpt.pt or a DCP folder
         check(src, f"no checkpoint to resume in {out}; do pass the run's --out_dir")
-    if src not in ("scratch", "resume"):
+    ckpt = None
+    base = {}                                                       # what the checkpoint sets
+    if src != "scratch":
         try:
-            config, parts, meta = load_checkpoint(src)
+            ckpt = load_checkpoint(src)
         except CheckpointError as e:
             raise UsageError(f"{e}; do pass a train.py checkpoint or out_dir (python train.py "
                              "makes one), or a Hugging Face directory") from None
+        meta = ckpt[2]
         hf_tok = os.path.isfile(os.path.join(src, "tokenizer.json"))   # an HF dir's own tokenizer
-        base = ({k: v for k, v in meta["train_cfg"].items() if k in DEFAULTS and k != "fsdp"}
-                if resume else {"tokenizer": meta["tokenizer"]} if "tokenizer" in meta
-                else {"tokenizer": os.path.abspath(src)} if hf_tok else {})
+        if overrides.get("init_from") == "resume":
+            base = {k: v for k, v in meta["train_cfg"].items() if k in DEFAULTS and k != "fsdp"}
+        elif "tokenizer" in meta:
+            base = {"tokenizer": meta["tokenizer"]}
+        elif hf_tok:
+            base = {"tokenizer": os.path.abspath(src)}
     c = SimpleNamespace(**{**DEFAULTS, **base, **overrides})
     if c.tokenizer != "bytes" and os.path.exists(c.tokenizer):  # an HF tokenizer: any cwd
         c.tokenizer = os.path.abspath(c.tokenizer)
@@ -326,14 +360,15 @@ def run(overrides):
     check(c.mode == "ar" or c.seq_len % c.block_size == 0,
           f"--seq_len={c.seq_len} is not a multiple of --block_size={c.block_size}; do make it "
           f"one, e.g. --seq_len={max(1, c.seq_len // c.block_size) * c.block_size}")
-    if c.dry_run:
-        return dry_run(c)
-    if c.export:
-        return export(c, src)
+    check(c.kl <= 1, f"--kl={c.kl} mixes two losses; do pass a weight in [0, 1]")
+    return c, src, ckpt
 
-    # ---- processes and device
-    world, rank, local = (int(os.environ.get(k, d))
-                          for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+
+def processes(c):
+    """This process's rank, device and precision; the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
     device = c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     cuda = device.startswith("cuda")
     check(not cuda or torch.cuda.is_available(),
@@ -348,46 +383,64 @@ def run(overrides):
     dtype = c.dtype if c.dtype != "auto" else "bfloat16" if cuda else "float32"
     autocast = torch.autocast("cuda" if cuda else "cpu", torch.bfloat16,
                               enabled=dtype == "bfloat16")
-    log = print if rank == 0 else (lambda *a: None)
     os.makedirs(c.out_dir, exist_ok=True)
     torch.manual_seed(c.seed)                  # the only RNG training draws from (get_batch)
+    return SimpleNamespace(world=world, rank=rank, device=device, cuda=cuda, dtype=dtype,
+                           autocast=autocast, log=print if rank == 0 else quiet)
 
-    # ---- tokenizer and data (a cold cache is built by every rank; the writes are atomic)
+
+def quiet(*args):
+    """The log of ranks other than 0."""
+
+
+def load_data(c, proc):
+    """Tokenizer, train and val token arrays, and the self-distilled rows (or None); a cold cache is
+    built by every rank (the writes are atomic)."""
     enc, ids = get_tokenizer(c.tokenizer)
-    train_ids, val_ids = load_corpus(c.data, c.tokenizer, c.data_cache or f"{c.out_dir}/data",
-                                     c.seq_len + 1)
-    log(f"data {c.data}: {len(train_ids):,} train / {len(val_ids):,} val tokens ({c.tokenizer})")
-    extra = round(c.distill * c.batch_size) if c.mode == "tidar" else 0  # distilled rows per batch
+    cache = c.data_cache or f"{c.out_dir}/data"
+    train_ids, val_ids = load_corpus(c.data, c.tokenizer, cache, c.seq_len + 1)
+    proc.log(f"data {c.data}: {len(train_ids):,} train / {len(val_ids):,} val tokens "
+             f"({c.tokenizer})")
+    extra = round(c.distill * c.batch_size) if c.mode == "tidar" else 0  # distilled rows a batch
     check(c.real_diffusion or extra or c.mode == "ar", "--real_diffusion=False trains no "
           "diffusion without distilled rows; do pass --distill > 0 (or use --mode=ar)")
+    distilled = None
     if extra:
         c.distill_from = c.distill_from or c.init_from              # kept for resume
         check(os.path.exists(c.distill_from), f"--distill_from={c.distill_from} is no checkpoint;"
               " do pass the AR checkpoint to distill (by default --init_from)")
         check(c.distill_len > c.seq_len and 0 < c.distill_prompt < c.distill_len, f"--distill_len="
               f"{c.distill_len} must exceed --seq_len and --distill_prompt; do raise it")
-        distilled = distill_corpus(c, train_ids, c.data_cache or f"{c.out_dir}/data", rank, device)
-    check(c.kl <= 1, f"--kl={c.kl} mixes two losses; do pass a weight in [0, 1]")
+        distilled = distill_corpus(c, train_ids, cache, proc.rank, proc.device)
+    return SimpleNamespace(enc=enc, ids=ids, train=train_ids, val=val_ids, distilled=distilled,
+                           extra=extra)
 
-    # ---- model: from scratch (initialised alike on every rank), else built on the meta device,
-    # sharded (FSDP2) and filled: from a checkpoint each rank reads only the rows it owns
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                         set_optimizer_state_dict, set_state_dict)
-    mask = ids["mask"]                                   # the tokenizer's, else the checkpoint's
-    if c.init_from == "scratch":
-        model = Zaya(ZayaConfig.from_name(
-            c.preset, vocab_size=ids["vocab_size"], bos_token_id=ids["eot"],
-            eos_token_id=ids["eot"], pad_token_id=ids["pad"], mask_token_id=mask,
+
+def new_model(c, data, ckpt):
+    """From scratch: the preset, initialised (alike on every rank). From a checkpoint: its config,
+    on the meta device (build fills it), the block size and mask id of this run."""
+    mask = data.ids["mask"]                              # the tokenizer's, else the checkpoint's
+    if ckpt is None:
+        return Zaya(ZayaConfig.from_name(
+            c.preset, vocab_size=data.ids["vocab_size"], bos_token_id=data.ids["eot"],
+            eos_token_id=data.ids["eot"], pad_token_id=data.ids["pad"], mask_token_id=mask,
             block_size=c.block_size))
-    else:
-        config.block_size = c.block_size
-        if not resume and mask is not None:
-            config.mask_token_id = mask
-        with torch.device("meta"):
-            model = Zaya(config)
-        check_tensors(src, model.state_dict(), parts)
-    check(enc.n_vocab <= model.config.vocab_size,
-          f"tokenizer {c.tokenizer} has {enc.n_vocab} ids but the model's vocab_size is "
+    config = ckpt[0]
+    config.block_size = c.block_size
+    if c.init_from != "resume" and mask is not None:
+        config.mask_token_id = mask
+    with torch.device("meta"):
+        return Zaya(config)
+
+
+def build(c, proc, data, ckpt, src):
+    """The model (sharded under FSDP2: from a checkpoint each rank reads only the rows it owns), the
+    loss module DDP/FSDP wrap, AdamW. Returns the job: model, loss_model, opt, params."""
+    model = new_model(c, data, ckpt)
+    if ckpt is not None:
+        check_tensors(src, model.state_dict(), ckpt[1])
+    check(data.enc.n_vocab <= model.config.vocab_size,
+          f"tokenizer {c.tokenizer} has {data.enc.n_vocab} ids but the model's vocab_size is "
           f"{model.config.vocab_size}; do use the tokenizer the checkpoint was trained with")
     check(c.seq_len <= model.config.max_position_embeddings,
           f"--seq_len={c.seq_len} is longer than the model's context (max_position_embeddings="
@@ -398,19 +451,21 @@ def run(overrides):
     loss_model = TrainLoss(model, c)
     if c.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(torch.bfloat16 if dtype == "bfloat16" else None,
+        mp = MixedPrecisionPolicy(torch.bfloat16 if proc.dtype == "bfloat16" else None,
                                   reduce_dtype=torch.float32)
         for layer in model.layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(loss_model, mp_policy=mp)
-    model.to(device) if c.init_from == "scratch" else model.to_empty(device=device)
-    if c.init_from != "scratch" and "dcp" not in meta:              # DCP: loaded with AdamW's
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # noqa: E731
-        before = peak()                                             # MiB
-        load_rows(model, parts, rank, world)
-        print(f"rank {rank}: weights of {src} read, peak host memory (RSS) {peak():,.0f} MiB, "
-              f"{peak() - before:,.0f} MiB more than before")
-    if world > 1 and not c.fsdp:
+    if ckpt is None:
+        model.to(proc.device)
+    else:
+        model.to_empty(device=proc.device)
+    if ckpt is not None and "dcp" not in ckpt[2]:                  # DCP: loaded with AdamW's
+        before = peak_rss_mib()
+        load_rows(model, ckpt[1], proc.rank, proc.world)
+        print(f"rank {proc.rank}: weights of {src} read, peak host memory (RSS) "
+              f"{peak_rss_mib():,.0f} MiB, {peak_rss_mib() - before:,.0f} MiB more than before")
+    if proc.world > 1 and not c.fsdp:
         loss_model = nn.parallel.DistributedDataParallel(loss_model, broadcast_buffers=False)
     if c.compile:                                                   # zaya's own forward, compiled
         import kernels
@@ -419,117 +474,149 @@ def run(overrides):
     opt = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2],
                                   weight_decay=c.weight_decay),
                              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
-                            lr=c.lr, betas=(0.9, 0.95), fused=cuda)
+                            lr=c.lr, betas=(0.9, 0.95), fused=proc.cuda)
+    return SimpleNamespace(model=model, loss_model=loss_model, opt=opt, params=params)
 
-    # ---- resume: optimizer (and a DCP folder's weights), counters, the RNG
-    it, best = 0, float("inf")
-    if resume:
-        if "dcp" in meta:                                           # each rank reads its shards
-            msd, osd = get_state_dict(model, opt)
-            dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=meta["dcp"])
-            set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
-        else:                                                       # ckpt.pt: AdamW keyed by name
-            set_optimizer_state_dict(model, opt, meta["optimizer"], options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True))
-        it, best = meta["iter_num"], meta["best_val_loss"]
-        torch.set_rng_state(torch.as_tensor(meta["rng"]["torch"], dtype=torch.uint8))  # batches
-    log(f"{c.mode} from {c.init_from}: {model.num_params():,} params, {world} process(es), "
-        f"{device}, {dtype}")
 
-    @torch.no_grad()
-    def evaluate():
-        """Val losses on fixed batches (own generator); diffusion top-1 accuracy by block slot."""
-        loss_model.eval()
-        val_gen = torch.Generator().manual_seed(c.seed + 1)
-        K, sums = c.block_size, torch.zeros(3 + c.block_size, device=device)
-        for _ in range(c.eval_iters):
-            with autocast:
-                loss, ar, diff, hits = loss_model(get_batch(val_ids, c.batch_size, c.seq_len,
-                                                            val_gen, rank, world, device))
-            acc = hits.view(-1, K).float().mean(0) if hits is not None else sums.new_zeros(K)
-            sums += torch.cat([torch.stack([loss, ar, ar if diff is None else diff]).float(), acc])
-        loss_model.train()
-        m = all_mean(sums / c.eval_iters).tolist()
-        return dict(iter=it, loss=m[0], ar=m[1], diff=m[2], acc=m[3:])
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
-    def save_checkpoint(path):
-        """All of the run's state. FSDP: a DCP folder ckpt-dcp/iter-N in which every rank writes
-        its own shards, via a temp folder renamed when complete (older ones removed only then);
-        else one ckpt.pt on rank 0 via a temp file, the optimizer keyed by name (any layout)."""
-        meta = dict(config=asdict(model.config), iter_num=it, best_val_loss=best, mode=c.mode,
-                    tokenizer=c.tokenizer, data=c.data, train_cfg=vars(c),
-                    rng=dict(torch=torch.get_rng_state().tolist()))
-        root = os.path.join(c.out_dir, "ckpt-dcp")
-        final = os.path.join(root, f"iter-{it:08d}")
-        if c.fsdp and not os.path.isdir(final):         # else: saved at this iteration already
-            tmp = os.path.join(root, f"tmp-iter-{it:08d}")          # a killed save's: overwritten
-            msd, osd = get_state_dict(model, opt)                   # this rank's shards: DTensors
-            dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
-            if rank == 0:
-                Path(tmp, "meta.json").write_text(json.dumps(meta))
-                os.rename(tmp, final)                               # now the newest: complete
-                for old in set(os.listdir(root)) - {os.path.basename(final)}:
-                    shutil.rmtree(os.path.join(root, old))
-            dist.barrier()
-        elif not c.fsdp:
-            msd, osd = get_state_dict(model, opt, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True))            # a collective under DDP
-            if rank == 0:
-                _atomic_write(path, lambda f: torch.save(dict(meta, model=msd, optimizer=osd), f))
 
-    # ---- the loop
+def restore(job, meta):
+    """Resume: the optimizer (and a DCP folder's weights: each rank reads its shards), the counters
+    and the RNG that draws the batches."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                         set_optimizer_state_dict, set_state_dict)
+    if "dcp" in meta:
+        msd, osd = get_state_dict(job.model, job.opt)
+        dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=meta["dcp"])
+        set_state_dict(job.model, job.opt, model_state_dict=msd, optim_state_dict=osd)
+    else:                                                           # ckpt.pt: AdamW keyed by name
+        set_optimizer_state_dict(job.model, job.opt, meta["optimizer"], options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+    job.it = meta["iter_num"]
+    job.best = meta["best_val_loss"]
+    torch.set_rng_state(torch.as_tensor(meta["rng"]["torch"], dtype=torch.uint8))
+
+
+@torch.no_grad()
+def evaluate(c, proc, data, job):
+    """Val losses on fixed batches (own generator); diffusion top-1 accuracy by block slot."""
+    job.loss_model.eval()
+    val_gen = torch.Generator().manual_seed(c.seed + 1)
+    K = c.block_size
+    sums = torch.zeros(3 + K, device=proc.device)               # loss, ar, diff, accuracy [K]
+    for _ in range(c.eval_iters):
+        batch = get_batch(data.val, c.batch_size, c.seq_len, val_gen, proc.rank, proc.world,
+                          proc.device)
+        with proc.autocast:
+            loss, ar, diff, hits = job.loss_model(batch)
+        acc = hits.view(-1, K).float().mean(0) if hits is not None else sums.new_zeros(K)
+        sums += torch.cat([torch.stack([loss, ar, ar if diff is None else diff]).float(), acc])
+    job.loss_model.train()
+    m = all_mean(sums / c.eval_iters).tolist()
+    return dict(iter=job.it, loss=m[0], ar=m[1], diff=m[2], acc=m[3:])
+
+
+def save_checkpoint(c, proc, job, path):
+    """All of the run's state. FSDP: a DCP folder ckpt-dcp/iter-N in which every rank writes its
+    own shards, via a temp folder renamed when complete (older ones removed only then); else one
+    ckpt.pt on rank 0 via a temp file, the optimizer keyed by name (any layout)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    meta = dict(config=asdict(job.model.config), iter_num=job.it, best_val_loss=job.best,
+                mode=c.mode, tokenizer=c.tokenizer, data=c.data, train_cfg=vars(c),
+                rng=dict(torch=torch.get_rng_state().tolist()))
+    root = os.path.join(c.out_dir, "ckpt-dcp")
+    final = os.path.join(root, f"iter-{job.it:08d}")
+    if c.fsdp and not os.path.isdir(final):         # else: saved at this iteration already
+        tmp = os.path.join(root, f"tmp-iter-{job.it:08d}")          # a killed save's: overwritten
+        msd, osd = get_state_dict(job.model, job.opt)               # this rank's shards: DTensors
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
+        if proc.rank == 0:
+            Path(tmp, "meta.json").write_text(json.dumps(meta))
+            os.rename(tmp, final)                                   # now the newest: complete
+            for old in set(os.listdir(root)) - {os.path.basename(final)}:
+                shutil.rmtree(os.path.join(root, old))
+        dist.barrier()
+    elif not c.fsdp:
+        msd, osd = get_state_dict(job.model, job.opt, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))                # a collective under DDP
+        if proc.rank == 0:
+            _atomic_write(path, lambda f: torch.save(dict(meta, model=msd, optimizer=osd), f))
+
+
+def train_step(c, proc, data, job):
+    """One optimizer step at iteration job.it -> (loss, ar, diff) averaged over ranks, grad norm."""
+    for g in job.opt.param_groups:
+        g["lr"] = get_lr(job.it, c)
+    more = None                                     # self-distilled windows, drawn first
+    if data.extra:
+        more = get_batch(data.distilled, data.extra, c.seq_len, None, proc.rank, proc.world,
+                         proc.device)
+    batch = get_batch(data.train, c.batch_size, c.seq_len, None, proc.rank, proc.world,
+                      proc.device)
+    with proc.autocast:
+        loss, ar, diff, _ = job.loss_model(batch, more)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(job.params, c.grad_clip or float("inf"))  # FSDP: DTensor
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+    stats = all_mean(torch.stack([loss, ar, ar if diff is None else diff]).detach().float())
+    stats = stats.tolist()
+    if not all(map(math.isfinite, stats + [norm])):
+        raise Diverged(f"loss {stats[0]}, grad norm {norm} at iter {job.it}; do lower --lr, resume "
+                       f"from {os.path.join(c.out_dir, 'ckpt.pt')} (kept)")
+    job.opt.step()
+    job.opt.zero_grad(set_to_none=True)
+    return stats, norm
+
+
+def train_loop(c, proc, data, job):
+    """Steps until max_iters: a log line every log_interval, an eval and a checkpoint every
+    eval_interval; Ctrl-C finishes the step, saves and stops (Interrupted, status 130)."""
     ckpt = os.path.join(c.out_dir, "ckpt.pt")
-    history, evals = [], []
-    start, t_start = it_log, t_log = it, time.time()                # the eta's; the last log's
-    stop = []  # Ctrl-C: finish this step, save, exit (status 130)
-    if rank == 0 and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, lambda *_: stop.append(it))
-    while it < c.max_iters and not stop:
-        for g in opt.param_groups:
-            g["lr"] = lr = get_lr(it, c)
-        with autocast:
-            more = (get_batch(distilled, extra, c.seq_len, None, rank, world, device) if extra
-                    else None)                                      # self-distilled windows
-            loss, ar, diff, _ = loss_model(get_batch(train_ids, c.batch_size, c.seq_len, None, rank,
-                                                     world, device), more)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float("inf"))  # FSDP: DTensor
-        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-        stats = all_mean(
-            torch.stack([loss, ar, ar if diff is None else diff]).detach().float()).tolist()
-        if not all(map(math.isfinite, stats + [norm])):
-            raise Diverged(f"loss {stats[0]}, grad norm {norm} at iter {it}; "
-                           f"do lower --lr, resume from {ckpt} (kept)")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        imbalance = update_balancing_biases(model, c.bias_update_rate)
-        history.append(dict(iter=it, loss=stats[0], ar=stats[1],
+    history = []
+    evals = []
+    start = job.it                                                  # for the eta
+    t_start = time.time()
+    it_log = job.it                                                 # the last log line's
+    t_log = t_start
+    stop = []
+    if proc.rank == 0 and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, lambda *_: stop.append(job.it))
+    while job.it < c.max_iters and not stop:
+        stats, norm = train_step(c, proc, data, job)
+        imbalance = update_balancing_biases(job.model, c.bias_update_rate)
+        history.append(dict(iter=job.it, loss=stats[0], ar=stats[1],
                             diff=stats[2] if c.mode == "tidar" else None))
-        it += 1
-        if (it - 1) % c.log_interval == 0 or it == c.max_iters:
+        job.it += 1
+        if (job.it - 1) % c.log_interval == 0 or job.it == c.max_iters:
             now = time.time()
             diff_s = f", diff {stats[2]:.4f}" if c.mode == "tidar" else ""
-            tok_s = (it - it_log) * c.batch_size * world * c.seq_len / (now - t_log)
-            eta = (now - t_start) / (it - start) * (c.max_iters - it)
-            log(f"iter {it - 1}: loss {stats[0]:.4f} (ar {stats[1]:.4f}{diff_s}), lr {lr:.2e}, "
-                f"norm {norm:.2f}, imbalance {imbalance:.2f}, {tok_s:,.0f} tok/s, eta {eta:.0f}s")
-            t_log, it_log = now, it
-        if it % c.eval_interval == 0 or it == c.max_iters:
-            evals.append(ev := evaluate())
-            best = min(best, ev["loss"])
+            tok_s = (job.it - it_log) * c.batch_size * proc.world * c.seq_len / (now - t_log)
+            eta = (now - t_start) / (job.it - start) * (c.max_iters - job.it)
+            proc.log(f"iter {job.it - 1}: loss {stats[0]:.4f} (ar {stats[1]:.4f}{diff_s}), lr "
+                     f"{get_lr(job.it - 1, c):.2e}, norm {norm:.2f}, imbalance {imbalance:.2f}, "
+                     f"{tok_s:,.0f} tok/s, eta {eta:.0f}s")
+            t_log = now
+            it_log = job.it
+        if job.it % c.eval_interval == 0 or job.it == c.max_iters:
+            ev = evaluate(c, proc, data, job)
+            evals.append(ev)
+            job.best = min(job.best, ev["loss"])
             acc = " ".join(f"{100 * a:.0f}" for a in ev["acc"])
             acc = f"; diffusion top-1 % by block position 0..{c.block_size - 1}: {acc}"
-            log(f"eval {it}: val ar {ev['ar']:.4f}"
-                + (f", diff {ev['diff']:.4f}{acc}" if c.mode == "tidar" else ""))
-            save_checkpoint(ckpt)
+            proc.log(f"eval {job.it}: val ar {ev['ar']:.4f}"
+                     + (f", diff {ev['diff']:.4f}{acc}" if c.mode == "tidar" else ""))
+            save_checkpoint(c, proc, job, ckpt)
     if stop:
-        save_checkpoint(ckpt)
-        raise Interrupted(f"interrupted at iter {it}: saved {ckpt}; "
+        save_checkpoint(c, proc, job, ckpt)
+        raise Interrupted(f"interrupted at iter {job.it}: saved {ckpt}; "
                           f"do continue with --init_from=resume --out_dir={c.out_dir}")
-    summary = dict(mode=c.mode, iter=it, losses=history, evals=evals, best_val_loss=best,
+    summary = dict(mode=c.mode, iter=job.it, losses=history, evals=evals, best_val_loss=job.best,
                    ckpt=latest_checkpoint(c.out_dir))
-    if rank == 0:                                                   # for plots and tests
-        Path(c.out_dir, "log.json").write_text(json.dumps(summary))
+    if proc.rank == 0:                                              # for plots and tests
+        _atomic_write(os.path.join(c.out_dir, "log.json"),
+                      lambda tmp: Path(tmp).write_text(json.dumps(summary)))
     return summary
 
 
@@ -540,7 +627,8 @@ def load_rows(model, parts, rank, world):
     r * ceil(n / world) on: it reads only those (a DTensor's local shard); buffers are whole."""
     for name, t in model.state_dict().items():
         if hasattr(t, "to_local"):                                  # a DTensor
-            n, t = t.shape[0], t.to_local()
+            n = t.shape[0]                                          # the whole tensor's rows
+            t = t.to_local()
             lo = min(rank * -(-n // world), n)
             t.copy_(parts[name][1](slice(lo, lo + len(t))))
         else:
@@ -577,12 +665,16 @@ def dry_run(c):
     cfg = ZayaConfig.from_name(c.preset, block_size=c.block_size)
     with torch.device("meta"):
         model = Zaya(cfg)
-    N, Na = model.num_params(), model.num_params(active=True)       # all, active per token
-    L, d, V, S = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, c.seq_len
-    I, GiB = cfg.moe_intermediate_size, 2**30
+    N = model.num_params()
+    Na = model.num_params(active=True)                              # active per token
+    L, d, V, I = (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size,
+                  cfg.moe_intermediate_size)
+    S = c.seq_len
+    GiB = 2**30
     C = (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
     A = cfg.num_attention_heads * cfg.head_dim
-    states, gathered = 16 * N / c.gpus, 2 * (2 * (N - V * d) / L + V * d)
+    states = 16 * N / c.gpus
+    gathered = 2 * (2 * (N - V * d) / L + V * d)
     print(f"{c.preset}: {N:,} parameters, {Na:,} active per token (one expert, embedding "
           f"excluded)\nper GPU, FSDP over {c.gpus} GPUs, batch_size {c.batch_size}, seq_len {S}, "
           f"grad_checkpointing={c.grad_checkpointing}, loss_chunk {c.loss_chunk}: states 16 N / G "
@@ -603,11 +695,12 @@ def dry_run(c):
 
 
 # -----------------------------------------------------------------------------
-# `python train.py` (README "Results"): the paper's loss (TIDAR.md 1), the default recipe (README)
+# the pipelines of `python train.py` (docs/results.md): the paper's loss (docs/tidar.md section 1)
+# and the default conversion recipe (docs/acceptance.md)
 PAPER = dict(distill=0.0, real_diffusion=True, pos_decay=0.0, slot0=1.0, kl=0.0, alpha=1.0)
 RECIPE = dict(distill=0.5, distill_temp=1.0, real_diffusion=False, pos_decay=7.0, slot0=0.0, kl=1.0,
               tv=2.0, alpha=3.0)
-PIPELINES = {  # (AR pretraining, TiDAR conversion); README "Results" has their times
+PIPELINES = {  # (AR pretraining, TiDAR conversion); docs/results.md has their times
     "default": (dict(preset="small", max_iters=600, eval_interval=600, log_interval=100),
                 dict(RECIPE, max_iters=300, lr=2e-3, min_lr=2e-4, eval_interval=300, eval_iters=32,
                      log_interval=100)),
@@ -617,50 +710,68 @@ ABLATION = {"paper": PAPER, "+ self-distillation": dict(PAPER, distill=0.5),
             "+ loss shape": dict(PAPER, distill=0.5, pos_decay=7.0, slot0=0.0, kl=1.0),
             "+ real rows causal": dict(RECIPE, distill_temp=0.0, tv=0.0),
             "+ sampled text": dict(RECIPE, tv=0.0), "AR only": dict(mode="ar")}   # + the default
+EVERY_TABLE = dict(weights=(0.5, 0.75, 0.25), seeds=range(4), levels=LEVEL_SETTINGS)
 
 
 def reproduce(o):
-    """AR pretraining -> self-distillation -> TiDAR conversion (block 16) -> decoding report on
-    held-out code; the converted model ends in out_dir/ckpt.pt. --pipeline=eval: only the report,
-    with every table; --pipeline=ablation: the default's conversion iterations from its AR
-    checkpoint under each ABLATION recipe, each evaluated alike (README "Ablation")."""
-    out, p = o.get("out_dir", DEFAULTS["out_dir"]), o["pipeline"]
-    check(p in (*PIPELINES, "eval", "ablation"), f"--pipeline={p} is unknown; do use default, "
-          "long, eval or ablation")
-    rest = {"data_cache": f"{out}/data", **{k: v for k, v in o.items()
-                                            if k not in ("pipeline", "out_dir")}}
+    """The pipelines (--pipeline=): default and long: AR pretraining -> self-distillation -> TiDAR
+    conversion -> decoding report on held-out code, the converted model in out_dir/ckpt.pt;
+    convert: the same from an existing AR checkpoint (--init_from), no pretraining; eval: the
+    report alone on out_dir's model, with every table; ablation: the default's conversion from
+    out_dir/ar/ckpt.pt under each ABLATION recipe, evaluated alike. Every other flag reaches each
+    stage (e.g. --block_size: the conversion and the report)."""
+    out = o.get("out_dir", DEFAULTS["out_dir"])
+    p = o["pipeline"]
+    check(p in (*PIPELINES, "convert", "eval", "ablation"), f"--pipeline={p} is unknown; do use "
+          "default, long, convert, eval or ablation")
+    rest = {"data_cache": f"{out}/data",
+            **{k: v for k, v in o.items() if k not in ("pipeline", "out_dir", "init_from")}}
     ar, tidar = PIPELINES.get(p, PIPELINES["default"])
-    if p in PIPELINES or p == "ablation" and not os.path.exists(f"{out}/ar/ckpt.pt"):
-        run({**ar, **rest, "mode": "ar", "out_dir": f"{out}/ar"})
-    if p in PIPELINES or p == "ablation" and not os.path.exists(f"{out}/ckpt.pt"):
-        run({**tidar, **rest, "mode": "tidar", "init_from": f"{out}/ar/ckpt.pt", "out_dir": out})
+    base = f"{out}/ar/ckpt.pt"                                      # the AR checkpoint converted
+    if p == "convert":
+        base = o.get("init_from", "scratch")
+        check(base not in ("scratch", "resume"), "--pipeline=convert converts an AR checkpoint; "
+              "do pass --init_from=PATH (a ckpt.pt, its out_dir, or a Hugging Face directory)")
+    if p in PIPELINES or p == "ablation" and not os.path.exists(base):
+        run({**ar, **rest, "mode": "ar", "init_from": o.get("init_from", "scratch"),
+             "out_dir": f"{out}/ar"})
+    if p in (*PIPELINES, "convert") or p == "ablation" and not os.path.exists(f"{out}/ckpt.pt"):
+        run({**tidar, **rest, "mode": "tidar", "init_from": base, "out_dir": out})
     data = o.get("data", "stdlib")
-    if p != "ablation":                                            # eval: every table
-        model, prompts = heldout_prompts(out, data, 32 if p == "eval" else 16, f"{out}/data")
-        every = dict(weights=(0.5, 0.75, 0.25), seeds=range(4), levels=LEVEL_SETTINGS)
-        return decode_report(model, prompts, out, **(every if p == "eval" else dict(seeds=())))
+    if p == "ablation":
+        return ablation({**tidar, **rest}, out, base, data)
+    model, prompts = heldout_prompts(out, data, 32 if p == "eval" else 16, rest["data_cache"])
+    every = EVERY_TABLE if p == "eval" else dict(seeds=())
+    return decode_report(model, prompts, out, **every)
+
+
+def ablation(conv, out, base, data):
+    """--pipeline=ablation: from the AR checkpoint `base`, the conversion settings `conv` under each
+    ABLATION recipe, then the default (out_dir's own model): val AR loss, and on 32 held-out
+    prompts lossless greedy, T=1 over seeds 0-3, mix 0.5 and prompt lookup."""
     table = {}
     for name, recipe in [*ABLATION.items(), ("default", None)]:
         d = f"{out}/ablation/{name.strip('+ ').replace(' ', '-')}" if recipe else out
         if recipe:
-            run({**tidar, "mode": "tidar", **rest, **recipe, "init_from": f"{out}/ar/ckpt.pt",
-                 "out_dir": d})
+            run({**conv, "mode": "tidar", **recipe, "init_from": base, "out_dir": d})
         table[name] = [json.loads(Path(d, "log.json").read_text())["evals"][-1]["ar"]]
-        if name != "AR only":                                      # TPF: lossless, T=1, mix 0.5
-            model, prompts = heldout_prompts(d, data, 32, f"{out}/data")
-            rows = decode_report(model, prompts, d, 16, (0.5,) if recipe else (0.5, 0.75, 0.25),
-                                 range(4), threads=2)["rows"]   # 4 seeds: 2 differ by ~0.1
-            tpf = {r["name"]: r["tokens_per_forward"] for r in rows}
-            t1 = sum(tpf[f"lossless T=1 seed {s}"] for s in range(4)) / 4
-            table[name] += [tpf["lossless"], rows[1]["sd"], t1, tpf["mix w=0.5"],
-                            tpf["prompt lookup"]]
-    print(f"ablation ({tidar['max_iters']} iterations from {out}/ar/ckpt.pt; val AR on "
-          f"{tidar['eval_iters']} fixed batches; tokens/forward)\nrecipe               val AR "
-          " vs AR only  lossless greedy  T=1, 4 seeds  mix 0.5  lookup")
+        if name == "AR only":
+            continue
+        model, prompts = heldout_prompts(d, data, 32, conv["data_cache"])
+        weights = (0.5,) if recipe else (0.5, 0.75, 0.25)
+        rows = decode_report(model, prompts, d, None, weights, range(4),
+                             threads=2)["rows"]         # 4 seeds: two differ by about 0.1
+        tpf = {r["name"]: r["tokens_per_forward"] for r in rows}
+        t1 = sum(tpf[f"lossless T=1 seed {s}"] for s in range(4)) / 4
+        table[name] += [tpf["lossless"], rows[1]["sd"], t1, tpf["mix w=0.5"],
+                        tpf["prompt lookup"]]
+    print(f"ablation ({conv['max_iters']} iterations from {base}; val AR on {conv['eval_iters']} "
+          "fixed batches; tokens/forward)\nrecipe               val AR  vs AR only  lossless "
+          "greedy  T=1, 4 seeds  mix 0.5  lookup")
     for name, (val, *tpf) in table.items():
         vs = f"{100 * (val / table['AR only'][0] - 1):+9.1f}%"
-        print(f"{name:20s} {val:7.4f} {vs}" + ("  {:6.2f} +- {:4.2f} {:13.2f} {:8.2f} {:7.2f}"
-                                              .format(*tpf) if tpf else ""))
+        cells = "  {:6.2f} +- {:4.2f} {:13.2f} {:8.2f} {:7.2f}".format(*tpf) if tpf else ""
+        print(f"{name:20s} {val:7.4f} {vs}{cells}")
     return table
 
 
@@ -675,12 +786,18 @@ def heldout_prompts(out, data, n_prompts, cache=None):
 
 
 def main(argv=None):
-    """Parse --key=value flags and run; no flags: the small reproduction (--pipeline=default)."""
+    """Parse --key=value flags and run. --mode, --dry_run, --export or --init_from=resume: one run;
+    otherwise a pipeline (default: --pipeline=default, the small reproduction)."""
     argv = sys.argv[1:] if argv is None else argv
-    overrides = parse_args(argv or ["--pipeline=default"], DEFAULTS)
+    overrides = parse_args(argv, DEFAULTS)
+    one_run = {"mode", "dry_run", "export"} & set(overrides) or (
+        overrides.get("init_from") == "resume")
+    check(not (one_run and "pipeline" in overrides), "--pipeline runs both stages, and --mode, "
+          "--dry_run, --export and --init_from=resume one run; do pass one or the other")
+    if not one_run:
+        overrides.setdefault("pipeline", "default")
     try:
-        # --pipeline: AR -> TiDAR -> decoding report; otherwise one run
-        return reproduce(overrides) if overrides.get("pipeline") else run(overrides)
+        return run(overrides) if one_run else reproduce(overrides)
     finally:
         if dist.is_initialized():
             # free FSDP's sharded tensors (in reference cycles) first, or exit can abort (gloo)

@@ -8,12 +8,12 @@ ZAYA1 (Zyphra, 2025) is a decoder-only MoE transformer. Each layer is
   a top-1 MoE whose router is a small MLP fed by a state carried across layers (EDA), with balancing
     biases that steer only the choice, and a 17th "skip" class that computes nothing;
 and learned residual scaling around both, with the residual stream kept in fp32.
-Facts: ../shared/docs/ZAYA1.md. The parity oracle is transformers' ZayaForCausalLM (v5.24.0).
+Facts: docs/zaya1.md. The parity oracle is transformers' ZayaForCausalLM (v5.24.0).
 
 TiDAR (arXiv 2511.08923) needs attention masks and CCA time-mixing other than "causal over a flat
 sequence". So there is ONE general forward, `forward_hidden(idx, pos, pred, mask, cache)`: every
 token has a position id, a predecessor (the token CCA's convolutions and delayed value read as
-"t-1", see ../shared/docs/TIDAR.md section 2), and a boolean attention mask. The plain causal
+"t-1", see docs/tidar.md section 2), and a boolean attention mask. The plain causal
 forward, the TiDAR training layout and the single-forward TiDAR decode step are just different
 (pos, pred, mask) built by the layout functions below, the only place the mask predicates live.
 """
@@ -120,7 +120,7 @@ def ar_step_layout(lengths):
 
 
 def tidar_train_layout(S, K, device=None):
-    """TiDAR training layout over [clean x_0..x_{S-1} | S masks] (TIDAR.md sections 1-2).
+    """TiDAR training layout over [clean x_0..x_{S-1} | S masks] (docs/tidar.md sections 1-2).
 
     Shapes [2S], [2S], [2S, 2S]. clean->clean causal; mask->clean only strictly before the mask's
     own block; mask->mask within its block. Predecessors: clean t -> clean t-1; first mask of block
@@ -141,7 +141,7 @@ def tidar_train_layout(S, K, device=None):
 
 
 def tidar_prefill_layout(lengths, T, K):
-    """TiDAR prefill (TIDAR.md section 3): prompts right-padded to T (row b holds lengths[b]
+    """TiDAR prefill (docs/tidar.md section 3): prompts right-padded to T (row b holds lengths[b]
     tokens), then K masks at positions L_b..L_b+K-1, whose predecessor chain starts at the row's
     last prompt token. Shapes [B, T+K], [B, T+K], [B, T+K, T+K]."""
     t = torch.arange(T + K, device=lengths.device)
@@ -157,8 +157,8 @@ def tidar_prefill_layout(lengths, T, K):
 
 
 def tidar_step_layout(K, groups=None, device=None, start=0):
-    """Single-forward TiDAR decode step (TIDAR.md section 3), at positions start + offsets (start:
-    the committed length L, 0 or a [B, 1] tensor). Built once per (K, groups, device).
+    """Single-forward TiDAR decode step (docs/tidar.md section 3), at positions start + offsets
+    (start: the committed length L, 0 or a [B, 1] tensor). Built once per (K, groups, device).
 
     Query = [d_0..d_{K-1} | group g_0 | group g_1 | ...], each group K masks; `groups` (default all
     0..K-1) says which acceptance levels get a draft. Returns offsets (position - L), pred, mask for
@@ -173,15 +173,17 @@ def tidar_step_layout(K, groups=None, device=None, start=0):
 def _tidar_step(K, groups, device):
     j = torch.arange(K, device=device)
     N = K + K * len(groups)
-    offs, preds = [j], [j + 1]                        # d_j at L+j, predecessor d_{j-1}/cache
+    offs = [j]                                        # d_j at L+j
+    preds = [j + 1]                                   # predecessor d_{j-1}, or the cache's last
     owner = torch.full((N,), -1, device=device)       # -1 for drafts, else the group's level
     for i, g in enumerate(groups):
         base = K + i * K                              # query index of the group's first slot
         offs.append(g + 1 + j)
         preds.append(torch.where(j == 0, torch.full_like(j, g + 2), base + j + 1))
         owner[base:base + K] = g
-    q, k = torch.arange(N, device=device)[:, None], torch.arange(N, device=device)[None, :]
-    grp_q, grp_k = (q - K) // K, (k - K) // K
+    q = torch.arange(N, device=device)[:, None]       # query index
+    k = torch.arange(N, device=device)[None, :]       # key index
+    grp_q, grp_k = (q - K) // K, (k - K) // K         # their mask groups (drafts: -1)
     mask = ((q < K) & (k <= q)                                       # drafts: causal
             | (q >= K) & (k < K) & (k <= owner[:, None])             # group g -> d_0..d_g
             | (q >= K) & (k >= K) & (grp_q == grp_k))                # group -> itself
@@ -202,7 +204,8 @@ class KVCache:
     (fp64 for a float64 model) as the reference does for serving."""
 
     def __init__(self, config, batch_size, capacity, dtype=torch.float32, device=None):
-        L, nkv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        L = config.num_hidden_layers
+        nkv, hd = config.num_key_value_heads, config.head_dim
         C = (config.num_attention_heads + nkv) * hd
         self.k = torch.zeros(L, batch_size, nkv, capacity, hd, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
@@ -217,7 +220,8 @@ class KVCache:
         """A forward's mask among its T query tokens, [T, T] or [B, T, T], as one over the key
         slots [0, S), [B, T, S]: each query sees its row's cached prefix, and the query tokens at
         slots L_b.. as `mask` says. S = max L + T, or under the compiler, the capacity."""
-        L, T = self.lengths, mask.shape[-1]
+        L = self.lengths                                         # [B]
+        T = mask.shape[-1]
         compiled = torch.compiler.is_compiling()                 # kernels.py checks the capacity
         S = self.k.shape[3] if compiled else int(L.max()) + T    # k.shape: dynamic when compiled
         if not compiled and S > self.capacity:
@@ -309,22 +313,26 @@ class CCAProjection(nn.Module):
 
 
 class CCA(nn.Module):
-    """Compressed Convolutional Attention in its GQA form (ZAYA1.md section 2.1)."""
+    """Compressed Convolutional Attention in its GQA form (docs/zaya1.md section 2.1)."""
 
     def __init__(self, c, layer_idx):
         super().__init__()
-        self.c, self.layer_idx = c, layer_idx
-        self.qkv_proj, self.qk_norm = CCAProjection(c), nn.Module()
+        self.c = c
+        self.layer_idx = layer_idx
+        self.qkv_proj = CCAProjection(c)
+        self.qk_norm = nn.Module()
         self.qk_norm.temp = nn.Parameter(torch.zeros(c.num_key_value_heads))   # per KV head, keys
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, rows, mask, cache):
         """x [B, T, d]; rows = predecessor_rows(pred); mask [T, S] or [B, T, S] over S = T keys, or
         over the cache's first S key slots (KVCache.mask)."""
-        c, p = self.c, self.qkv_proj
+        c = self.c
+        p = self.qkv_proj
         B, T, _ = x.shape
         nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        G, nh = nq // nkv, nq + nkv                                    # nh: q and k heads
+        G = nq // nkv                                                  # query heads per KV head
+        nh = nq + nkv                                                  # q and k heads
         q0, k0 = p.q_proj(x), p.k_proj(x)                      # (B, T, nq*hd), (B, T, nkv*hd)
 
         # qk-mean residual: each query head averaged with its KV head, keys = mean over the group
@@ -374,13 +382,15 @@ class Router(nn.Module):
 
     def __init__(self, c, layer_idx):
         super().__init__()
-        E, R = c.num_experts, c.router_hidden_size
+        E = c.num_experts
+        R = c.router_hidden_size
         self.down_proj = nn.Linear(c.hidden_size, R)
         if layer_idx > 0:
             self.router_states_scale = nn.Parameter(torch.ones(R))
         self.router_mlp = nn.Module()
         self.router_mlp.norm = RMSNorm(R, c.rms_norm_eps)
-        self.router_mlp.fc1, self.router_mlp.fc2 = nn.Linear(R, R), nn.Linear(R, R)
+        self.router_mlp.fc1 = nn.Linear(R, R)
+        self.router_mlp.fc2 = nn.Linear(R, R)
         self.router_mlp.out_proj = nn.Linear(R, E + 1, bias=False)
         self.register_buffer("balancing_biases", torch.tensor([0.0] * E + [-1.0]))  # argmax only
 
@@ -415,7 +425,8 @@ class Experts(nn.Module):
             return torch.zeros_like(x)
         counts = torch.bincount(choice, minlength=self.gate_up_proj.shape[0] + 1).tolist()
         order = choice.argsort(stable=True)                    # [N], the skip class last
-        xs, ys = x.index_select(0, order).split(counts), []   # xs: the tokens of each class
+        xs = x.index_select(0, order).split(counts)           # the tokens of each class
+        ys = []
         for xe, w_gu, w_down in zip(xs, self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
             if len(xe):
                 gate, up = F.linear(xe, w_gu).chunk(2, -1)
@@ -427,7 +438,8 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     def __init__(self, c, layer_idx):
         super().__init__()
-        self.gate, self.experts = Router(c, layer_idx), Experts(c)
+        self.gate = Router(c, layer_idx)
+        self.experts = Experts(c)
         self.load = None                                # tokens per class of the last forward
 
     def forward(self, x, r):
@@ -461,7 +473,8 @@ class Block(nn.Module):
 class Zaya(nn.Module):
     def __init__(self, config):
         super().__init__()
-        c = self.config = config
+        self.config = config
+        c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.input_hidden_states_scale = nn.Parameter(torch.ones(c.hidden_size))
         self.input_hidden_states_bias = nn.Parameter(torch.zeros(c.hidden_size))
@@ -527,7 +540,8 @@ class Zaya(nn.Module):
         h = ((e + self.input_hidden_states_bias) * self.input_hidden_states_scale).float()
         cos, sin = self.rope(pos, dt)
         mask = cache.mask(mask) if cache is not None else mask        # [B, T, key slots]
-        rows, r = predecessor_rows(pred), None
+        rows = predecessor_rows(pred)
+        r = None                                                       # the router's EDA state
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
                 h, r = grad_checkpoint(layer, h, r, cos, sin, rows, mask, cache,
@@ -579,11 +593,15 @@ class CheckpointError(ValueError):
 
 
 def _atomic_write(path, write):
-    """write(tmp_path) then rename over path, so a crash never leaves a half-written file."""
+    """write(tmp_path) then rename over path, so a crash never leaves a half-written file. The file
+    gets the usual permissions, 0666 less the umask (mkstemp's own are 0600: owner only)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix="tmp-")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -596,11 +614,15 @@ def save_hf(path, config, tensors, read=None, max_shard_bytes=5 * 2**30):
     meta tensors (sizes) and read(names) -> {name: tensor}: one file's tensors at a time."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
-    shards, size = [[]], 0                                             # size: bytes in shards[-1]
+    shards = [[]]                                                      # tensor names per file
+    size = 0                                                           # bytes in shards[-1]
     for k, v in tensors.items():
-        if shards[-1] and size + v.numel() * v.element_size() > max_shard_bytes:
-            shards, size = shards + [[]], 0
-        shards[-1], size = shards[-1] + [k], size + v.numel() * v.element_size()
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     names = ["model.safetensors"] if len(shards) == 1 else names
     for name, keys in zip(names, shards):
@@ -682,15 +704,15 @@ _LEGACY = {**{f"self_attn.{a}": f"self_attn.{b}" for a, b in _ATTN.items()},
 
 
 def legacy_name(k, n_layers):
-    """A legacy Megatron tensor name (80 sub-layers, ZAYA1.md section 3.2) -> (our name, expert):
-    expert e of a layer is row e of our stacked tensor; None for every other tensor."""
+    """A legacy Megatron tensor name (80 sub-layers, docs/zaya1.md section 3.2) -> (our name,
+    expert): expert e of a layer is row e of our stacked tensor; None for every other tensor."""
     k = k.removeprefix("model.")
     if not k.startswith("layers."):                     # embeddings; after the last sub-layer
         return _rename(k, {"res_scale": f"layers.{n_layers - 1}.post_mlp_residual_scale",
                            "final_norm": "norm"}), None
     _, j, rest = k.split(".", 2)
     j = int(j)
-    i, odd = j // 2, j % 2
+    i, odd = divmod(j, 2)                               # our layer, the sub-layer's half
     if rest.startswith("res_scale."):
         s = rest[len("res_scale."):]
         return (f"input_{s}" if j == 0 else f"layers.{i}.post_attention_residual_scale.{s}" if odd
@@ -777,7 +799,8 @@ def hf_parts(path, files, raw, n_layers):
     """load_checkpoint's parts of an HF directory's safetensors files, legacy names renamed per
     tensor; rows lo:hi of a stacked expert tensor are legacy experts lo..hi-1."""
     from safetensors import safe_open
-    legacy, sources = is_legacy_config(raw), {}    # sources: ours -> {expert or None: (file, name)}
+    legacy = is_legacy_config(raw)
+    sources = {}                                   # ours -> {expert or None: (file, name)}
     for name in files:
         try:
             f = safe_open(os.path.join(path, name), "pt")
