@@ -432,11 +432,11 @@ HAND_SETS = [[0], [0, 1], [0, 2], [0, 4], [0, 8], [0, 2, 4], [0, 4, 8, 12]]   # 
 LEVEL_SETTINGS = ["AR", "AR"] + [None] + HAND_SETS + ["auto"]  # AR twice: the 2nd shows the noise
 
 
-def _report_runs(weights, seeds):
+def _report_runs(weights, seeds, draft_scale):
     """The report's rows: name -> how to decode (report_decode's keywords)."""
     runs = {"AR": dict(kind="ar"), "lossless": dict(record=True)}
     for s in seeds:
-        runs[f"lossless T=1 seed {s}"] = dict(temperature=1.0, seed=s)
+        runs[f"lossless T=1 seed {s}"] = dict(temperature=1.0, seed=s, draft_scale=draft_scale)
     for w in weights:
         runs[f"mix w={w}"] = dict(sampler="mix", mix_weight=w)
     runs["prompt lookup"] = dict(kind="lookup")
@@ -484,19 +484,19 @@ def copy_split(prompts, stats):
 
 @torch.no_grad()
 def decode_report(model, prompts, out, K=None, weights=(0.5,), seeds=(0,), levels=(),
-                  new_tokens=128, threads=1):
+                  new_tokens=128, threads=1, draft_scale=DRAFT_SCALE):
     """The held-out evaluation (docs/acceptance.md, "Measuring"): each prompt alone (batch 1, one
     thread: a second one mostly adds noise on a shared CPU), block K (default the model's), every
     level drafted. Per row: tokens per forward (mean, sd over prompts), tokens/s, the AR head's
     mean log-likelihood of its text; lossless greedy's steps split into copies and the rest; then
     levels_report, demo continuations and out/decode.json. threads > 1: for tokens per forward
-    only (the ablation's), which no thread count changes."""
+    only (the ablation's), which no thread count changes. T=1 drafts at T / draft_scale."""
     K = K or model.config.block_size
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         _, decode = load_tokenizer(model)
-        runs = _report_runs(weights, seeds)
+        runs = _report_runs(weights, seeds, draft_scale)
         got = {name: [] for name in runs}           # name -> per prompt (Stats, log-lik, tokens)
         for p in prompts:                           # every run on a prompt, then the next prompt
             for name, how in runs.items():

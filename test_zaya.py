@@ -503,7 +503,7 @@ def test_evaluation_counts_copies_and_scores_text_with_the_ar_head(tmp_path, cap
     2+ committed tokens occur in order in the context before it (checked against a direct search over the
     rebuilt context), summed over prompts with the runs' steps and tokens. Log-likelihood: a row's mean over
     prompts of the AR head's mean log p(x_t | x_<t) over the new tokens, each term from its own forward over the
-    prefix (float64), here of the T=1 row's sampled text."""
+    prefix (float64), here of the T=1 row's sampled text, drafted at the draft_scale asked for."""
     from sample import decode_report
     m = model_accepting("always")                       # one token forever: long accepted copies
     K, prompts = m.config.block_size, [torch.tensor([5, 6, 7, 8, 5, 6, 7, 8, 5, 6]), torch.tensor([9, 5, 6])]
@@ -521,10 +521,10 @@ def test_evaluation_counts_copies_and_scores_text_with_the_ar_head(tmp_path, cap
     assert f"the other steps {(total - made) / (steps - copies):.2f} tokens/forward" in capsys.readouterr().out
     m = model_accepting("partly")
     prompts = [torch.randint(5, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (6, 9)]
-    rows = decode_report(m, prompts, tmp_path, K, seeds=(0,), new_tokens=12)["rows"]
+    rows = decode_report(m, prompts, tmp_path, K, seeds=(0,), new_tokens=12, draft_scale=0.5)["rows"]
     means = []
     for p in prompts:                                   # the report's T=1 seed 0 run, again
-        toks = generate_tidar(m, p[None], 12, block_size=K, temperature=1.0,
+        toks = generate_tidar(m, p[None], 12, block_size=K, temperature=1.0, draft_scale=0.5,
                               generator=torch.Generator().manual_seed(0))[0][0]
         terms = []
         for t in range(len(p), len(toks)):

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from cli import UsageError, check, get_tokenizer, parse_args
-from sample import LEVEL_SETTINGS, decode_report, generate_ar
+from sample import DRAFT_SCALE, LEVEL_SETTINGS, decode_report, generate_ar
 from zaya import (CheckpointError, Zaya, ZayaConfig, _atomic_write, causal_layout, check_tensors,
                   latest_checkpoint, load_checkpoint, save_hf, tidar_train_layout)
 
@@ -69,6 +69,7 @@ DEFAULTS = dict(
     compile=False, grad_checkpointing=False, fsdp=False,
     loss_chunk=1024,               # tokens per cross-entropy chunk (0 = one chunk, full logits)
     pipeline="default",            # default|long|convert|eval|ablation (without --mode)
+    draft_scale=DRAFT_SCALE,       # the report's T=1 rows draw drafts at T / draft_scale
     export="",                     # DIR: export --init_from in the HF layout, exit
     dry_run=False, gpus=8)         # dry_run: print sizes for --gpus GPUs and exit
 
@@ -741,8 +742,9 @@ def reproduce(o):
     if p == "ablation":
         return ablation({**tidar, **rest}, out, base, data)
     model, prompts = heldout_prompts(out, data, 32 if p == "eval" else 16, rest["data_cache"])
-    every = EVERY_TABLE if p == "eval" else dict(seeds=())
-    return decode_report(model, prompts, out, **every)
+    tables = EVERY_TABLE if p == "eval" else dict(seeds=())
+    scale = rest.get("draft_scale", DRAFT_SCALE)
+    return decode_report(model, prompts, out, draft_scale=scale, **tables)
 
 
 def ablation(conv, out, base, data):
@@ -759,8 +761,8 @@ def ablation(conv, out, base, data):
             continue
         model, prompts = heldout_prompts(d, data, 32, conv["data_cache"])
         weights = (0.5,) if recipe else (0.5, 0.75, 0.25)
-        rows = decode_report(model, prompts, d, None, weights, range(4),
-                             threads=2)["rows"]         # 4 seeds: two differ by about 0.1
+        rows = decode_report(model, prompts, d, None, weights, range(4), threads=2,
+                             draft_scale=conv.get("draft_scale", DRAFT_SCALE))["rows"]   # 4 seeds
         tpf = {r["name"]: r["tokens_per_forward"] for r in rows}
         t1 = sum(tpf[f"lossless T=1 seed {s}"] for s in range(4)) / 4
         table[name] += [tpf["lossless"], rows[1]["sd"], t1, tpf["mix w=0.5"],
