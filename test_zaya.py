@@ -521,7 +521,8 @@ def test_evaluation_counts_copies_and_scores_text_with_the_ar_head(tmp_path, cap
     assert f"the other steps {(total - made) / (steps - copies):.2f} tokens/forward" in capsys.readouterr().out
     m = model_accepting("partly")
     prompts = [torch.randint(5, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (6, 9)]
-    rows = decode_report(m, prompts, tmp_path, K, seeds=(0,), new_tokens=12, draft_scale=0.5)["rows"]
+    rows = decode_report(m, prompts, tmp_path, K, seeds=(0,), new_tokens=12,
+                         draft_scale=0.5)["rows"]
     means = []
     for p in prompts:                                   # the report's T=1 seed 0 run, again
         toks = generate_tidar(m, p[None], 12, block_size=K, temperature=1.0, draft_scale=0.5,
