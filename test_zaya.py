@@ -2073,3 +2073,23 @@ def test_bench_draft_scales_averages_temperature_one_runs_over_prompts_and_seeds
             per_seed.append(sum(st.tokens_per_forward for st in runs) / 3)
         line = re.search(rf"draft_scale {scale}, 3 prompts +([\d.]+) tokens/forward", out)
         assert float(line[1]) == pytest.approx(sum(per_seed) / 2, abs=0.006), run["ckpt"]
+
+
+def test_every_document_the_code_cites_is_in_the_repository():
+    """A clone is complete: every document under docs/ that a program, test or the README cites
+    exists, every "docs/<name>.md section N" names a heading of it, and nothing points outside the repository (to the
+    team's reference shelf). The check itself fails on a citation of a missing section."""
+    import re
+    files = PROGRAMS + ["test_zaya.py", "README.md"]
+    text = {f: open(os.path.join(HERE, f)).read() for f in files}
+    cited = {(m[1], m[2]) for t in text.values()
+             for m in re.finditer(r"docs/(\w+)\.md(?:,? sections? ([\d.]+))?", t)}
+    assert {name for name, _ in cited} >= {"tidar", "zaya1", "acceptance", "results"}
+
+    def has(name, section):
+        path = os.path.join(HERE, "docs", f"{name}.md")
+        heads = [l for l in open(path).read().splitlines() if l.startswith("#")]
+        return not section or any(re.match(rf"#+ {re.escape(section)}\.? ", h) for h in heads)
+    assert [c for c in cited if not has(*c)] == []
+    assert not has("tidar", "99")
+    assert not [f for f, t in text.items() if "shared" + "/docs" in t or "../" + "shared" in t]
