@@ -487,10 +487,10 @@ def decode_report(model, prompts, out, K=None, weights=(0.5,), seeds=(0,), level
                   new_tokens=128, threads=1, draft_scale=DRAFT_SCALE):
     """The held-out evaluation (docs/acceptance.md, "Measuring TPF honestly"): each prompt alone
     (batch 1, one thread: a second one mostly adds noise on a shared CPU), block K (default the
-    model's), every level drafted. Per row: tokens per forward (mean, sd over prompts), tokens/s, the AR head's
-    mean log-likelihood of its text; lossless greedy's steps split into copies and the rest; then
-    levels_report, demo continuations and out/decode.json. threads > 1: for tokens per forward
-    only (the ablation's), which no thread count changes. T=1 drafts at T / draft_scale."""
+    model's), every level drafted. Per row: tokens per forward (mean, sd over prompts), tokens/s,
+    the AR head's mean log-likelihood of its text; lossless greedy's steps split into copies and the
+    rest; then levels_report, demo continuations and out/decode.json. threads > 1: for tokens per
+    forward only (the ablation's), which no thread count changes. T=1 drafts at T / draft_scale."""
     K = K or model.config.block_size
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

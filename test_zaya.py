@@ -2077,8 +2077,9 @@ def test_bench_draft_scales_averages_temperature_one_runs_over_prompts_and_seeds
 
 def test_every_document_the_code_cites_is_in_the_repository():
     """A clone is complete: every document under docs/ that a program, test or the README cites
-    exists, every "docs/<name>.md section N" names a heading of it, and nothing points outside the repository (to the
-    team's reference shelf). The check itself fails on a citation of a missing section."""
+    exists, every "docs/<name>.md section N" names a heading of it, and nothing points outside the
+    repository (to the team's reference shelf). The check itself fails on a citation of a missing
+    section."""
     import re
     files = PROGRAMS + ["test_zaya.py", "README.md"]
     text = {f: open(os.path.join(HERE, f)).read() for f in files}
