@@ -1363,7 +1363,8 @@ def assert_every_save_sharded(probes):
 def test_fsdp_sharded_checkpoint_resumes_exactly_and_reshards_onto_one_process(tmp_path):
     """N=2 iterations, a DCP save, a resume for M=2 more: the losses and weights of 4 uninterrupted ones, bit for bit.
     The same DCP checkpoint also resumes on 1 process (DCP reshards): its weights arrive exactly (checked with lr 0)
-    and AdamW's step count continues."""
+    and AdamW's step count continues. A new run from the DCP folder (not a resume: a conversion of an
+    FSDP run) starts from its weights."""
     data = write_corpus(tmp_path / "corpus.txt")
     common = dict(mode="tidar", batch_size=4, eval_interval=2, lr_decay_iters=4, fsdp=True)
     r, probes = run_two(tmp_path, tiny_args(tmp_path, data, "full", max_iters=4, **common), "full")
@@ -1388,6 +1389,12 @@ def test_fsdp_sharded_checkpoint_resumes_exactly_and_reshards_onto_one_process(t
     assert ck["iter_num"] == 3 and all(torch.equal(v, ck["model"][k]) for k, v in saved.items()
                                        if not k.endswith("balancing_biases"))    # lr 0: unchanged
     assert {int(s["step"]) for s in ck["optimizer"]["state"].values()} == {3}  # 2 loaded + 1
+    dcp_dir = str(tmp_path / "full" / "ckpt-dcp" / "iter-00000004")    # a new run from it: weights
+    conv = train.main(tiny_args(tmp_path, data, "conv", mode="tidar", init_from=dcp_dir,
+                                max_iters=1, lr=0, min_lr=0))
+    ck = torch.load(conv["ckpt"], weights_only=True)
+    assert all(torch.equal(v, ck["model"][k]) for k, v in a.state_dict().items()
+               if not k.endswith("balancing_biases"))
 
 
 @pytest.mark.slow

@@ -317,7 +317,7 @@ def run(overrides):
     job.it = 0
     job.best = float("inf")
     if c.init_from == "resume":
-        restore(job, ckpt[2])
+        restore(job, ckpt.meta)
     proc.log(f"{c.mode} from {c.init_from}: {job.model.num_params():,} params, {proc.world} "
              f"process(es), {proc.device}, {proc.dtype}")
     return train_loop(c, proc, data, job)
@@ -325,7 +325,7 @@ def run(overrides):
 
 def settings(overrides):
     """DEFAULTS <- the checkpoint's settings on resume, or its tokenizer on init <- overrides;
-    checked. Returns (c, the checkpoint's path, (config, parts, meta) or None)."""
+    checked. Returns (c, the checkpoint's path, the checkpoint: config, parts, meta; or None)."""
     src = overrides.get("init_from", "scratch")
     if src == "resume":
         out = overrides.get("out_dir", DEFAULTS["out_dir"])
@@ -335,11 +335,11 @@ def settings(overrides):
     base = {}                                                       # what the checkpoint sets
     if src != "scratch":
         try:
-            ckpt = load_checkpoint(src)
+            config, parts, meta = load_checkpoint(src)
         except CheckpointError as e:
             raise UsageError(f"{e}; do pass a train.py checkpoint or out_dir (python train.py "
                              "makes one), or a Hugging Face directory") from None
-        meta = ckpt[2]
+        ckpt = SimpleNamespace(config=config, parts=parts, meta=meta)
         hf_tok = os.path.isfile(os.path.join(src, "tokenizer.json"))   # an HF dir's own tokenizer
         if overrides.get("init_from") == "resume":
             base = {k: v for k, v in meta["train_cfg"].items() if k in DEFAULTS and k != "fsdp"}
@@ -426,7 +426,7 @@ def new_model(c, data, ckpt):
             c.preset, vocab_size=data.ids["vocab_size"], bos_token_id=data.ids["eot"],
             eos_token_id=data.ids["eot"], pad_token_id=data.ids["pad"], mask_token_id=mask,
             block_size=c.block_size))
-    config = ckpt[0]
+    config = ckpt.config
     config.block_size = c.block_size
     if c.init_from != "resume" and mask is not None:
         config.mask_token_id = mask
@@ -439,7 +439,7 @@ def build(c, proc, data, ckpt, src):
     loss module DDP/FSDP wrap, AdamW. Returns the job: model, loss_model, opt, params."""
     model = new_model(c, data, ckpt)
     if ckpt is not None:
-        check_tensors(src, model.state_dict(), ckpt[1])
+        check_tensors(src, model.state_dict(), ckpt.parts)
     check(data.enc.n_vocab <= model.config.vocab_size,
           f"tokenizer {c.tokenizer} has {data.enc.n_vocab} ids but the model's vocab_size is "
           f"{model.config.vocab_size}; do use the tokenizer the checkpoint was trained with")
@@ -461,9 +461,10 @@ def build(c, proc, data, ckpt, src):
         model.to(proc.device)
     else:
         model.to_empty(device=proc.device)
-    if ckpt is not None and "dcp" not in ckpt[2]:                  # DCP: loaded with AdamW's
+    dcp_resume = ckpt is not None and c.init_from == "resume" and "dcp" in ckpt.meta
+    if ckpt is not None and not dcp_resume:         # a DCP resume loads with AdamW's: restore
         before = peak_rss_mib()
-        load_rows(model, ckpt[1], proc.rank, proc.world)
+        load_rows(model, ckpt.parts, proc.rank, proc.world)
         print(f"rank {proc.rank}: weights of {src} read, peak host memory (RSS) "
               f"{peak_rss_mib():,.0f} MiB, {peak_rss_mib() - before:,.0f} MiB more than before")
     if proc.world > 1 and not c.fsdp:
