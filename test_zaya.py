@@ -1363,7 +1363,7 @@ def assert_every_save_sharded(probes):
 def test_fsdp_sharded_checkpoint_resumes_exactly_and_reshards_onto_one_process(tmp_path):
     """N=2 iterations, a DCP save, a resume for M=2 more: the losses and weights of 4 uninterrupted ones, bit for bit.
     The same DCP checkpoint also resumes on 1 process (DCP reshards): its weights arrive exactly (checked with lr 0)
-    and AdamW's step count continues. A new run from the DCP folder (not a resume: a conversion of an
+    and AdamW's step count continues. A new run from the DCP folder (not a resume: converting an
     FSDP run) starts from its weights."""
     data = write_corpus(tmp_path / "corpus.txt")
     common = dict(mode="tidar", batch_size=4, eval_interval=2, lr_decay_iters=4, fsdp=True)
