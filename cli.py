@@ -3,8 +3,8 @@ What both command lines (train.py, sample.py) share: the --key=value flag parser
 error for bad input, and the tokenizers that turn text into ids and back.
 
 Tokenizers: "bytes" (256 single-byte tokens plus <|endoftext|>, <|mask|> and <|pad|>: offline,
-and any text encodes), a tiktoken encoding with <|mask|> and <|pad|> appended, or a Hugging Face
-tokenizer.json read with the `tokenizers` package (the 8B checkpoint's own: <mask> is id 4).
+and any text encodes), or a Hugging Face tokenizer.json read with the `tokenizers` package (the
+8B checkpoint's own: <mask> is id 4; or one train.py trained, --tokenizer=bpeN).
 """
 import os
 from types import SimpleNamespace
@@ -47,23 +47,16 @@ def parse_args(argv, defaults):
 def get_tokenizer(name):
     """(encoder, ids), ids = dict(eot, mask, pad, vocab_size). vocab_size is the model's: n_vocab
     rounded up to a multiple of 64, so drop ids >= enc.n_vocab before enc.decode(ids). name: bytes,
-    a tiktoken encoding, or a path: a Hugging Face tokenizer.json or the directory holding one."""
+    or a path: a Hugging Face tokenizer.json or the directory holding one (train.py's --tokenizer
+    =bpeN trains one)."""
     if name != "bytes" and ("/" in name or name.endswith(".json") or os.path.exists(name)):
         return hf_tokenizer(name)
-    if name == "bytes":        # 256 single-byte tokens, no merges: offline, and any text encodes
-        ranks = {bytes([i]): i for i in range(256)}
-        special = {"<|endoftext|>": 256, "<|mask|>": 257, "<|pad|>": 258}
-        enc = tiktoken.Encoding("bytes", pat_str=r"[^\n]+|\n", mergeable_ranks=ranks,
-                                special_tokens=special)
-    else:                      # a tiktoken encoding with <|mask|> and <|pad|> after its last id
-        try:
-            base = tiktoken.get_encoding(name)
-        except Exception as e:
-            raise UsageError(f"no tiktoken encoding {name!r} ({type(e).__name__}); "
-                             "do use --tokenizer=bytes") from None
-        special = {**base._special_tokens, "<|mask|>": base.n_vocab, "<|pad|>": base.n_vocab + 1}
-        enc = tiktoken.Encoding(f"{name}-tidar", pat_str=base._pat_str,
-                                mergeable_ranks=base._mergeable_ranks, special_tokens=special)
+    check(name == "bytes", f"no tokenizer {name!r}; do use --tokenizer=bytes, bpeN (train.py: a "
+          "BPE of N ids trained on --data) or the path of a tokenizer.json")
+    ranks = {bytes([i]): i for i in range(256)}  # 256 single-byte tokens, no merges: any text
+    special = {"<|endoftext|>": 256, "<|mask|>": 257, "<|pad|>": 258}
+    enc = tiktoken.Encoding("bytes", pat_str=r"[^\n]+|\n", mergeable_ranks=ranks,
+                            special_tokens=special)
     ids = dict(eot=enc.eot_token, mask=enc.encode_single_token("<|mask|>"),
                pad=enc.encode_single_token("<|pad|>"))
     return enc, dict(ids, vocab_size=(enc.n_vocab + 63) // 64 * 64)

@@ -465,21 +465,17 @@ def copy_split(prompts, stats):
     """Lossless steps that copy: a step committing 2+ tokens that occur, in order, in the context
     before it (prompt and output; Stats.log of record=True runs). Returns (copy steps, steps,
     tokens the copy steps committed, tokens all steps committed)."""
-    copies = 0
-    copied = 0
-    steps = 0
-    total = 0
+    copies = []                                     # tokens committed by each copy step
+    steps = []                                      # tokens committed by each step
     for p, st in zip(prompts, stats):
         ctx = p.tolist() + [st.log[0][1]]
         for accepted, own in st.log[1:]:
             step = accepted + [own]
             if accepted and any(ctx[j:j + len(step)] == step for j in range(len(ctx))):
-                copies += 1
-                copied += len(step)
+                copies.append(len(step))
             ctx += step
-            steps += 1
-            total += len(step)
-    return copies, steps, copied, total
+            steps.append(len(step))
+    return len(copies), len(steps), sum(copies), sum(steps)
 
 
 @torch.no_grad()
@@ -537,15 +533,6 @@ def decode_report(model, prompts, out, K=None, weights=(0.5,), seeds=(0,), level
         torch.set_num_threads(before)
 
 
-def _setting_name(setting):
-    """A levels_report setting as printed: "AR", "auto", "dense" (None) or a set like "{0,4}"."""
-    if isinstance(setting, str):
-        return setting
-    if setting is None:
-        return "dense"
-    return "{" + ",".join(map(str, setting)) + "}"
-
-
 def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
     """Lossless greedy tokens/s of AR and TiDAR level settings ("AR", None = dense, a fixed list,
     "auto") side by side: each round decodes every prompt with every setting in an order rotating
@@ -579,7 +566,9 @@ def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
           f"tokens, settings interleaved; auto's calibration {auto.latency.seconds:.2f} s, once")
     rows = []
     for i, g in enumerate(settings):
-        name = _setting_name(g) + (" again" if g == "AR" and settings.index(g) < i else "")
+        name = (g if isinstance(g, str) else "dense" if g is None     # "AR", "auto", a set {0,4}
+                else "{" + ",".join(map(str, g)) + "}")
+        name += " again" if g == "AR" and settings.index(g) < i else ""
         rows.append(dict(block=K, groups=name, tokens_per_s=tps[i], tokens_per_forward=tpf[i],
                          speedup=tps[i] / ar, vs_best_fixed=tps[i] / best, note=notes[i]))
         if g is None:
@@ -618,10 +607,7 @@ def parse_groups(text):
 
 def show_steps(log, decode, prompt_ids):
     """--show: replays the decoding, accepted drafts green, the sampler's own tokens yellow."""
-    green = "\033[32m"
-    yellow = "\033[33m"
-    dim = "\033[2m"
-    reset = "\033[0m"
+    green, yellow, dim, reset = "\033[32m", "\033[33m", "\033[2m", "\033[0m"      # ANSI colours
     print(dim + decode(prompt_ids) + reset, end="", flush=True)
     for accepted, own in log:
         print(green + decode(accepted) + yellow + decode([own]) + reset, end="", flush=True)

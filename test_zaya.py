@@ -2101,3 +2101,37 @@ def test_every_document_the_code_cites_is_in_the_repository():
     assert [c for c in cited if not has(*c)] == []
     assert not has("tidar", "99")
     assert not [f for f, t in text.items() if "shared" + "/docs" in t or "../" + "shared" in t]
+
+
+def test_bpe_tokenizer_is_trained_on_the_training_files_only(tmp_path, capsys):
+    """--tokenizer=bpeN trains a byte-level BPE of N ids on the training split of --data only: a word
+    that fills the held-out files (crc32 of the path % 20 == 0) stays in pieces, while a word as
+    frequent in the training files becomes one token. ZAYA1's special ids (<pad> 0, <bos> 2, <mask>
+    4; <eos> 1 ends documents); trained once and cached; a run trains on it, its checkpoint names the
+    file, and sample.py decodes with it."""
+    import zlib
+    from tokenizers import Tokenizer
+    names = [f"m{i}.py" for i in range(400)]
+    held = [n for n in names if zlib.crc32(n.encode()) % 20 == 0][:3]
+    kept = [n for n in names if zlib.crc32(n.encode()) % 20][:3]
+    (tmp_path / "corpus").mkdir()
+    for n in held:
+        (tmp_path / "corpus" / n).write_text("heldoutonlyword = 1\n" * 400)
+    for n in kept:
+        (tmp_path / "corpus" / n).write_text("trainonlyword = 1\n" * 400)
+    data = str(tmp_path / "corpus")
+    run = train.main(tiny_args(tmp_path, data, "bpe", tokenizer="bpe300", max_iters=1))
+    path = torch.load(run["ckpt"], weights_only=True)["tokenizer"]
+    assert path.endswith(".json") and os.path.dirname(path) == str(tmp_path / "cache")
+    tok = Tokenizer.from_file(path)
+    assert 261 < tok.get_vocab_size() <= 300                # fewer: no pair repeats past that
+    assert [tok.token_to_id(t) for t in train.BPE_SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert len(tok.encode("trainonlyword").ids) == 1 and len(tok.encode("heldoutonlyword").ids) > 4
+    mtime = os.path.getmtime(path)
+    train.main(tiny_args(tmp_path, data, "again", tokenizer="bpe300", max_iters=1))
+    assert os.path.getmtime(path) == mtime                             # cached, not retrained
+    from sample import cli_main
+    capsys.readouterr()
+    assert cli_main([f"--init_from={tmp_path / 'bpe'}", "--sampler=ar", "--prompt=trainonlyword",
+                     "--max_new_tokens=4"]) == 0
+    assert capsys.readouterr().out.startswith("trainonlyword")

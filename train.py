@@ -54,7 +54,7 @@ DEFAULTS = dict(
     mode="ar",                     # ar: next-token loss | tidar: AR + diffusion (docs/tidar.md 1)
     init_from="scratch",           # scratch | resume (out_dir) | PATH: ckpt.pt, its dir, an HF dir
     data="stdlib",                 # stdlib (this Python's .py files) | PATH: a text file or folder
-    tokenizer="bytes",             # bytes (offline) | a tiktoken encoding | PATH: tokenizer.json
+    tokenizer="bytes",             # bytes | bpeN: a BPE of N ids trained on --data | PATH
     out_dir="out", data_cache="",  # token cache folder ("" = out_dir/data)
     max_iters=300, batch_size=16, seq_len=128, block_size=16, alpha=1.0,
     # conversion shaped for acceptance (docs/acceptance.md); these defaults are the paper's loss
@@ -102,11 +102,51 @@ def corpus_files(data):
     return sorted(files)
 
 
+def split_texts(data):
+    """(train, val): the documents of `data`, a file held out (val) when crc32 of its relative path
+    % 20 == 0 (~5% of them, never trained on); binary files (NUL bytes) dropped."""
+    docs = ([], [])
+    for rel, p in corpus_files(data):
+        raw = Path(p).read_bytes()
+        if raw and b"\0" not in raw[:8192]:
+            docs[zlib.crc32(rel.encode()) % 20 == 0].append(raw.decode(errors="replace"))
+    return docs
+
+
+BPE_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]   # ids 0-4, as in ZAYA1's
+
+
+def bpe_tokenizer(c):
+    """--tokenizer=bpeN: the path of a byte-level BPE tokenizer.json of N ids, trained on the
+    training split of --data only (the `tokenizers` package), once, and kept in the data cache.
+    Its first ids are BPE_SPECIAL_TOKENS: <pad> 0, <bos> 2 and <mask> 4 as in ZAYA1's tokenizer;
+    <eos> 1 ends every document."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    n = int(c.tokenizer[3:])
+    check(256 + len(BPE_SPECIAL_TOKENS) <= n <= 2**16,
+          f"--tokenizer={c.tokenizer}: do pick between bpe261 and bpe65536")
+    files = [(rel, os.path.getsize(p)) for rel, p in corpus_files(c.data)]
+    where = c.data if c.data == "stdlib" else os.path.abspath(c.data)
+    key = zlib.crc32(json.dumps([where, n, files]).encode())
+    cache = c.data_cache or f"{c.out_dir}/data"
+    path = os.path.abspath(os.path.join(cache, f"bpe{n}-{key:08x}.json"))
+    if not os.path.exists(path):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=n, special_tokens=BPE_SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(split_texts(c.data)[0], trainer)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _atomic_write(path, tok.save)
+    return path
+
+
 def load_corpus(data, tokenizer, cache_dir, min_tokens=2):
-    """(train, val) token arrays (memmaps). A file goes to val when crc32(relative path) % 20 == 0
-    (~5%); each document is <|endoftext|> then its tokens. Cached as uint16 (uint32 for big vocabs)
-    .bin files keyed by the data path, file sizes and times, and the tokenizer. A split under
-    min_tokens: the last 5% of all become val."""
+    """(train, val) token arrays (memmaps) of split_texts' documents, each <|endoftext|> then its
+    tokens. Cached as uint16 (uint32 for big vocabs) .bin files keyed by the data path, file sizes
+    and times, and the tokenizer. A split under min_tokens: the last 5% of all become val."""
     files = corpus_files(data)
     stat = [data if data == "stdlib" else os.path.abspath(data), tokenizer]   # cwd-free key
     stat += [(rel, os.path.getsize(p), os.path.getmtime(p)) for rel, p in files]
@@ -116,13 +156,8 @@ def load_corpus(data, tokenizer, cache_dir, min_tokens=2):
     dtype = np.uint16 if ids["vocab_size"] <= 2**16 else np.uint32
     paths = [os.path.join(cache_dir, f"{key}.{split}.bin") for split in ("train", "val")]
     if not all(os.path.exists(p) for p in paths):
-        docs = ([], [])
-        for rel, p in files:
-            raw = Path(p).read_bytes()
-            if raw and b"\0" not in raw[:8192]:  # NUL bytes: a binary file
-                docs[zlib.crc32(rel.encode()) % 20 == 0].append(raw.decode(errors="replace"))
         os.makedirs(cache_dir, exist_ok=True)
-        for path, texts in zip(paths, docs):  # atomic: concurrent ranks may both write
+        for path, texts in zip(paths, split_texts(data)):  # atomic: ranks may both write
             toks = [t for doc in enc.encode_ordinary_batch(texts) for t in [ids["eot"], *doc]]
             _atomic_write(path, np.array(toks, dtype=dtype).tofile)
     train, val = (np.memmap(p, dtype=dtype, mode="r") if os.path.getsize(p) else np.zeros(0, dtype)
@@ -387,16 +422,14 @@ def processes(c):
     os.makedirs(c.out_dir, exist_ok=True)
     torch.manual_seed(c.seed)                  # the only RNG training draws from (get_batch)
     return SimpleNamespace(world=world, rank=rank, device=device, cuda=cuda, dtype=dtype,
-                           autocast=autocast, log=print if rank == 0 else quiet)
-
-
-def quiet(*args):
-    """The log of ranks other than 0."""
+                           autocast=autocast, log=print if rank == 0 else lambda *a: None)
 
 
 def load_data(c, proc):
     """Tokenizer, train and val token arrays, and the self-distilled rows (or None); a cold cache is
     built by every rank (the writes are atomic)."""
+    if c.tokenizer.startswith("bpe") and c.tokenizer[3:].isdigit():
+        c.tokenizer = bpe_tokenizer(c)                  # kept in the checkpoint: the file's path
     enc, ids = get_tokenizer(c.tokenizer)
     cache = c.data_cache or f"{c.out_dir}/data"
     train_ids, val_ids = load_corpus(c.data, c.tokenizer, cache, c.seq_len + 1)
