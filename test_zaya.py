@@ -2032,8 +2032,9 @@ def test_every_flag_reaches_the_pipeline_and_convert_reuses_an_ar_checkpoint(tmp
     """Flags without --mode run the default pipeline, and reach each stage end to end:
     --block_size=8 trains the conversion AND the report at block 8 (report rows, decode.json's
     per-slot acceptance, the converted model's config). --pipeline=convert converts an existing AR
-    checkpoint with the default recipe (train.RECIPE, self-distilled text) and reports, without pretraining again; a
-    convert without --init_from, or --pipeline beside --mode, is one clear error."""
+    checkpoint with the default recipe (train.RECIPE, self-distilled text) and reports, without
+    pretraining again; a convert without --init_from, or --pipeline beside --mode, is one clear
+    error."""
     data = write_corpus(tmp_path / "corpus.txt", n_lines=1500)
     out = tmp_path / "out"
     common = [f"--data={data}", "--preset=tiny", "--max_iters=6", "--seq_len=32", "--batch_size=4",
@@ -2104,11 +2105,11 @@ def test_every_document_the_code_cites_is_in_the_repository():
 
 
 def test_bpe_tokenizer_is_trained_on_the_training_files_only(tmp_path, capsys):
-    """--tokenizer=bpeN trains a byte-level BPE of N ids on the training split of --data only: a word
-    that fills the held-out files (crc32 of the path % 20 == 0) stays in pieces, while a word as
-    frequent in the training files becomes one token. ZAYA1's special ids (<pad> 0, <bos> 2, <mask>
-    4; <eos> 1 ends documents); trained once and cached; a run trains on it, its checkpoint names the
-    file, and sample.py decodes with it."""
+    """--tokenizer=bpeN trains a byte-level BPE of N ids on the training split of --data only: a
+    word that fills the held-out files (crc32 of the path % 20 == 0) stays in pieces, while a word
+    as frequent in the training files becomes one token. ZAYA1's special ids (<pad> 0, <bos> 2,
+    <mask> 4; <eos> 1 ends documents); trained once and cached; a run trains on it, its checkpoint
+    names the file, and sample.py decodes with it."""
     import zlib
     from tokenizers import Tokenizer
     names = [f"m{i}.py" for i in range(400)]
