@@ -479,14 +479,14 @@ def copy_split(prompts, stats):
 
 
 @torch.no_grad()
-def decode_report(model, prompts, out, K=None, weights=(0.5,), seeds=(0,), levels=(),
+def decode_report(model, prompts, out_dir, K=None, weights=(0.5,), seeds=(0,), levels=(),
                   new_tokens=128, threads=1, draft_scale=DRAFT_SCALE):
     """The held-out evaluation (docs/acceptance.md, "Measuring TPF honestly"): each prompt alone
     (batch 1, one thread: a second one mostly adds noise on a shared CPU), block K (default the
     model's), every level drafted. Per row: tokens per forward (mean, sd over prompts), tokens/s,
     the AR head's mean log-likelihood of its text; lossless greedy's steps split into copies and the
-    rest; then levels_report, demo continuations and out/decode.json. threads > 1: for tokens per
-    forward only (the ablation's), which no thread count changes. T=1 drafts at T / draft_scale."""
+    rest; then levels_report, demo continuations and out_dir/decode.json. T=1 drafts at T /
+    draft_scale. threads > 1 (the ablation's) for tokens per forward, which threads never change."""
     K = K or model.config.block_size
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -495,8 +495,8 @@ def decode_report(model, prompts, out, K=None, weights=(0.5,), seeds=(0,), level
         runs = _report_runs(weights, seeds, draft_scale)
         got = {name: [] for name in runs}           # name -> per prompt (Stats, log-lik, tokens)
         for p in prompts:                           # every run on a prompt, then the next prompt
-            for name, how in runs.items():
-                toks, st = report_decode(model, p[None], new_tokens, K, **how)
+            for name, run_kw in runs.items():
+                toks, st = report_decode(model, p[None], new_tokens, K, **run_kw)
                 got[name].append((st, ar_log_likelihood(model, toks, len(p)), toks[0, len(p):]))
         print(f"held-out decoding: {len(prompts)} prompts x {new_tokens} tokens, batch 1, block "
               f"{K}, every level drafted, {torch.get_num_threads()} thread(s); tokens/forward: "
@@ -526,7 +526,7 @@ def decode_report(model, prompts, out, K=None, weights=(0.5,), seeds=(0,), level
         result = dict(ar_tokens_per_s=rows[0]["tokens_per_s"], rows=rows,
                       acceptance=acceptance_from_histogram(hist, K),
                       copies=dict(steps=copies, of=steps, tokens=copied))
-        _atomic_write(os.path.join(out, "decode.json"),
+        _atomic_write(os.path.join(out_dir, "decode.json"),
                       lambda tmp: Path(tmp).write_text(json.dumps(result)))
         return result
     finally:
@@ -634,15 +634,15 @@ def main(argv):
     if compiled:
         kernels.enable(model)                           # on-disk cache: a 2nd process is faster
     if args["sampler"] == "ar":
-        out, st = generate_ar(model, idx, n, **kw)
+        toks, st = generate_ar(model, idx, n, **kw)
     else:
-        out, st = generate_tidar(model, idx, n, args["sampler"], args["mix_weight"], groups=groups,
+        toks, st = generate_tidar(model, idx, n, args["sampler"], args["mix_weight"], groups=groups,
                                  block_size=args["block_size"] or None, record=args["show"],
                                  draft_scale=args["draft_scale"], **kw)
     if args["show"] and st.log:
         show_steps(st.log, decode, ids)
     else:
-        print(decode(out[0].tolist()))
+        print(decode(toks[0].tolist()))
     levels = f"; levels {list(st.groups)}" if st.groups else ""
     print(f"---\n{args['sampler']}{' (compiled)' * compiled}: {st.summary()}{levels}"
           + (f"\n{st.note}" if st.note else ""))
