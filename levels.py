@@ -15,7 +15,7 @@ import weakref
 
 import torch
 
-from zaya import KVCache, causal_layout, tidar_step_layout
+from zaya import KVCache, ZayaConfig, causal_layout, tidar_step_layout
 
 
 def level_rate(levels, c, K):
@@ -241,3 +241,74 @@ def calibrate(model, B, K, prefix, cap=0):
     curve = _CURVES.setdefault(key, LatencyCurve(model, B, K, prefix, capacity=cap))
     curve.model = weakref.ref(model)                       # measure with a live model of this shape
     return curve
+
+
+# -----------------------------------------------------------------------------
+# the step-cost model: what a decode step costs on a GPU, from the shape alone (bench.py --roofline)
+# (bytes/s, dense bf16 FLOP/s): docs/tidar.md section 6; the H100 (not there): the H100 SXM's
+# public ones
+GPUS = dict(H100=(3.35e12, 989e12), H200=(4.8e12, 989e12), MI300X=(5.3e12, 1307e12),
+            MI355X=(8e12, 2500e12))
+# docs/tidar.md section 6: the roofline bound it quotes (4k context, 7.5 tokens per step) and
+# Zyphra's measured speedups (their vLLM fork): {(what, device): {batch: speedup}}
+REFERENCE = {("docs/tidar.md's bound", "H100"): {1: "1.2", 4: "2.3", 16: "3.8", 64: "2.7-3"},
+             ("Zyphra measured", "H100"): {1: "2.60", 8: "1.80", 16: "1.66", 64: "1.13"},
+             ("Zyphra measured", "MI300X"): {1: "1.16", 8: "0.84-0.98", 64: "0.84-0.98"}}
+
+
+def step_cost(c, w=2):
+    """cost(B, n, ctx) = (bytes read, FLOPs) of a decode step of B rows of n query tokens (AR: 1; a
+    level set: K + K * len(levels)) after ctx cached tokens, w-byte (bf16) weights and KV cache,
+    from the config alone (docs/tidar.md section 6). Bytes: each weight once per step, of the
+    experts only the E(1 - (1 - 1/E)^N) per layer that N = B * n tokens are expected to wake under
+    uniform top-1 routing (the skip class, kept unchosen by its bias -1, taken as never chosen: an
+    upper bound), the whole tied head, the query tokens' embedding rows; per row the KV cache as
+    KVCache holds it and CCA's fp32 state. FLOPs per query token: 2 x (those weights + one expert a
+    layer + the head: a logit row each) + per layer 4 nq hd (ctx + n), attention over the cache and
+    the step's own keys, masked but dense (zaya's KVCache.mask and update). Activations are taken to
+    stay on chip."""
+    L, E, d, R = c.num_hidden_layers, c.num_experts, c.hidden_size, c.router_hidden_size
+    nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    C = (nq + nkv) * hd                                     # CCA's [q|k] conv channels
+    attn = 2 * d * C + 2 * C * (hd + 2) + nkv               # q, k, v, o; 2 convs (+ bias); temp
+    router = R * (d + 2 * R + E + 5)                        # down, norm, fc1, fc2, out (+ biases)
+    # + per layer 2 norms and 2 residual scales; EDA scales after layer 0; input scale, bias, norm
+    once = L * (attn + router + 10 * d) + (L - 1) * R + 3 * d
+    expert = 3 * c.moe_intermediate_size * d                # gate, up, down
+    head = c.vocab_size * d                                 # V x d
+    kv = L * 2 * nkv * hd * w                               # bytes of a token's K and V
+    state = L * 4 * (2 * C + nkv * hd // 2)                 # bytes of a row's CCA state (fp32)
+
+    def cost(B, n, ctx):
+        N = B * n                                           # query tokens in the step
+        weights = once + L * E * (1 - (1 - 1 / E) ** N) * expert + head   # experts woken
+        return (w * (weights + N * d) + B * (ctx * kv + state),
+                N * (2 * (once + L * expert + head) + 4 * L * nq * hd * (ctx + n)))
+    return cost
+
+
+def step_seconds(cost, bandwidth, peak, B, n, ctx):
+    """max(bytes / bandwidth, FLOPs / peak): the roofline time of step_cost's step (B, n, ctx)."""
+    nbytes, flops = cost(B, n, ctx)
+    return max(nbytes / bandwidth, flops / peak)
+
+
+def gpu_prediction(acc, K, batches=(1, 16, 64), ctx=4096):
+    """The speedup of lossless TiDAR over AR that the step-cost model predicts for ZAYA1-8B's shape
+    in bf16 on each of GPUS at batch B, ctx cached tokens: the level set choose_levels picks for
+    the per-slot acceptance `acc` (measured: acceptance_from_histogram), as tokens/s per row over
+    AR's 1 / t(1) (below 1, auto would decode AR); printed beside Zyphra's figures (REFERENCE)."""
+    cost = step_cost(ZayaConfig.from_name("zaya1-8b", block_size=K))
+    dense = level_rate(list(range(K)), acc, K)
+    print(f"  predicted on GPUs (docs/tidar.md section 6: the 8B's shape, bf16, {ctx} cached "
+          f"tokens, this acceptance: dense {dense:.2f} tokens/step), lossless vs AR at batch B:")
+    table = {}
+    for gpu in ("H100", "H200", "MI300X"):
+        for B in batches:
+            def t(n):
+                return step_seconds(cost, *GPUS[gpu], B, n, ctx)
+            table[gpu, B] = choose_levels(acc, t, K)[1] * t(1)
+        print(f"    {gpu:7s}" + "".join(f"  B={B}: {table[gpu, B]:4.2f}x" for B in batches))
+    for (what, gpu), row in REFERENCE.items():
+        print(f"    {what}, {gpu}: " + ", ".join(f"B={B} {x}x" for B, x in row.items()))
+    return {f"{gpu} B={B}": x for (gpu, B), x in table.items()}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import kernels
 from cli import check, load_tokenizer, parse_args
-from levels import AutoLevels, acceptance_from_histogram, calibrate
+from levels import AutoLevels, acceptance_from_histogram, calibrate, gpu_prediction
 from zaya import (CheckpointError, KVCache, Zaya, _atomic_write, ar_step_layout, causal_layout,
                   tidar_prefill_layout, tidar_step_layout)
 
@@ -429,7 +429,6 @@ def generate_lookup(model, idx, max_new_tokens, temperature=0.0, top_k=None, num
 # -----------------------------------------------------------------------------
 # the held-out decoding report of `python train.py`, and the level benchmark
 HAND_SETS = [[0], [0, 1], [0, 2], [0, 4], [0, 8], [0, 2, 4], [0, 4, 8, 12]]   # fixed sets, by hand
-LEVEL_SETTINGS = ["AR", "AR"] + [None] + HAND_SETS + ["auto"]  # AR twice: the 2nd shows the noise
 
 
 def _report_runs(weights, seeds, draft_scale):
@@ -443,14 +442,17 @@ def _report_runs(weights, seeds, draft_scale):
     return runs
 
 
-def report_decode(model, prompt, new_tokens, K, kind="tidar", seed=None, **tidar_kw):
+def report_decode(model, prompt, new_tokens, K, kind="tidar", seed=None, temperature=0.0,
+                  **tidar_kw):
     """One of the report's runs on one prompt [1, T] -> (tokens [1, T + new_tokens], Stats)."""
-    if kind == "ar":
-        return generate_ar(model, prompt, new_tokens)
-    if kind == "lookup":
-        return generate_lookup(model, prompt, new_tokens, num_draft=K - 1)
     gen = None if seed is None else torch.Generator().manual_seed(seed)
-    return generate_tidar(model, prompt, new_tokens, block_size=K, generator=gen, **tidar_kw)
+    if kind == "ar":
+        return generate_ar(model, prompt, new_tokens, temperature, generator=gen)
+    if kind == "lookup":
+        return generate_lookup(model, prompt, new_tokens, temperature, num_draft=K - 1,
+                               generator=gen)
+    return generate_tidar(model, prompt, new_tokens, temperature=temperature, block_size=K,
+                          generator=gen, **tidar_kw)
 
 
 def ar_log_likelihood(model, toks, prompt_len):
@@ -478,20 +480,62 @@ def copy_split(prompts, stats):
     return len(copies), len(steps), sum(copies), sum(steps)
 
 
+def speed_report(model, prompts, K, new_tokens, decode, runs, rounds=2):
+    """What a user gets on this machine, batch 1: `runs` (name -> report_decode's keywords; first
+    AR, which the ratios divide by) at T = 0 and T = 1, in tokens/s and bytes/s of text. Each
+    prompt runs every setting, in an order rotating per prompt and round, so that a busy spell
+    hits all alike; groups="auto"'s calibration runs first, untimed. Returns the rows."""
+    generate_tidar(model, prompts[0][None], new_tokens, groups="auto", block_size=K)
+    print(f"speed on this machine: {len(prompts)} held-out prompts x {rounds} rounds x "
+          f"{new_tokens} tokens, batch 1, {torch.get_num_threads()} thread(s), eager")
+    rows = []
+    for T in (0.0, 1.0):
+        got = {name: [0.0, 0, 0, 0.0] for name in runs}       # seconds, tokens, bytes, TPF sum
+        for r, (i, p) in ((r, ip) for r in range(rounds) for ip in enumerate(prompts)):
+            for j in range(len(runs)):
+                name = list(runs)[(i + r + j) % len(runs)]
+                toks, st = report_decode(model, p[None], new_tokens, K, seed=i + 100 * r,
+                                         temperature=T, **runs[name])
+                text = decode(toks[0, len(p):].tolist()).encode()
+                got[name] = [a + b for a, b in zip(got[name], (
+                    st.seconds, st.new_tokens, len(text), st.tokens_per_forward))]
+        ar = got["AR"][1] / got["AR"][0]
+        for name, (sec, n, nbytes, tpf) in got.items():
+            rows.append(dict(name=f"{name} T={T:g}", tokens_per_s=n / sec, bytes_per_s=nbytes / sec,
+                             speedup=n / sec / ar, tokens_per_forward=tpf / rounds / len(prompts)))
+            print(f"  T={T:g} {name:20s} {n / sec:7.1f} tokens/s {nbytes / sec:8.1f} bytes/s "
+                  f"{n / sec / ar:5.2f}x AR {rows[-1]['tokens_per_forward']:5.2f} tokens/forward")
+    return rows
+
+
+# speed_report's settings: sample.py's defaults (groups="auto"; --compile=auto keeps a 128-token
+# reply eager on a CPU: compile_pays) beside AR and prompt lookup; + the eval pipeline's level sets
+# (docs/tidar.md section 7), and AR again to show the timing noise
+SPEED_RUNS = {"AR": dict(kind="ar"), "TiDAR lossless": dict(groups="auto"),
+              "prompt lookup": dict(kind="lookup")}
+LEVEL_RUNS = {"AR again": dict(kind="ar"), "TiDAR dense": dict(groups=None),
+              **{f"TiDAR {g}": dict(groups=g) for g in ([0], [0, 2], [0, 4], [0, 2, 4])}}
+
+
 @torch.no_grad()
-def decode_report(model, prompts, out_dir, K=None, weights=(0.5,), seeds=(0,), levels=(),
-                  new_tokens=128, threads=1, draft_scale=DRAFT_SCALE):
-    """The held-out evaluation (docs/acceptance.md, "Measuring TPF honestly"): each prompt alone
+def decode_report(model, prompts, out_dir, K=None, weights=(0.5,), seeds=(0,), new_tokens=128,
+                  threads=1, draft_scale=DRAFT_SCALE, speed_runs=SPEED_RUNS):
+    """The held-out evaluation (docs/acceptance.md, "Measuring TPF honestly"): first the speed a
+    user gets (speed_report of speed_runs, on 8 prompts; none: skipped); then each prompt alone
     (batch 1, one thread: a second one mostly adds noise on a shared CPU), block K (default the
     model's), every level drafted. Per row: tokens per forward (mean, sd over prompts), tokens/s,
-    the AR head's mean log-likelihood of its text; lossless greedy's steps split into copies and the
-    rest; then levels_report, demo continuations and out_dir/decode.json. T=1 drafts at T /
-    draft_scale. threads > 1 (the ablation's) for tokens per forward, which threads never change."""
+    the AR head's mean log-likelihood of its text; lossless greedy's steps split into copies and
+    the rest; then the GPU prediction (levels.gpu_prediction), a continuation per sampler and
+    out_dir/decode.json (out_dir None: none). T=1 drafts at T / draft_scale. threads > 1 (the
+    ablation's) for tokens per forward, which threads never change."""
     K = K or model.config.block_size
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         _, decode = load_tokenizer(model)
+        fast = []
+        if speed_runs:
+            fast = speed_report(model, prompts[:8], K, new_tokens, decode, speed_runs)
         runs = _report_runs(weights, seeds, draft_scale)
         got = {name: [] for name in runs}           # name -> per prompt (Stats, log-lik, tokens)
         for p in prompts:                           # every run on a prompt, then the next prompt
@@ -518,65 +562,18 @@ def decode_report(model, prompts, out_dir, K=None, weights=(0.5,), seeds=(0,), l
               f"{copied / max(copies, 1):.2f} tokens each; the other steps "
               f"{(total - copied) / max(steps - copies, 1):.2f} tokens/forward")
         hist = sum((Counter(st.histogram) for st in lossless), Counter())
-        if levels:                  # proposal levels chosen per machine (levels.py), on 8 prompts
-            rounds = 3 if len(levels) > 2 else 1
-            rows += levels_report(model, prompts[:8], K, new_tokens, levels, rounds)
-        for name in ("AR", "lossless", f"mix w={weights[0]}"):
+        acceptance = acceptance_from_histogram(hist, K)
+        gpus = gpu_prediction(acceptance, K)
+        for name in [n for n in runs if n in ("AR", "lossless") or "seed" in n or "mix" in n][:4]:
             print(f"--- {name} continuation of held-out code:\n{decode(got[name][0][2].tolist())}")
-        result = dict(ar_tokens_per_s=rows[0]["tokens_per_s"], rows=rows,
-                      acceptance=acceptance_from_histogram(hist, K),
-                      copies=dict(steps=copies, of=steps, tokens=copied))
-        _atomic_write(os.path.join(out_dir, "decode.json"),
-                      lambda tmp: Path(tmp).write_text(json.dumps(result)))
+        result = dict(ar_tokens_per_s=rows[0]["tokens_per_s"], rows=rows, speed=fast, gpus=gpus,
+                      acceptance=acceptance, copies=dict(steps=copies, of=steps, tokens=copied))
+        if out_dir:
+            _atomic_write(os.path.join(out_dir, "decode.json"),
+                          lambda tmp: Path(tmp).write_text(json.dumps(result)))
         return result
     finally:
         torch.set_num_threads(before)
-
-
-def levels_report(model, prompts, K, new_tokens, settings, rounds=3):
-    """Lossless greedy tokens/s of AR and TiDAR level settings ("AR", None = dense, a fixed list,
-    "auto") side by side: each round decodes every prompt with every setting in an order rotating
-    per round, so a busy spell on a shared machine hits all alike; auto's calibration runs first,
-    timed apart. Prints ratios to AR and the best fixed set; returns rows (dense: + acceptance)."""
-    auto = AutoLevels()                 # warm-up: auto's calibration, every step size's graph
-    for g in [auto] + [list(range(0, K, max(1, K >> i))) for i in range(K.bit_length())]:
-        generate_tidar(model, prompts[0][None], new_tokens, groups=g, block_size=K)
-    n = len(settings)
-    seconds = [0.0] * n
-    tokens = [0] * n
-    tpf = [0.0] * n                     # mean tokens per forward over prompts and rounds
-    notes = [""] * n
-    hist = Counter()                    # the dense row's acceptance
-    for r in range(rounds):
-        for p, i in ((p, (j + r) % n) for p in prompts for j in range(n)):
-            g = settings[i]
-            if g == "AR":
-                st = generate_ar(model, p[None], new_tokens)[1]
-            else:
-                st = generate_tidar(model, p[None], new_tokens, groups=g, block_size=K)[1]
-            seconds[i] += st.seconds
-            tokens[i] += st.new_tokens
-            tpf[i] += st.tokens_per_forward / len(prompts) / rounds
-            notes[i] = st.note
-            hist.update(st.histogram if g is None else {})
-    tps = [a / b for a, b in zip(tokens, seconds)]
-    ar = tps[settings.index("AR")]
-    best = max(t for t, g in zip(tps, settings) if isinstance(g, list))     # the best fixed set
-    print(f"  levels, block {K}, lossless: {rounds} rounds x {len(prompts)} prompts x {new_tokens} "
-          f"tokens, settings interleaved; auto's calibration {auto.latency.seconds:.2f} s, once")
-    rows = []
-    for i, g in enumerate(settings):
-        name = (g if isinstance(g, str) else "dense" if g is None     # "AR", "auto", a set {0,4}
-                else "{" + ",".join(map(str, g)) + "}")
-        name += " again" if g == "AR" and settings.index(g) < i else ""
-        rows.append(dict(block=K, groups=name, tokens_per_s=tps[i], tokens_per_forward=tpf[i],
-                         speedup=tps[i] / ar, vs_best_fixed=tps[i] / best, note=notes[i]))
-        if g is None:
-            rows[-1]["acceptance"] = acceptance_from_histogram(hist, K)
-        print(f"    {name:12s} {tpf[i]:5.2f} tokens/forward {tps[i]:8.1f} tokens/s "
-              f"{tps[i] / ar:5.2f}x AR {tps[i] / best:5.2f}x best fixed"
-              + " (best fixed)" * (tps[i] == best) + (f"  [{notes[i]}]" if notes[i] else ""))
-    return rows
 
 
 # -----------------------------------------------------------------------------

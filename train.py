@@ -18,6 +18,7 @@ chain (both built by zaya.tidar_train_layout, for tidar_loss). The conversion re
 the loss for acceptance: docs/acceptance.md. MoE balance without an auxiliary loss: a bias
 controller (DeepSeek-V3, arXiv 2412.19437 section 2.1.2), see update_balancing_biases.
 """
+import functools
 import gc
 import json
 import math
@@ -42,8 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from cli import UsageError, check, get_tokenizer, parse_args
-from sample import DRAFT_SCALE, LEVEL_SETTINGS, decode_report, generate_ar
+from cli import UsageError, check, get_tokenizer, load_tokenizer, parse_args
+from sample import DRAFT_SCALE, LEVEL_RUNS, SPEED_RUNS, decode_report, generate_ar
 from zaya import (CheckpointError, Zaya, ZayaConfig, _atomic_write, causal_layout, check_tensors,
                   latest_checkpoint, load_checkpoint, save_hf, tidar_train_layout)
 
@@ -673,8 +674,9 @@ def load_rows(model, parts, rank, world):
 def export(c, src):
     """--export=DIR: the checkpoint --init_from names (resume: out_dir's newest) in the native HF
     layout (zaya.save_hf), in --dtype (auto: as stored), one safetensors file's tensors in memory
-    at a time: a DCP checkpoint is read tensor by tensor, without a process group."""
-    config, parts, _ = load_checkpoint(src)
+    at a time: a DCP checkpoint is read tensor by tensor, without a process group. Its tokenizer
+    .json and training log (training_log.json) are copied beside."""
+    config, parts, meta = load_checkpoint(src)
     with torch.device("meta"):
         sizes = Zaya(config).state_dict()
     check_tensors(src, sizes, parts)
@@ -683,7 +685,16 @@ def export(c, src):
              for k, v in sizes.items()}
     save_hf(c.export, config, sizes,
             lambda names: {k: parts[k][1](slice(None)).to(sizes[k].dtype) for k in names})
-    print(f"exported {src} to {c.export} (Hugging Face layout, {len(parts)} tensors)")
+    folder = Path(src if os.path.isdir(src) else os.path.dirname(src))   # the run's out_dir
+    folder = Path(meta["dcp"]).parents[1] if "dcp" in meta else folder   # out/ckpt-dcp/iter-N
+    tok = folder if "hf_dir" in meta else Path(meta.get("tokenizer", "bytes"))   # a file or dir
+    tok = tok / "tokenizer.json" if tok.is_dir() else tok
+    logs = [p for p in (folder / "log.json", folder / "training_log.json") if p.is_file()]
+    for f, name in ((tok, "tokenizer.json"), (logs[0] if logs else None, "training_log.json")):
+        if f and f.is_file():                                       # bytes: no tokenizer file
+            _atomic_write(os.path.join(c.export, name), functools.partial(shutil.copyfile, f))
+    print(f"exported {src} to {c.export} (Hugging Face layout, {len(parts)} tensors"
+          f"{', tokenizer.json' * tok.is_file()}{', training_log.json' * bool(logs)})")
 
 
 # -----------------------------------------------------------------------------
@@ -735,67 +746,95 @@ def dry_run(c):
 PAPER = dict(distill=0.0, real_diffusion=True, pos_decay=0.0, slot0=1.0, kl=0.0, alpha=1.0)
 RECIPE = dict(distill=0.5, distill_temp=1.0, real_diffusion=False, pos_decay=7.0, slot0=0.0, kl=1.0,
               tv=2.0, alpha=3.0)
-PIPELINES = {  # (AR pretraining, TiDAR conversion); docs/results.md has their times
-    "default": (dict(preset="small", max_iters=600, eval_interval=600, log_interval=100),
-                dict(RECIPE, max_iters=300, lr=2e-3, min_lr=2e-4, eval_interval=300, eval_iters=32,
-                     log_interval=100)),
-    "long": (dict(preset="medium", max_iters=2000, lr=2e-3, eval_interval=500, log_interval=100),
-             dict(RECIPE, max_iters=1000, lr=1e-3, min_lr=1e-4, eval_interval=250))}
+MODELS = Path(__file__).resolve().parent / "models"    # the bundled pair: base, its conversion
+BASE = dict(preset="small", tokenizer="bpe4096", seq_len=256, batch_size=8, max_iters=4800,
+            warmup_iters=100, eval_interval=600, eval_iters=16, log_interval=100)
+CONVERT = dict(RECIPE, seq_len=256, batch_size=8, max_iters=150, lr=1e-3, min_lr=1e-4,
+               eval_interval=150, eval_iters=16, log_interval=50)
+PIPELINES = {  # (AR pretraining from scratch, TiDAR conversion); docs/results.md has their times
+    "default": (None, CONVERT), "convert": (None, CONVERT), "base": (BASE, None),
+    "long": (None, dict(CONVERT, max_iters=2000, eval_interval=250)),
+    "scratch": (BASE, CONVERT)}
 ABLATION = {"paper": PAPER, "+ self-distillation": dict(PAPER, distill=0.5),
             "+ loss shape": dict(PAPER, distill=0.5, pos_decay=7.0, slot0=0.0, kl=1.0),
             "+ real rows causal": dict(RECIPE, distill_temp=0.0, tv=0.0),
             "+ sampled text": dict(RECIPE, tv=0.0), "AR only": dict(mode="ar")}   # + the default
-EVERY_TABLE = dict(weights=(0.5, 0.75, 0.25), seeds=range(4), levels=LEVEL_SETTINGS)
+EVERY_TABLE = dict(weights=(0.5, 0.75, 0.25), seeds=range(4),
+                   speed_runs={**SPEED_RUNS, **LEVEL_RUNS})
 
 
 def reproduce(o):
-    """The pipelines (--pipeline=): default and long: AR pretraining -> self-distillation -> TiDAR
-    conversion -> decoding report on held-out code, the converted model in out_dir/ckpt.pt;
-    convert: the same from an existing AR checkpoint (--init_from), no pretraining; eval: the
-    report alone on out_dir's model, with every table; ablation: the default's conversion from
-    out_dir/ar/ckpt.pt under each ABLATION recipe, evaluated alike. Every other flag reaches each
-    stage (e.g. --block_size: the conversion and the report)."""
+    """The pipelines (--pipeline=; docs/results.md section 2). default: the bundled base
+    (models/zaya-small) converted by CONVERT (self-distillation, then the TiDAR loss), reported
+    on held-out code beside the bundled conversion (models/zaya-small-tidar); convert: the same
+    from --init_from, alone; long: the bundled conversion's recipe; base: the bundled base's AR
+    pretraining; scratch: base, then convert; eval: the report alone on --init_from's model
+    (default out_dir's), every table; ablation: each ABLATION recipe from --init_from (default
+    the bundled base). --export=DIR: the trained model in the HF layout, tokenizer and log beside.
+    Every other flag reaches each stage (e.g. --block_size: the conversion and the report)."""
     out = o.get("out_dir", DEFAULTS["out_dir"])
     p = o["pipeline"]
-    check(p in (*PIPELINES, "convert", "eval", "ablation"), f"--pipeline={p} is unknown; do use "
-          "default, long, convert, eval or ablation")
-    rest = {"data_cache": f"{out}/data",
-            **{k: v for k, v in o.items() if k not in ("pipeline", "out_dir", "init_from")}}
-    ar, tidar = PIPELINES.get(p, PIPELINES["default"])
-    base = f"{out}/ar/ckpt.pt"                                      # the AR checkpoint converted
-    if p == "convert":
-        base = o.get("init_from", "scratch")
-        check(base not in ("scratch", "resume"), "--pipeline=convert converts an AR checkpoint; "
-              "do pass --init_from=PATH (a ckpt.pt, its out_dir, or a Hugging Face directory)")
-    if p in PIPELINES or p == "ablation" and not os.path.exists(base):
-        run({**ar, **rest, "mode": "ar", "init_from": o.get("init_from", "scratch"),
-             "out_dir": f"{out}/ar"})
-    if p in (*PIPELINES, "convert") or p == "ablation" and not os.path.exists(f"{out}/ckpt.pt"):
+    check(p in (*PIPELINES, "eval", "ablation"), f"--pipeline={p} is unknown; do use default, "
+          "convert, long, base, scratch, eval or ablation")
+    check(p != "convert" or "init_from" in o, "--pipeline=convert converts an AR checkpoint; do "
+          "pass --init_from=PATH (a ckpt.pt, its out_dir, or a Hugging Face directory)")
+    rest = {"data_cache": f"{out}/data", **{k: v for k, v in o.items()
+                                           if k not in ("pipeline", "out_dir", "init_from")}}
+    rest.pop("export", None)
+    ar, tidar = PIPELINES.get(p, (None, None))
+    base = o.get("init_from", str(MODELS / "zaya-small"))          # the AR model converted
+    if ar:
+        base = f"{out}/ar" if tidar else out
+        run({**ar, **rest, "mode": "ar", "init_from": "scratch", "out_dir": base})
+    if tidar:
+        check(os.path.exists(base), f"no AR model at {base}; do pass --init_from=PATH")
         run({**tidar, **rest, "mode": "tidar", "init_from": base, "out_dir": out})
     data = o.get("data", "stdlib")
     if p == "ablation":
-        return ablation({**tidar, **rest}, out, base, data)
-    model, prompts = heldout_prompts(out, data, 32 if p == "eval" else 16, rest["data_cache"])
-    tables = EVERY_TABLE if p == "eval" else dict(seeds=())
+        return ablation({**CONVERT, **rest}, out, base, data)
+    final = o.get("init_from", out) if p == "eval" else out
+    if o.get("export"):
+        export(SimpleNamespace(export=o["export"], dtype="bfloat16"), final)
+    return report(final, data, rest, p)
+
+
+def report(final, data, rest, p):
+    """The held-out loss of the model in `final`; for a converted model the decoding report (eval:
+    32 prompts, every table; else 16), and for default the bundled conversion's beside it."""
+    model, prompts = heldout_prompts(final, data, 32 if p == "eval" else 16, rest["data_cache"])
+    loss = heldout_loss(model, data, rest["data_cache"])
+    if not converted(model):
+        _, decode = load_tokenizer(model)
+        for x in prompts[:3]:
+            toks = generate_ar(model, x[None], 128)[0][0, len(x):]
+            print(f"--- greedy continuation of held-out code:\n{decode(toks.tolist())}")
+        return dict(loss=loss)
+    tables = EVERY_TABLE if p == "eval" else dict(seeds=(0,))
     scale = rest.get("draft_scale", DRAFT_SCALE)
-    return decode_report(model, prompts, out, draft_scale=scale, **tables)
+    res = dict(decode_report(model, prompts, final, draft_scale=scale, **tables), loss=loss)
+    bundled = MODELS / "zaya-small-tidar"
+    if p == "default" and bundled.is_dir():
+        print(f"\n=== the bundled conversion, {bundled}, under the same evaluation")
+        model = heldout_prompts(str(bundled), data, 1, rest["data_cache"])[0]
+        res["bundled"] = dict(decode_report(model, prompts, None, draft_scale=scale, **tables),
+                              loss=heldout_loss(model, data, rest["data_cache"]))
+        side_by_side(res)
+    return res
 
 
 def ablation(conv, out, base, data):
     """--pipeline=ablation: from the AR checkpoint `base`, the conversion settings `conv` under each
-    ABLATION recipe, then the default (out_dir's own model): val AR loss, and on 32 held-out
-    prompts lossless greedy, T=1 over seeds 0-3, mix 0.5 and prompt lookup."""
+    ABLATION recipe, then `conv` itself (the default): val AR loss, and on 32 held-out prompts
+    lossless greedy, T=1 over seeds 0-3, mix 0.5 and prompt lookup; in out/ablation/<recipe>."""
     table = {}
-    for name, recipe in [*ABLATION.items(), ("default", None)]:
-        d = f"{out}/ablation/{name.strip('+ ').replace(' ', '-')}" if recipe else out
-        if recipe:
-            run({**conv, "mode": "tidar", **recipe, "init_from": base, "out_dir": d})
+    for name, recipe in [*ABLATION.items(), ("default", {})]:
+        d = f"{out}/ablation/{name.strip('+ ').replace(' ', '-')}"
+        run({**conv, "mode": "tidar", **recipe, "init_from": base, "out_dir": d})
         table[name] = [json.loads(Path(d, "log.json").read_text())["evals"][-1]["ar"]]
         if name == "AR only":
             continue
         model, prompts = heldout_prompts(d, data, 32, conv["data_cache"])
-        weights = (0.5,) if recipe else (0.5, 0.75, 0.25)
-        rows = decode_report(model, prompts, d, None, weights, range(4), threads=2,
+        rows = decode_report(model, prompts, d, None, (0.5,), range(4), threads=2, speed_runs={},
                              draft_scale=conv.get("draft_scale", DRAFT_SCALE))["rows"]   # 4 seeds
         tpf = {r["name"]: r["tokens_per_forward"] for r in rows}
         t1 = sum(tpf[f"lossless T=1 seed {s}"] for s in range(4)) / 4
@@ -811,25 +850,80 @@ def ablation(conv, out, base, data):
     return table
 
 
+SUMMARY = [("held-out AR loss, nats/byte", "loss", "nats_per_byte"),   # (label, row, key)
+           ("lossless greedy, tokens/forward", "lossless", "tokens_per_forward"),
+           ("lossless T=1 (seed 0), tokens/forward", "lossless T=1 seed 0", "tokens_per_forward"),
+           ("mix w=0.5, tokens/forward", "mix w=0.5", "tokens_per_forward"),
+           ("lossless T=0, x AR tokens/s", "TiDAR lossless T=0", "speedup"),
+           ("lossless T=1, x AR tokens/s", "TiDAR lossless T=1", "speedup")]
+
+
+def side_by_side(res):
+    """The main job's last table: its short conversion beside the bundled long one."""
+    def value(r, name, key):
+        rows = {x["name"]: x for x in r["rows"] + r["speed"]}
+        return r["loss"][key] if name == "loss" else rows[name][key]
+    print(f"\n=== summary: {'':28s} this run ({CONVERT['max_iters']} iterations)  the bundled")
+    for label, name, key in SUMMARY:
+        ours = value(res, name, key)
+        print(f"  {label:40s} {ours:12.3f} {value(res['bundled'], name, key):12.3f}")
+
+
 def heldout_prompts(out, data, n_prompts, cache=None):
-    """The model in out (its newest checkpoint) and n 128-token prompts spread over the held-out
-    split (val files, never trained on); the corpus cache in `cache` (default out/data)."""
-    model = Zaya.from_pretrained(out).eval()
-    name = model.checkpoint_meta.get("tokenizer", "bytes")
-    _, val = load_corpus(data, name, cache or os.path.join(out, "data"), 129)
+    """The model in out (its newest checkpoint, or an HF directory) and n 128-token prompts spread
+    over the held-out split (val files, never trained on); the corpus cache in `cache` (default
+    out/data); in float32, whatever the stored dtype (the bundled models: bf16)."""
+    model = Zaya.from_pretrained(out, dtype=torch.float32).eval()
+    _, val = load_corpus(data, tokenizer_of(model), cache or os.path.join(out, "data"), 129)
     starts = torch.linspace(0, len(val) - 129, n_prompts).long().tolist()
     return model, [torch.from_numpy(val[s:s + 128].astype("int64")) for s in starts]
 
 
+def tokenizer_of(model):
+    """--tokenizer of a loaded model's run: its checkpoint's, or its HF directory's own file."""
+    meta = model.checkpoint_meta
+    hf = os.path.join(meta.get("hf_dir", ""), "tokenizer.json")
+    return hf if os.path.isfile(hf) else meta.get("tokenizer", "bytes")
+
+
+def converted(model):
+    """Whether a loaded model's run was a TiDAR conversion: its checkpoint's mode, or the mode in
+    its HF directory's training_log.json (none: taken as converted)."""
+    log = Path(model.checkpoint_meta.get("hf_dir", ""), "training_log.json")
+    mode = json.loads(log.read_text())["mode"] if log.is_file() else None
+    return (mode or model.checkpoint_meta.get("mode", "tidar")) == "tidar"
+
+
+@torch.no_grad()
+def heldout_loss(model, data, cache, window=256, rows=32):
+    """The AR loss of every held-out token (the val files, never trained on; windows of `window`
+    tokens, each from a fresh context), in nats per token and per byte of the files' text: bytes
+    are the unit every tokenizer shares."""
+    _, val = load_corpus(data, tokenizer_of(model), cache, window + 1)
+    ids = torch.from_numpy(val.astype("int64"))
+    n = (len(ids) - 1) // window * window                          # whole windows
+    x = ids[:n].view(-1, window)                                   # [N, window]
+    y = ids[1:n + 1].view(-1, window)
+    nats = sum(float(model(x[i:i + rows], y[i:i + rows])[1]) * len(x[i:i + rows])
+               for i in range(0, len(x), rows)) * window
+    enc, special = get_tokenizer(tokenizer_of(model))
+    scored = [t for t in ids[1:n + 1].tolist() if t not in (special["eot"], special["pad"])]
+    text = len(enc.decode(scored).encode())                        # bytes of the scored tokens
+    print(f"held-out loss: {nats / n:.4f} nats/token, {nats / text:.4f} nats/byte "
+          f"({n:,} tokens of the val files, windows of {window})")
+    return dict(nats_per_token=nats / n, nats_per_byte=nats / text)
+
+
 def main(argv=None):
-    """Parse --key=value flags and run. --mode, --dry_run, --export or --init_from=resume: one run;
-    otherwise a pipeline (default: --pipeline=default, the small reproduction)."""
+    """Parse --key=value flags and run. --mode, --dry_run, --export (without --pipeline) or
+    --init_from=resume: one run; otherwise a pipeline (default: --pipeline=default, the small
+    reproduction), which --export=DIR follows with the export of its model."""
     argv = sys.argv[1:] if argv is None else argv
     overrides = parse_args(argv, DEFAULTS)
-    one_run = {"mode", "dry_run", "export"} & set(overrides) or (
-        overrides.get("init_from") == "resume")
-    check(not (one_run and "pipeline" in overrides), "--pipeline runs both stages, and --mode, "
-          "--dry_run, --export and --init_from=resume one run; do pass one or the other")
+    one_run = {"mode", "dry_run"} & set(overrides) or overrides.get("init_from") == "resume" or (
+        "export" in overrides and "pipeline" not in overrides)
+    check(not (one_run and "pipeline" in overrides), "--pipeline runs its stages, and --mode, "
+          "--dry_run and --init_from=resume one run; do pass one or the other")
     if not one_run:
         overrides.setdefault("pipeline", "default")
     try:
