@@ -744,19 +744,19 @@ def dry_run(c):
 # the pipelines of `python train.py` (docs/results.md): the paper's loss (docs/tidar.md section 1)
 # and the default conversion recipe (docs/acceptance.md)
 PAPER = dict(distill=0.0, real_diffusion=True, pos_decay=0.0, slot0=1.0, kl=0.0, alpha=1.0)
-RECIPE = dict(distill=0.5, distill_temp=1.0, real_diffusion=False, pos_decay=7.0, slot0=0.0, kl=1.0,
+RECIPE = dict(distill=0.5, distill_temp=1.0, real_diffusion=False, pos_decay=2.0, slot0=0.0, kl=1.0,
               tv=2.0, alpha=3.0)
 MODELS = Path(__file__).resolve().parent / "models"    # the bundled pair: base, its conversion
 BASE = dict(preset="small", tokenizer="bpe4096", seq_len=256, batch_size=8, max_iters=4800,
             warmup_iters=100, eval_interval=600, eval_iters=16, log_interval=100)
-CONVERT = dict(RECIPE, seq_len=256, batch_size=8, max_iters=150, lr=1e-3, min_lr=1e-4,
-               eval_interval=150, eval_iters=16, log_interval=50)
+CONVERT = dict(RECIPE, seq_len=256, batch_size=8, distill_rows=512, distill_len=320, max_iters=150,
+               lr=1e-3, min_lr=1e-4, eval_interval=150, eval_iters=16, log_interval=50)
 PIPELINES = {  # (AR pretraining from scratch, TiDAR conversion); docs/results.md has their times
     "default": (None, CONVERT), "convert": (None, CONVERT), "base": (BASE, None),
-    "long": (None, dict(CONVERT, max_iters=2000, eval_interval=250)),
+    "long": (None, dict(CONVERT, distill_rows=2048, max_iters=1600, eval_interval=200)),
     "scratch": (BASE, CONVERT)}
 ABLATION = {"paper": PAPER, "+ self-distillation": dict(PAPER, distill=0.5),
-            "+ loss shape": dict(PAPER, distill=0.5, pos_decay=7.0, slot0=0.0, kl=1.0),
+            "+ loss shape": dict(PAPER, distill=0.5, pos_decay=2.0, slot0=0.0, kl=1.0),
             "+ real rows causal": dict(RECIPE, distill_temp=0.0, tv=0.0),
             "+ sampled text": dict(RECIPE, tv=0.0), "AR only": dict(mode="ar")}   # + the default
 EVERY_TABLE = dict(weights=(0.5, 0.75, 0.25), seeds=range(4),
@@ -795,31 +795,39 @@ def reproduce(o):
     final = o.get("init_from", out) if p == "eval" else out
     if o.get("export"):
         export(SimpleNamespace(export=o["export"], dtype="bfloat16"), final)
-    return report(final, data, rest, p)
+    return report(final, data, rest, p, out)
 
 
-def report(final, data, rest, p):
+def report(final, data, rest, p, out):
     """The held-out loss of the model in `final`; for a converted model the decoding report (eval:
-    32 prompts, every table; else 16), and for default the bundled conversion's beside it."""
+    32 prompts, every table; else 16; out/decode.json). default: first the bundled conversion's
+    report (its speed leads), then this run's under the same evaluation but the speed, then both
+    side by side."""
     model, prompts = heldout_prompts(final, data, 32 if p == "eval" else 16, rest["data_cache"])
-    loss = heldout_loss(model, data, rest["data_cache"])
     if not converted(model):
+        loss = heldout_loss(model, data, rest["data_cache"])
         _, decode = load_tokenizer(model)
         for x in prompts[:3]:
             toks = generate_ar(model, x[None], 128)[0][0, len(x):]
             print(f"--- greedy continuation of held-out code:\n{decode(toks.tolist())}")
         return dict(loss=loss)
-    tables = EVERY_TABLE if p == "eval" else dict(seeds=(0,))
-    scale = rest.get("draft_scale", DRAFT_SCALE)
-    res = dict(decode_report(model, prompts, final, draft_scale=scale, **tables), loss=loss)
+    kw = dict(EVERY_TABLE if p == "eval" else dict(seeds=(0,)),
+              draft_scale=rest.get("draft_scale", DRAFT_SCALE))
     bundled = MODELS / "zaya-small-tidar"
+    first = None
     if p == "default" and bundled.is_dir():
-        print(f"\n=== the bundled conversion, {bundled}, under the same evaluation")
-        model = heldout_prompts(str(bundled), data, 1, rest["data_cache"])[0]
-        res["bundled"] = dict(decode_report(model, prompts, None, draft_scale=scale, **tables),
-                              loss=heldout_loss(model, data, rest["data_cache"]))
-        side_by_side(res)
-    return res
+        print(f"=== the bundled conversion, {bundled}")
+        b = heldout_prompts(str(bundled), data, 1, rest["data_cache"])[0]
+        first = dict(loss=heldout_loss(b, data, rest["data_cache"]))
+        first.update(decode_report(b, prompts, None, **kw))
+        print(f"\n=== this run's conversion, {final}: the same evaluation but the speed")
+        kw["speed_runs"] = {}
+    os.makedirs(out, exist_ok=True)
+    res = dict(loss=heldout_loss(model, data, rest["data_cache"]))
+    res.update(decode_report(model, prompts, out, **kw))
+    if first:
+        side_by_side(res, first)
+    return dict(res, bundled=first) if first else res
 
 
 def ablation(conv, out, base, data):
@@ -858,15 +866,15 @@ SUMMARY = [("held-out AR loss, nats/byte", "loss", "nats_per_byte"),   # (label,
            ("lossless T=1, x AR tokens/s", "TiDAR lossless T=1", "speedup")]
 
 
-def side_by_side(res):
+def side_by_side(res, bundled):
     """The main job's last table: its short conversion beside the bundled long one."""
     def value(r, name, key):
         rows = {x["name"]: x for x in r["rows"] + r["speed"]}
-        return r["loss"][key] if name == "loss" else rows[name][key]
-    print(f"\n=== summary: {'':28s} this run ({CONVERT['max_iters']} iterations)  the bundled")
+        got = r["loss"][key] if name == "loss" else rows.get(name, {}).get(key)
+        return "-" if got is None else f"{got:.3f}"
+    print(f"\n=== summary: {'':27s} this run ({CONVERT['max_iters']} iterations)  the bundled")
     for label, name, key in SUMMARY:
-        ours = value(res, name, key)
-        print(f"  {label:40s} {ours:12.3f} {value(res['bundled'], name, key):12.3f}")
+        print(f"  {label:40s} {value(res, name, key):>12s} {value(bundled, name, key):>12s}")
 
 
 def heldout_prompts(out, data, n_prompts, cache=None):
