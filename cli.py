@@ -81,8 +81,9 @@ def hf_tokenizer(path):
         n_vocab=tok.get_vocab_size(), encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
         encode_ordinary_batch=lambda texts: [e.ids for e in tok.encode_batch(
             texts, add_special_tokens=False)], decode=tok.decode)
-    return enc, dict(eot=eot, mask=first("<mask>", "[MASK]", "<|mask|>"), pad=first(
-        "<pad>", "[PAD]", "<|pad|>") or eot, vocab_size=(enc.n_vocab + 63) // 64 * 64)
+    pad = first("<pad>", "[PAD]", "<|pad|>")                         # ZAYA1's <pad> is id 0
+    return enc, dict(eot=eot, mask=first("<mask>", "[MASK]", "<|mask|>"),
+                     pad=eot if pad is None else pad, vocab_size=(enc.n_vocab + 63) // 64 * 64)
 
 
 def load_tokenizer(model):

@@ -108,6 +108,7 @@ def test_bundled_models_load_through_the_hf_path_and_match_the_reference(name):
     ours = Zaya.from_pretrained(str(d), dtype=torch.float32).eval()
     enc, ids = get_tokenizer(str(d))
     assert ours.config.vocab_size == ids["vocab_size"] and ours.config.mask_token_id == ids["mask"] == 4
+    assert ours.config.pad_token_id == ids["pad"] == 0 and ours.config.eos_token_id == ids["eot"]
     text = "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n"
     idx = torch.tensor([enc.encode(text)])
     with torch.no_grad():
