@@ -3,8 +3,8 @@ Benchmarks, one line per measurement, every ratio of numbers measured side by si
 - every row on one model's weights (--init_from's, else a random --config one): ours vs
   transformers' ZayaForCausalLM, AR decode tok/s (batch 1, greedy; eager and compiled:
   kernels.enable) and training tok/s (our AR and TiDAR steps vs its AR step; a step: forward,
-  loss, backward, AdamW at lr 0); TiDAR (lossless, mix 0.5, auto; compiled also the fastest fixed
-  level set) vs our AR (tok/s, tokens per forward: TPF); forward latency vs query tokens T;
+  loss, backward, AdamW at lr 0); TiDAR (lossless, mix 0.5, auto) vs our AR (tok/s, tokens per
+  forward: TPF); forward latency vs query tokens T;
 - --roofline: TiDAR's speedup over AR predicted on GPUs for the 8B's shape (levels.gpu_prediction:
   the step-cost model of docs/tidar.md section 6), at the acceptance measured (--acceptance) and the
   anchors'. AR vs TiDAR as a user runs it on held-out code: python train.py's report.
@@ -22,7 +22,7 @@ import torch
 import kernels
 from levels import (LatencyCurve, constant_acceptance, gpu_prediction, level_rate, median_seconds,
                     step_cost)
-from sample import HAND_SETS, generate_ar, generate_tidar
+from sample import generate_ar, generate_tidar
 from train import DEFAULTS, TrainLoss
 from zaya import Zaya, ZayaConfig
 
@@ -131,15 +131,12 @@ def latency_curve(a, model, tag, Ts, note=lambda T: ""):
 
 
 def load_acceptance(path, K, tpf):
-    """Per-slot acceptance from a reproduction's decode.json (its dense held-out run), else a
-    constant one whose dense tokens per forward is `tpf` (random weights accept nothing)."""
-    acc = path and os.path.exists(path) and json.loads(Path(path).read_text()).get("acceptance")
-    if acc and len(acc) == K + 1:
-        dense = level_rate(list(range(K)), acc, K)
-        print(f"acceptance per slot from {path}: dense TPF {dense:.2f}")
-        return acc
-    acc = constant_acceptance(K, tpf)
-    print(f"acceptance per slot: constant {acc[0]:.3f} (dense TPF {tpf}); no decode.json at {path}")
+    """Per-slot acceptance from a report's decode.json (its dense lossless run), else a constant one
+    whose dense tokens per forward is `tpf` (random weights accept nothing)."""
+    acc = os.path.exists(path) and json.loads(Path(path).read_text()).get("acceptance")
+    acc = acc if acc and len(acc) == K + 1 else constant_acceptance(K, tpf)
+    dense = level_rate(list(range(K)), acc, K)
+    print(f"per-slot acceptance (decode.json: {path}, else constant): dense TPF {dense:.2f}")
     return acc
 
 
@@ -162,25 +159,19 @@ def roofline(a):
 
 
 def decode_rows(a, model, tag):
-    """AR, then TiDAR lossless, mix 0.5 and auto (compiled: also the fastest fixed level set) on
-    one random prompt; then the forward latency curve (compiled: the graphed T only)."""
+    """AR, then TiDAR lossless, mix 0.5 and auto on one random prompt; then the forward latency
+    curve (compiled: the graphed T only)."""
     x = tokens(model.config, (1, a.prompt_len), model.embed_tokens.weight.device)
     n = a.new_tokens
     K = model.config.block_size
     t_ar = timed(lambda: generate_ar(model, x, n), a)
     say(f"AR decode {tag}", n / t_ar, "tok/s", "1.00 tokens/forward")
-    fixed = {str(g): dict(groups=g) for g in HAND_SETS if g[-1] < K} if tag == "compiled" else {}
-    runs = {"lossless": {}, "mix": dict(sampler="mix"), **fixed, "auto": dict(groups="auto")}
-    res = {}                                                # name -> (tokens/forward, seconds)
+    runs = {"lossless": {}, "mix": dict(sampler="mix"), "auto": dict(groups="auto")}
     for name, kw in runs.items():
         tpf = generate_tidar(model, x, n, **kw)[1].tokens_per_forward
-        res[name] = (tpf, timed(lambda: generate_tidar(model, x, n, **kw), a))
-    best = min(fixed, key=lambda k: res[k][1], default=None)
-    for name, (tpf, t) in res.items():
-        if name in fixed and name != best:
-            continue
-        say(f"TiDAR {name}{' (the best fixed set)' * (name == best)} (K={K}) {tag}", n / t,
-            "tok/s", f"{tpf:.2f} tokens/forward, {t_ar / t:.2f}x AR")
+        t = timed(lambda: generate_tidar(model, x, n, **kw), a)
+        say(f"TiDAR {name} (K={K}) {tag}", n / t, "tok/s",
+            f"{tpf:.2f} tokens/forward, {t_ar / t:.2f}x AR")
     Ts = [2 ** i for i in range(20) if 2 ** i < K * (1 + K)] if tag == "eager" else [1]
     latency_curve(a, model, tag, Ts + [K * (1 + K)])
 

@@ -685,8 +685,8 @@ def export(c, src):
              for k, v in sizes.items()}
     save_hf(c.export, config, sizes,
             lambda names: {k: parts[k][1](slice(None)).to(sizes[k].dtype) for k in names})
-    folder = Path(src if os.path.isdir(src) else os.path.dirname(src))   # the run's out_dir
-    folder = Path(meta["dcp"]).parents[1] if "dcp" in meta else folder   # out/ckpt-dcp/iter-N
+    folder = Path(meta["dcp"]).parents[1] if "dcp" in meta else Path(   # out/ckpt-dcp/iter-N
+        src if os.path.isdir(src) else os.path.dirname(src))             # the run's out_dir
     tok = folder if "hf_dir" in meta else Path(meta.get("tokenizer", "bytes"))   # a file or dir
     tok = tok / "tokenizer.json" if tok.is_dir() else tok
     logs = [p for p in (folder / "log.json", folder / "training_log.json") if p.is_file()]
@@ -749,8 +749,8 @@ RECIPE = dict(distill=0.5, distill_temp=1.0, real_diffusion=False, pos_decay=2.0
 MODELS = Path(__file__).resolve().parent / "models"    # the bundled pair: base, its conversion
 BASE = dict(preset="small", tokenizer="bpe4096", seq_len=256, batch_size=8, max_iters=4800,
             warmup_iters=100, eval_interval=600, eval_iters=16, log_interval=100)
-CONVERT = dict(RECIPE, seq_len=256, batch_size=8, distill_rows=512, distill_len=320, max_iters=150,
-               lr=1e-3, min_lr=1e-4, eval_interval=150, eval_iters=16, log_interval=50)
+CONVERT = dict(RECIPE, seq_len=256, batch_size=8, distill_rows=384, distill_len=320, max_iters=120,
+               lr=1e-3, min_lr=1e-4, eval_interval=120, eval_iters=16, log_interval=40)
 PIPELINES = {  # (AR pretraining from scratch, TiDAR conversion); docs/results.md has their times
     "default": (None, CONVERT), "convert": (None, CONVERT), "base": (BASE, None),
     "long": (None, dict(CONVERT, distill_rows=2048, max_iters=1600, eval_interval=200)),
@@ -778,9 +778,8 @@ def reproduce(o):
           "convert, long, base, scratch, eval or ablation")
     check(p != "convert" or "init_from" in o, "--pipeline=convert converts an AR checkpoint; do "
           "pass --init_from=PATH (a ckpt.pt, its out_dir, or a Hugging Face directory)")
-    rest = {"data_cache": f"{out}/data", **{k: v for k, v in o.items()
-                                           if k not in ("pipeline", "out_dir", "init_from")}}
-    rest.pop("export", None)
+    skip = ("pipeline", "out_dir", "init_from", "export")              # the pipeline's own flags
+    rest = {"data_cache": f"{out}/data", **{k: v for k, v in o.items() if k not in skip}}
     ar, tidar = PIPELINES.get(p, (None, None))
     base = o.get("init_from", str(MODELS / "zaya-small"))          # the AR model converted
     if ar:
@@ -861,26 +860,21 @@ def ablation(conv, out, base, data):
 SUMMARY = [("held-out AR loss, nats/byte", "loss", "nats_per_byte"),   # (label, row, key)
            ("lossless greedy, tokens/forward", "lossless", "tokens_per_forward"),
            ("lossless T=1 (seed 0), tokens/forward", "lossless T=1 seed 0", "tokens_per_forward"),
-           ("mix w=0.5, tokens/forward", "mix w=0.5", "tokens_per_forward"),
-           ("lossless T=0, x AR tokens/s", "TiDAR lossless T=0", "speedup"),
-           ("lossless T=1, x AR tokens/s", "TiDAR lossless T=1", "speedup")]
+           ("mix w=0.5, tokens/forward", "mix w=0.5", "tokens_per_forward")]
 
 
 def side_by_side(res, bundled):
     """The main job's last table: its short conversion beside the bundled long one."""
     def value(r, name, key):
-        rows = {x["name"]: x for x in r["rows"] + r["speed"]}
-        got = r["loss"][key] if name == "loss" else rows.get(name, {}).get(key)
-        return "-" if got is None else f"{got:.3f}"
+        return r["loss"][key] if name == "loss" else {x["name"]: x for x in r["rows"]}[name][key]
     print(f"\n=== summary: {'':27s} this run ({CONVERT['max_iters']} iterations)  the bundled")
     for label, name, key in SUMMARY:
-        print(f"  {label:40s} {value(res, name, key):>12s} {value(bundled, name, key):>12s}")
+        print(f"  {label:40s} {value(res, name, key):12.3f} {value(bundled, name, key):12.3f}")
 
 
 def heldout_prompts(out, data, n_prompts, cache=None):
-    """The model in out (its newest checkpoint, or an HF directory) and n 128-token prompts spread
-    over the held-out split (val files, never trained on); the corpus cache in `cache` (default
-    out/data); in float32, whatever the stored dtype (the bundled models: bf16)."""
+    """The model in out (newest checkpoint or HF directory; float32 whatever it stores) and n
+    128-token prompts spread over the held-out split (never trained on); corpus cache in `cache`."""
     model = Zaya.from_pretrained(out, dtype=torch.float32).eval()
     _, val = load_corpus(data, tokenizer_of(model), cache or os.path.join(out, "data"), 129)
     starts = torch.linspace(0, len(val) - 129, n_prompts).long().tolist()
