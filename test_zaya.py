@@ -1938,7 +1938,7 @@ def test_reproduction_pipeline_end_to_end(tmp_path, capsys):
     assert rows["lossless"]["tokens_per_forward"] > 1.0                        # drafts do get accepted
     assert rows["mix w=0.5"]["tokens_per_forward"] >= rows["lossless"]["tokens_per_forward"]
     assert rows["lossless"]["log_likelihood"] == rows["AR"]["log_likelihood"]   # lossless greedy is AR's text
-    assert "lossless" in printed and "continuation of held-out code" in printed and "copies" in printed
+    assert "lossless" in printed and "continuation of held-out code" in printed and "already in the context" in printed
     speed = {r["name"]: r for r in res["speed"]}                 # the report leads with the speed
     assert printed.index("speed on this machine") < printed.index("held-out decoding")
     assert {f"{n} T={t}" for n in ("AR", "TiDAR lossless", "prompt lookup") for t in (0, 1)} == set(speed)
