@@ -98,16 +98,23 @@ def test_logits_match_reference(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["zaya-small", "zaya-small-tidar"])
 def test_bundled_models_load_through_the_hf_path_and_match_the_reference(name):
-    """The two bundled models (models/, each an HF directory in bf16 with its tokenizer.json and training log):
-    ours and transformers' ZayaForCausalLM load the same directory, both in float32, and give the same logits on
-    Python text the bundled tokenizer encodes (atol 1e-4 on logits of size ~10, as for the random models above);
-    the pair share one tokenizer and one shape, and fit the 40 MB budget."""
+    """The two bundled models (models/, each an HF directory in bf16 with its tokenizer.json and
+    training log): ours and transformers' ZayaForCausalLM load the same directory, both in float32,
+    and give the same logits on Python text the bundled tokenizer encodes (atol 1e-4 on logits of
+    size ~10, as for the random models above); the pair share one tokenizer and one shape, and fit
+    the 40 MB budget."""
     from cli import get_tokenizer
+
     d = Path(__file__).resolve().parent / "models" / name
-    assert {"config.json", "model.safetensors", "tokenizer.json", "training_log.json"} <= set(os.listdir(d))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "training_log.json"} <= set(
+        os.listdir(d)
+    )
     ours = Zaya.from_pretrained(str(d), dtype=torch.float32).eval()
     enc, ids = get_tokenizer(str(d))
-    assert ours.config.vocab_size == ids["vocab_size"] and ours.config.mask_token_id == ids["mask"] == 4
+    assert (
+        ours.config.vocab_size == ids["vocab_size"]
+        and ours.config.mask_token_id == ids["mask"] == 4
+    )
     assert ours.config.pad_token_id == ids["pad"] == 0 and ours.config.eos_token_id == ids["eot"]
     text = "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n"
     idx = torch.tensor([enc.encode(text)])
@@ -116,8 +123,11 @@ def test_bundled_models_load_through_the_hf_path_and_match_the_reference(name):
     assert mine.abs().max() > 1.0
     torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
     sizes = sum(f.stat().st_size for f in d.parent.glob("zaya-small*/*"))
-    assert sizes <= 40e6 and (d.parent / "zaya-small" / "tokenizer.json").read_bytes() == (
-        d.parent / "zaya-small-tidar" / "tokenizer.json").read_bytes()
+    assert (
+        sizes <= 40e6
+        and (d.parent / "zaya-small" / "tokenizer.json").read_bytes()
+        == (d.parent / "zaya-small-tidar" / "tokenizer.json").read_bytes()
+    )
 
 
 def test_greedy_generation_matches_reference(tmp_path):
@@ -749,26 +759,45 @@ def test_acceptance_from_a_dense_histogram_predicts_its_tokens_per_forward():
 
 
 def test_speed_report_measures_every_setting_side_by_side(capsys, monkeypatch):
-    """The speed table's bookkeeping: auto's calibration runs first, untimed; then at T=0 and T=1 every
-    prompt runs every setting once a round, in an order rotating per prompt and round (no setting always
-    first); one row per setting and temperature, AR at exactly 1.00x, a repeated AR row (this run's noise),
-    bytes/s from the decoded text, and the tokens per forward each setting committed."""
+    """The speed table's bookkeeping: auto's calibration runs first, untimed; then at T=0 and T=1
+    every prompt runs every setting once a round, in an order rotating per prompt and round (no
+    setting always first); one row per setting and temperature, AR at exactly 1.00x, a repeated AR
+    row (this run's noise), bytes/s from the decoded text, and the tokens per forward each setting
+    committed."""
     import sample
     from sample import LEVEL_RUNS, SPEED_RUNS, speed_report
+
     m = model_accepting("partly", dtype=torch.float32)
-    prompts = [torch.randint(5, 97, (8,), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    prompts = [
+        torch.randint(5, 97, (8,), generator=torch.Generator().manual_seed(s)) for s in (1, 2)
+    ]
     calls, real = [], sample.report_decode
-    spy = lambda *a, **kw: calls.append((kw.get("kind", "tidar"), kw.get("groups"), kw["temperature"])) or real(*a, **kw)  # noqa: E731
+
+    def spy(*a, **kw):                               # records each run's kind, levels, temperature
+        calls.append((kw.get("kind", "tidar"), kw.get("groups"), kw["temperature"]))
+        return real(*a, **kw)
     monkeypatch.setattr(sample, "report_decode", spy)
-    runs = {**SPEED_RUNS, "AR again": LEVEL_RUNS["AR again"], "TiDAR dense": LEVEL_RUNS["TiDAR dense"]}
+    runs = {
+        **SPEED_RUNS,
+        "AR again": LEVEL_RUNS["AR again"],
+        "TiDAR dense": LEVEL_RUNS["TiDAR dense"],
+    }
     rows = speed_report(m, prompts, 4, 12, lambda ids: "x" * 3 * len(ids), runs, rounds=2)
     assert len(calls) == 2 * 2 * 2 * len(runs) and [c[2] for c in calls] == [0.0] * 20 + [1.0] * 20
-    assert len({calls[i * 5] for i in range(4)}) > 1                   # the first setting rotates
+    assert len({calls[i * 5] for i in range(4)}) > 1  # the first setting rotates
     assert [r["name"] for r in rows] == [f"{n} T={t}" for t in (0, 1) for n in runs]
     by = {r["name"]: r for r in rows}
-    assert by["AR T=0"]["speedup"] == by["AR T=1"]["speedup"] == 1.0 and by["AR again T=0"]["speedup"] > 0
-    assert all(r["bytes_per_s"] == pytest.approx(3 * r["tokens_per_s"]) for r in rows)   # 3 bytes a token here
-    assert by["AR T=0"]["tokens_per_forward"] == 1.0 and by["TiDAR dense T=0"]["tokens_per_forward"] > 1
+    assert (
+        by["AR T=0"]["speedup"] == by["AR T=1"]["speedup"] == 1.0
+        and by["AR again T=0"]["speedup"] > 0
+    )
+    assert all(
+        r["bytes_per_s"] == pytest.approx(3 * r["tokens_per_s"]) for r in rows
+    )  # 3 bytes a token here
+    assert (
+        by["AR T=0"]["tokens_per_forward"] == 1.0
+        and by["TiDAR dense T=0"]["tokens_per_forward"] > 1
+    )
     assert "speed on this machine: 2 held-out prompts x 2 rounds" in capsys.readouterr().out
 
 
@@ -1922,31 +1951,65 @@ def test_cuda_decode_graphs_and_grouped_experts():
 
 @pytest.mark.slow
 def test_reproduction_pipeline_end_to_end(tmp_path, capsys):
-    """--pipeline=scratch on a tiny corpus and preset: AR pretraining, TiDAR conversion, the held-out
-    decoding report. The converted model lands in out_dir/ckpt.pt (where sample.py looks), its greedy lossless
-    decoding is AR's, and on this trained model mix at w=0.5 commits at least as many tokens per forward as lossless."""
+    """--pipeline=scratch on a tiny corpus and preset: AR pretraining, TiDAR conversion, the
+    held-out decoding report. The converted model lands in out_dir/ckpt.pt (where sample.py looks),
+    its greedy lossless decoding is AR's, and on this trained model mix at w=0.5 commits at least as
+    many tokens per forward as lossless. The report leads with the speed table (AR, TiDAR, lookup
+    at T=0 and 1) and gives the GPU prediction and the held-out loss per byte."""
     data = write_corpus(tmp_path / "corpus.txt", n_lines=3000)
     out = tmp_path / "out"
-    res = train.main([f"--data={data}", f"--out_dir={out}", "--pipeline=scratch", "--preset=tiny", "--max_iters=150",
-                      "--tokenizer=bytes", "--seq_len=64", "--batch_size=8", "--distill_rows=64", "--distill_len=128",
-                      "--eval_interval=1000", "--log_interval=1000"])
+    res = train.main(
+        [
+            f"--data={data}",
+            f"--out_dir={out}",
+            "--pipeline=scratch",
+            "--preset=tiny",
+            "--max_iters=150",
+            "--tokenizer=bytes",
+            "--seq_len=64",
+            "--batch_size=8",
+            "--distill_rows=64",
+            "--distill_len=128",
+            "--eval_interval=1000",
+            "--log_interval=1000",
+        ]
+    )
     printed = capsys.readouterr().out
-    assert (out / "ckpt.pt").exists() and (out / "ar" / "ckpt.pt").exists() and (out / "decode.json").exists()
+    assert (
+        (out / "ckpt.pt").exists()
+        and (out / "ar" / "ckpt.pt").exists()
+        and (out / "decode.json").exists()
+    )
     rows = {r["name"]: r for r in res["rows"]}
     assert set(rows) == {"AR", "lossless", "lossless T=1 seed 0", "mix w=0.5", "prompt lookup"}
     assert all(r["block"] == 16 and r["sd"] >= 0 for r in res["rows"])
-    assert rows["lossless"]["tokens_per_forward"] > 1.0                        # drafts do get accepted
+    assert rows["lossless"]["tokens_per_forward"] > 1.0  # drafts do get accepted
     assert rows["mix w=0.5"]["tokens_per_forward"] >= rows["lossless"]["tokens_per_forward"]
-    assert rows["lossless"]["log_likelihood"] == rows["AR"]["log_likelihood"]   # lossless greedy is AR's text
-    assert "lossless" in printed and "continuation of held-out code" in printed and "already in the context" in printed
-    speed = {r["name"]: r for r in res["speed"]}                 # the report leads with the speed
+    assert (
+        rows["lossless"]["log_likelihood"] == rows["AR"]["log_likelihood"]
+    )  # lossless greedy is AR's text
+    assert (
+        "lossless" in printed
+        and "continuation of held-out code" in printed
+        and "already in the context" in printed
+    )
+    speed = {r["name"]: r for r in res["speed"]}  # the report leads with the speed
     assert printed.index("speed on this machine") < printed.index("held-out decoding")
-    assert {f"{n} T={t}" for n in ("AR", "TiDAR lossless", "prompt lookup") for t in (0, 1)} == set(speed)
-    # byte tokens: a byte each (a broken UTF-8 sequence decodes to the 3-byte U+FFFD: more, never fewer)
-    assert speed["AR T=0"]["speedup"] == 1.0 and all(r["bytes_per_s"] >= r["tokens_per_s"] > 0 for r in speed.values())
-    assert set(res["gpus"]) == {f"{g} B={b}" for g in ("H100", "H200", "MI300X") for b in (1, 16, 64)}
-    assert "Zyphra measured, H100: B=1 2.60x" in printed and 0 < res["loss"]["nats_per_byte"] <= res["loss"]["nats_per_token"]
-    assert list((out / "data").glob("distill-*.bin"))                          # the default self-distils
+    assert {f"{n} T={t}" for n in ("AR", "TiDAR lossless", "prompt lookup") for t in (0, 1)} == set(
+        speed
+    )
+    # byte tokens: a byte each (broken UTF-8 decodes to the 3-byte U+FFFD: more, never fewer)
+    assert speed["AR T=0"]["speedup"] == 1.0 and all(
+        r["bytes_per_s"] >= r["tokens_per_s"] > 0 for r in speed.values()
+    )
+    assert set(res["gpus"]) == {
+        f"{g} B={b}" for g in ("H100", "H200", "MI300X") for b in (1, 16, 64)
+    }
+    assert (
+        "Zyphra measured, H100: B=1 2.60x" in printed
+        and 0 < res["loss"]["nats_per_byte"] <= res["loss"]["nats_per_token"]
+    )
+    assert list((out / "data").glob("distill-*.bin"))  # the default self-distils
     model = Zaya.from_pretrained(str(out)).eval()
     assert model.checkpoint_meta["mode"] == "tidar" and model.config.block_size == 16
     prompt = torch.tensor(train.get_tokenizer("bytes")[0].encode("alpha_3 = "))[None]
@@ -1955,43 +2018,89 @@ def test_reproduction_pipeline_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_default_pipeline_converts_the_bundled_hf_base_and_reports_beside_the_bundled_conversion(
-        tmp_path, monkeypatch, capsys):
-    """`python train.py` on a tiny corpus from a tiny HF base put where the bundled one lives (train.MODELS):
-    --pipeline=base --export makes the base (bf16 safetensors, the BPE's tokenizer.json, training_log.json);
-    the default pipeline loads it through --init_from's HF path, converts it and --export puts the conversion where
-    the bundled one lives; its report then runs the bundled conversion under the same evaluation, ends with the
-    side-by-side summary, and (the same weights, in bf16) commits the same greedy tokens per forward."""
+    tmp_path, monkeypatch, capsys
+):
+    """`python train.py` on a tiny corpus from a tiny HF base put where the bundled one lives
+    (train.MODELS): --pipeline=base --export makes the base (bf16 safetensors, the BPE's
+    tokenizer.json, training_log.json); the default pipeline loads it through --init_from's HF path,
+    converts it and --export puts the conversion where the bundled one lives; its report then runs
+    the bundled conversion under the same evaluation, ends with the side-by-side summary, and (the
+    same weights, rounded to bf16) commits nearly the same greedy tokens per forward."""
     from safetensors import safe_open
+
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(24):
         write_corpus(corpus / f"f{i}.py", n_lines=150, seed=i)
     models = tmp_path / "models"
     monkeypatch.setattr(train, "MODELS", models)
-    flags = [f"--data={corpus}", "--preset=tiny", "--seq_len=32", "--batch_size=8", "--eval_iters=1",
-             "--eval_interval=1000", "--log_interval=1000", "--distill_rows=16", "--distill_prompt=16",
-             "--distill_len=64"]
+    flags = [
+        f"--data={corpus}",
+        "--preset=tiny",
+        "--seq_len=32",
+        "--batch_size=8",
+        "--eval_iters=1",
+        "--eval_interval=1000",
+        "--log_interval=1000",
+        "--distill_rows=16",
+        "--distill_prompt=16",
+        "--distill_len=64",
+    ]
     base = models / "zaya-small"
-    res = train.main(["--pipeline=base", "--tokenizer=bpe300", "--max_iters=40", f"--out_dir={tmp_path / 'b'}",
-                      f"--export={base}", *flags])
-    assert {"config.json", "model.safetensors", "tokenizer.json", "training_log.json"} <= set(os.listdir(base))
-    assert json.loads((base / "training_log.json").read_text())["mode"] == "ar" and "bundled" not in res
+    res = train.main(
+        [
+            "--pipeline=base",
+            "--tokenizer=bpe300",
+            "--max_iters=40",
+            f"--out_dir={tmp_path / 'b'}",
+            f"--export={base}",
+            *flags,
+        ]
+    )
+    assert {"config.json", "model.safetensors", "tokenizer.json", "training_log.json"} <= set(
+        os.listdir(base)
+    )
+    assert (
+        json.loads((base / "training_log.json").read_text())["mode"] == "ar"
+        and "bundled" not in res
+    )
     with safe_open(str(base / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys() if "bias" not in k} == {torch.bfloat16}
-    assert "greedy continuation of held-out code" in capsys.readouterr().out     # an AR base: no TiDAR report
-    res = train.main(["--pipeline=default", "--max_iters=30", f"--out_dir={tmp_path / 'c'}",
-                      f"--export={models / 'zaya-small-tidar'}", *flags])
+    assert (
+        "greedy continuation of held-out code" in capsys.readouterr().out
+    )  # an AR base: no TiDAR report
+    res = train.main(
+        [
+            "--pipeline=default",
+            "--max_iters=30",
+            f"--out_dir={tmp_path / 'c'}",
+            f"--export={models / 'zaya-small-tidar'}",
+            *flags,
+        ]
+    )
     printed = capsys.readouterr().out
     cfg = Zaya.from_pretrained(str(tmp_path / "c")).checkpoint_meta["train_cfg"]
-    assert cfg["init_from"] == str(base) and cfg["tokenizer"] == str(base) and cfg["mode"] == "tidar"
+    assert (
+        cfg["init_from"] == str(base) and cfg["tokenizer"] == str(base) and cfg["mode"] == "tidar"
+    )
     assert "the bundled conversion" in printed and "=== summary" in printed
-    assert printed.count("speed on this machine") == 1 and res["speed"] == [] and res["bundled"]["speed"]
-    assert printed.index("speed on this machine") < printed.index("this run's conversion") < printed.index("=== summary")
+    assert (
+        printed.count("speed on this machine") == 1
+        and res["speed"] == []
+        and res["bundled"]["speed"]
+    )
+    assert (
+        printed.index("speed on this machine")
+        < printed.index("this run's conversion")
+        < printed.index("=== summary")
+    )
     tpf = [{r["name"]: r["tokens_per_forward"] for r in x["rows"]} for x in (res, res["bundled"])]
-    # the bundled copy is the same weights rounded to bf16 (8 significant bits), which flips a few near-tied
-    # greedy choices: tokens per forward agree to 0.25, not exactly
+    # the bundled copy is the same weights rounded to bf16 (8 significant bits), which flips a few
+    # near-tied greedy choices: tokens per forward agree to 0.25, not exactly
     assert set(tpf[0]) == set(tpf[1]) and abs(tpf[0]["lossless"] - tpf[1]["lossless"]) < 0.25
-    assert res["bundled"]["loss"]["nats_per_byte"] == pytest.approx(res["loss"]["nats_per_byte"], rel=0.02)
+    assert res["bundled"]["loss"]["nats_per_byte"] == pytest.approx(
+        res["loss"]["nats_per_byte"], rel=0.02
+    )
 
 
 @pytest.mark.skipif(not os.environ.get("ZAYA1_8B"), reason="set ZAYA1_8B=/path/to/ZAYA1-8B (the real weights, ~18 GB)")
@@ -2035,52 +2144,85 @@ def test_roofline_step_cost_is_the_hand_arithmetic(tmp_path, capsys):
     import re
     from bench import main as bench_main
     from levels import step_cost
+
     c = ZayaConfig.from_name("tiny")
-    V, d, L, E, I, R = (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_experts,
-                        c.moe_intermediate_size, c.router_hidden_size)
+    V, d, L, E, I, R = (
+        c.vocab_size,
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_experts,
+        c.moe_intermediate_size,
+        c.router_hidden_size,
+    )
     nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    C = (nq + nkv) * hd                                                  # CCA's [q|k] channels
-    q, k, v_cur, v_del, o = d * nq * hd, d * nkv * hd, d * nkv * hd // 2, d * nkv * hd // 2, nq * hd * d
-    convs = (C * 2 + C) + (C * hd * 2 + C)                  # depthwise, grouped: weights + biases
-    norms = d + d + 2 * 4 * d                               # 2 RMSNorms, 2 ResidualScales (4 vectors)
-    router = (d * R + R) + R + 2 * (R * R + R) + R * (E + 1)   # down_proj, norm, fc1, fc2, out_proj
-    per_layer = q + k + v_cur + v_del + o + convs + nkv + norms + router   # nkv: key temperatures
-    shared = L * per_layer + (L - 1) * R + 2 * d + d        # EDA scales (layers > 0), input, final norm
-    expert = 2 * I * d + d * I                               # gate_up, down
+    C = (nq + nkv) * hd  # CCA's [q|k] channels
+    q, k, v_cur, v_del, o = (
+        d * nq * hd,
+        d * nkv * hd,
+        d * nkv * hd // 2,
+        d * nkv * hd // 2,
+        nq * hd * d,
+    )
+    convs = (C * 2 + C) + (C * hd * 2 + C)  # depthwise, grouped: weights + biases
+    norms = d + d + 2 * 4 * d  # 2 RMSNorms, 2 ResidualScales (4 vectors)
+    router = (d * R + R) + R + 2 * (R * R + R) + R * (E + 1)  # down_proj, norm, fc1, fc2, out_proj
+    per_layer = q + k + v_cur + v_del + o + convs + nkv + norms + router  # nkv: key temperatures
+    shared = L * per_layer + (L - 1) * R + 2 * d + d  # EDA scales (layers > 0), input, final norm
+    expert = 2 * I * d + d * I  # gate_up, down
     m = Zaya(c)
-    assert m.num_params() == shared + L * E * expert + V * d             # the tally is the model's
+    assert m.num_params() == shared + L * E * expert + V * d  # the tally is the model's
     assert m.num_params(active=True) == shared + L * expert
     cost, ctx = step_cost(c), 100
-    kv_token = L * 2 * (nkv * hd) * 2                       # K and V per layer, bf16
-    state_row = L * (2 * C + nkv * hd // 2) * 4             # 2 raw conv inputs + delayed value, fp32
-    ar_bytes = (2 * shared + 2 * L * 1 * expert + 2 * V * d   # weights, 1 expert a layer, the head
-                + 2 * 1 * d + ctx * kv_token + state_row)   # 1 embedding row, the cache, CCA state
-    ar_flops = 2 * (shared + L * expert + V * d) + L * 4 * nq * hd * (ctx + 1)   # + QK and PV
+    kv_token = L * 2 * (nkv * hd) * 2  # K and V per layer, bf16
+    state_row = L * (2 * C + nkv * hd // 2) * 4  # 2 raw conv inputs + delayed value, fp32
+    ar_bytes = (
+        2 * shared
+        + 2 * L * 1 * expert
+        + 2 * V * d  # weights, 1 expert a layer, the head
+        + 2 * 1 * d
+        + ctx * kv_token
+        + state_row
+    )  # 1 embedding row, the cache, CCA state
+    ar_flops = 2 * (shared + L * expert + V * d) + L * 4 * nq * hd * (ctx + 1)  # + QK and PV
     assert cost(1, 1, ctx) == (ar_bytes, ar_flops)
-    assert E == 4 and cost(1, 2, 0)[0] == 2 * (shared + L * 4 * (1 - (3 / 4) ** 2) * expert + V * d + 2 * d) + state_row
-    B, n = 3, c.block_size * (1 + c.block_size)             # a dense TiDAR step: 272 tokens a row
-    assert E * (1 - (1 - 1 / E) ** (B * n)) == E            # 816 tokens wake all 4 (exactly, in floats)
+    assert (
+        E == 4
+        and cost(1, 2, 0)[0]
+        == 2 * (shared + L * 4 * (1 - (3 / 4) ** 2) * expert + V * d + 2 * d) + state_row
+    )
+    B, n = 3, c.block_size * (1 + c.block_size)  # a dense TiDAR step: 272 tokens a row
+    assert E * (1 - (1 - 1 / E) ** (B * n)) == E  # 816 tokens wake all 4 (exactly, in floats)
     td_bytes = 2 * (shared + L * E * expert + V * d + B * n * d) + B * (ctx * kv_token + state_row)
     td_flops = B * n * (2 * (shared + L * expert + V * d) + L * 4 * nq * hd * (ctx + n))
     assert cost(B, n, ctx) == (td_bytes, td_flops)
     kv = lambda B, ctx: cost(B, 1, ctx)[0] - cost(B, 1, 0)[0]
     assert kv(1, ctx) == ctx * kv_token and kv(1, 8 * ctx) == 8 * kv(1, ctx)
     assert kv(5, ctx) == pytest.approx(5 * kv(1, ctx), rel=1e-12)
-    c8 = step_cost(ZayaConfig.from_name("zaya1-8b"))        # docs/tidar.md 6: ~2.6, 16-17.7 GB
+    c8 = step_cost(ZayaConfig.from_name("zaya1-8b"))  # docs/tidar.md 6: ~2.6, 16-17.7 GB
     assert 2.5e9 < c8(1, 1, 0)[0] < 2.7e9 and 15.5e9 < c8(1, 32, 0)[0] < c8(1, 272, 0)[0] < 17.8e9
-    g = ZayaConfig.from_name("zaya1-8b")                    # n tokens' bytes beyond one token's: the
-    for n in (2, 32, 272):                                  # experts woken, E(1 - (1 - 1/E)^n) a layer
+    g = ZayaConfig.from_name("zaya1-8b")  # n tokens' bytes beyond one token's: the
+    for n in (2, 32, 272):  # experts woken, E(1 - (1 - 1/E)^n) a layer
         woken = 1 + ((c8(1, n, 0)[0] - c8(1, 1, 0)[0]) / 2 - (n - 1) * g.hidden_size) / (
-            g.num_hidden_layers * 3 * g.moe_intermediate_size * g.hidden_size)
+            g.num_hidden_layers * 3 * g.moe_intermediate_size * g.hidden_size
+        )
         assert woken == pytest.approx(16 * (1 - (15 / 16) ** n), rel=1e-9) and g.num_experts == 16
     bench_main(["--roofline", f"--acceptance={tmp_path / 'none.json'}"])
     out = capsys.readouterr().out
-    cells = re.findall(r"^ +(H100|H200|MI300X) +B=1: ([\d.]+)x +B=4: ([\d.]+)x +B=16: ([\d.]+)x +B=64: ([\d.]+)x$", out, re.M)
-    assert len(cells) == 12                          # 3 GPUs x (4k, 32k) x (measured, anchor acceptance)
+    cells = re.findall(
+        r"^ +(H100|H200|MI300X) +B=1: ([\d.]+)x +B=4: ([\d.]+)x +B=16: ([\d.]+)x +B=64: ([\d.]+)x$",
+        out,
+        re.M,
+    )
+    assert len(cells) == 12  # 3 GPUs x (4k, 32k) x (measured, anchor acceptance)
     measured, anchor = [float(c[1]) for c in cells[:6]], [float(c[1]) for c in cells[6:]]
-    assert all(a > m for a, m in zip(anchor, measured))   # more accepted tokens per step: faster, same steps
+    assert all(
+        a > m for a, m in zip(anchor, measured)
+    )  # more accepted tokens per step: faster, same steps
     assert "Zyphra measured, H100: B=1 2.60x, B=8 1.80x, B=16 1.66x, B=64 1.13x" in out
-    assert "docs/tidar.md's bound, H100: B=1 1.2x" in out and "bytes per step, batch 1, 4k: AR 2." in out
+    assert (
+        "docs/tidar.md's bound, H100: B=1 1.2x" in out
+        and "bytes per step, batch 1, 4k: AR 2." in out
+    )
 
 
 @pytest.mark.slow
