@@ -38,11 +38,6 @@ FLAGS = [  # (flag, type, default, help); type bool: a switch; a list default: n
     ("roofline", bool, False, "only predicted speedups on GPUs (no weights)")]
 
 
-def timed(fn, a):
-    """Median seconds of fn() over a.reps runs after a warm-up, on a.device."""
-    return median_seconds(fn, a.reps, a.device)
-
-
 def say(what, value, unit, extra=""):
     print(f"{what:<58} {value:>10.2f} {unit}{'  ' + extra if extra else ''}", flush=True)
 
@@ -72,12 +67,12 @@ def bench_vs_reference(a, model, device):
     n = a.new_tokens
     gen = lambda: ref.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)  # no_grad
     theirs = gen()
-    t_ref = timed(gen, a)
+    t_ref = median_seconds(gen, a.reps, a.device)
     say("AR decode, transformers ZayaForCausalLM.generate", n / t_ref, "tok/s")
     ours = generate_ar(model, x, n)[0]
     t = {}                                                      # path -> seconds
     for tag in paths(a, model):                 # eager: vs the reference's tokens; compiled: ours
-        t[tag] = timed(lambda: generate_ar(model, x, n), a)
+        t[tag] = median_seconds(lambda: generate_ar(model, x, n), a.reps, a.device)
         vs = "" if tag == "eager" else f"{t['eager'] / t[tag]:.2f}x eager, "
         same = torch.equal(ours, theirs if tag == "eager" else generate_ar(model, x, n)[0])
         say(f"AR decode, ours {tag} ({'generate_ar' if tag == 'eager' else 'kernels.enable'})",
@@ -117,7 +112,7 @@ def train_step_seconds(net, loss_fn, a):
         loss_fn().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return timed(step, a)
+    return median_seconds(step, a.reps, a.device)
 
 
 def latency_curve(a, model, tag, Ts, note=lambda T: ""):
@@ -164,12 +159,12 @@ def decode_rows(a, model, tag):
     x = tokens(model.config, (1, a.prompt_len), model.embed_tokens.weight.device)
     n = a.new_tokens
     K = model.config.block_size
-    t_ar = timed(lambda: generate_ar(model, x, n), a)
+    t_ar = median_seconds(lambda: generate_ar(model, x, n), a.reps, a.device)
     say(f"AR decode {tag}", n / t_ar, "tok/s", "1.00 tokens/forward")
     runs = {"lossless": {}, "mix": dict(sampler="mix"), "auto": dict(groups="auto")}
     for name, kw in runs.items():
         tpf = generate_tidar(model, x, n, **kw)[1].tokens_per_forward
-        t = timed(lambda: generate_tidar(model, x, n, **kw), a)
+        t = median_seconds(lambda: generate_tidar(model, x, n, **kw), a.reps, a.device)
         say(f"TiDAR {name} (K={K}) {tag}", n / t, "tok/s",
             f"{tpf:.2f} tokens/forward, {t_ar / t:.2f}x AR")
     Ts = [2 ** i for i in range(20) if 2 ** i < K * (1 + K)] if tag == "eager" else [1]

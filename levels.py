@@ -87,29 +87,43 @@ class AutoLevels:
     then a choice every `every` steps; TiDAR must beat AR by `margin`. A fall back to AR charges the
     TiDAR steps just taken `lost` = their time - their tokens x an AR step's time (0 if they won);
     the next probe comes after lost / (explore x AR step) AR steps: probing spends at most `explore`
-    (2%) of the time. An instance as `groups` sets these, the latency curve or the clock."""
+    (2%) of the time, over every reply: a second start (the next reply) keeps the acceptance
+    counts and where the schedule stood. An instance as `groups` sets these, the latency curve or
+    the clock; groups="auto" uses one per model and sampling setting (shared)."""
 
     def __init__(self, latency=None, clock=time.perf_counter, probe=4, every=8, explore=0.02,
                  margin=0.05):
-        self.latency = latency
+        self.given = latency
         self.clock = clock
         self.probe = probe
         self.every = every
         self.explore = explore
         self.margin = margin
 
+    _shared = weakref.WeakKeyDictionary()     # model -> {(weights' version, setting): instance}
+
+    @classmethod
+    def shared(cls, model, setting):
+        """groups="auto"'s: one per model, weights and sampling setting, kept for the process like
+        the latency curves, so that each reply resumes where the last one stood."""
+        key = (model.embed_tokens.weight._version, *setting)
+        return cls._shared.setdefault(model, {}).setdefault(key, cls())
+
     def start(self, model, B, K, prefix, cap=0):
-        self.latency = calibrate(model, B, K, prefix, cap) if self.latency is None else self.latency
+        self.latency = calibrate(model, B, K, prefix, cap) if self.given is None else self.given
         self.K = K
         self.last = None                   # (n, start time) of the step under way
-        self.times = {}                    # n -> this run's step times
+        self.times = {}                    # n -> this reply's step times
         self.extra = []                    # TiDAR steps' time beyond t(n)
-        self.used = {}                     # steps per level set ("AR": plain AR)
+        self.used = {}                     # this reply's steps per level set ("AR": plain AR)
         self.why = ""                      # the last choice's reason
+        self.lost = 0.0                    # seconds this reply's probes lost to AR
+        self.never = K / self.latency[2 * K] < 1 / self.latency[1]   # any set's best case vs AR
+        if getattr(self, "kept", None) == (K, self.never):           # the next reply: go on
+            return
+        self.kept = (K, self.never)
         self.tries, self.succ = torch.zeros(K + 1), torch.zeros(K + 1)
         self.stretch = [0.0, 0.0]          # TiDAR steps since the last AR: seconds, tokens/row
-        self.lost = 0.0                    # seconds the probes lost to AR
-        self.never = K / self.latency[2 * K] < 1 / self.latency[1]   # any set's best case vs AR
         self.groups = None if self.never else choose_levels([0.5] * (K + 1), self.seconds, K)[0]
         self.left = float("inf") if self.never else self.probe
 
@@ -245,10 +259,8 @@ def calibrate(model, B, K, prefix, cap=0):
 
 # -----------------------------------------------------------------------------
 # the step-cost model: what a decode step costs on a GPU, from the shape alone (bench.py --roofline)
-# (bytes/s, dense bf16 FLOP/s): docs/tidar.md section 6; the H100 (not there): the H100 SXM's
-# public ones
-GPUS = dict(H100=(3.35e12, 989e12), H200=(4.8e12, 989e12), MI300X=(5.3e12, 1307e12),
-            MI355X=(8e12, 2500e12))
+# (bytes/s, dense bf16 FLOP/s): docs/tidar.md section 6; the H100 (not there): the SXM's specs
+GPUS = dict(H100=(3.35e12, 989e12), H200=(4.8e12, 989e12), MI300X=(5.3e12, 1307e12))
 # docs/tidar.md section 6: the roofline bound it quotes (4k context, 7.5 tokens per step) and
 # Zyphra's measured speedups (their vLLM fork): {(what, device): {batch: speedup}}
 REFERENCE = {("docs/tidar.md's bound", "H100"): {1: "1.2", 4: "2.3", 16: "3.8", 64: "2.7-3"},
@@ -287,12 +299,6 @@ def step_cost(c, w=2):
     return cost
 
 
-def step_seconds(cost, bandwidth, peak, B, n, ctx):
-    """max(bytes / bandwidth, FLOPs / peak): the roofline time of step_cost's step (B, n, ctx)."""
-    nbytes, flops = cost(B, n, ctx)
-    return max(nbytes / bandwidth, flops / peak)
-
-
 def gpu_prediction(acc, K, batches=(1, 16, 64), ctx=4096):
     """The speedup of lossless TiDAR over AR that the step-cost model predicts for ZAYA1-8B's shape
     in bf16 on each of GPUS at batch B, ctx cached tokens: the level set choose_levels picks for
@@ -303,10 +309,11 @@ def gpu_prediction(acc, K, batches=(1, 16, 64), ctx=4096):
     print(f"  predicted on GPUs (docs/tidar.md section 6: the 8B's shape, bf16, {ctx} cached "
           f"tokens, this acceptance: dense {dense:.2f} tokens/step), lossless vs AR at batch B:")
     table = {}
-    for gpu in ("H100", "H200", "MI300X"):
+    for gpu in GPUS:
         for B in batches:
-            def t(n):
-                return step_seconds(cost, *GPUS[gpu], B, n, ctx)
+            def t(n):                           # the roofline time: bytes or FLOPs bound
+                nbytes, flops = cost(B, n, ctx)
+                return max(nbytes / GPUS[gpu][0], flops / GPUS[gpu][1])
             table[gpu, B] = choose_levels(acc, t, K)[1] * t(1)
         print(f"    {gpu:7s}" + "".join(f"  B={B}: {table[gpu, B]:4.2f}x" for B in batches))
     for (what, gpu), row in REFERENCE.items():

@@ -330,7 +330,9 @@ def generate_tidar(model, idx, max_new_tokens, sampler="lossless", mix_weight=0.
     check(K >= 1, f"block_size must be >= 1, got {K}")
     if model.config.mask_token_id is None:
         raise ValueError("this model has no mask_token_id: it was not converted with TiDAR")
-    auto = AutoLevels() if groups == "auto" else groups if isinstance(groups, AutoLevels) else None
+    setting = (K, temperature, top_k, sampler, mix_weight, draft_scale)
+    auto = AutoLevels.shared(model, setting) if groups == "auto" else None
+    auto = groups if isinstance(groups, AutoLevels) else auto
     groups = list(range(K)) if auto or groups is None else sorted(set(groups) | {0})
     check(groups[-1] < K, f"groups must lie in 0..{K - 1}, got {groups}")
     out, cache, d0, h, x, _ = _prefill(model, idx, max_new_tokens, K, how, tidar=True)
@@ -505,7 +507,7 @@ def speed_report(model, prompts, K, new_tokens, decode, runs, rounds=2):
     AR, which the ratios divide by) at T = 0 and T = 1, in tokens/s and bytes/s of text. Each
     prompt runs every setting, in an order rotating per prompt and round, so that a busy spell
     hits all alike; groups="auto"'s calibration runs first, untimed. Returns the rows."""
-    generate_tidar(model, prompts[0][None], new_tokens, groups="auto", block_size=K)
+    generate_tidar(model, prompts[0][None], new_tokens, groups=AutoLevels(), block_size=K)
     print(f"speed on this machine: {len(prompts)} held-out prompts x {rounds} rounds x "
           f"{new_tokens} tokens, batch 1, {torch.get_num_threads()} thread(s), eager")
     rows = []

@@ -710,11 +710,37 @@ def test_auto_schedule_on_a_compute_bound_machine(kind):
         assert st.groups == ()
 
 
+def test_auto_resumes_its_schedule_in_the_next_reply():
+    """Probing spends at most `explore` of the time over every reply, not per reply: on the
+    machine above with drafts never accepted, the first 80-token reply ends 3 steps into a 32-step
+    AR stretch; the next reply with the same AutoLevels takes the 29 AR steps left before it
+    probes again (a fresh one would probe first). groups="auto" keeps one per model and sampling
+    setting, and a fresh one once the weights change."""
+    from levels import AutoLevels
+    K, cost = 4, (lambda n: 1 + n / 8)
+    m = model_accepting("never")
+    idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
+    clock, sizes = simulated_machine(m, cost)
+    auto = AutoLevels(latency={n: cost(n) for n in range(1, 21)}, clock=clock, explore=0.1)
+    generate_tidar(m, idx, 80, groups=auto, block_size=K)
+    del sizes[:]
+    got, _ = generate_tidar(m, idx, 80, groups=auto, block_size=K)
+    probe = [2 * K] * 4
+    assert sizes[1:] == [1] * 29 + probe + [1] * 32 + probe + [1] * 10
+    assert torch.equal(got, generate_ar(m, idx, 80)[0])
+    setting = (K, 0.0, None, "lossless", 0.5, 1.5)
+    one = AutoLevels.shared(m, setting)
+    assert one is AutoLevels.shared(m, setting) and one is not AutoLevels.shared(m, (K, 1.0, *setting[2:]))
+    with torch.no_grad():
+        m.embed_tokens.weight.add_(0.0)                     # an optimizer step: new weights
+    assert AutoLevels.shared(m, setting) is not one
+
+
 def test_auto_trusts_measured_step_times_over_the_calibration():
     """The calibration claims a flat curve, the machine is compute-bound (t(n) = 1 + n/8). With drafts partly
     accepted TiDAR would win on the flat curve but loses on the real one: the measured step times make auto pick AR.
     Ignoring them (latency only) makes this test fail."""
-    from levels import AutoLevels, level_rate
+    from levels import AutoLevels
     K, cost = 4, (lambda n: 1 + n / 8)
     m = model_accepting("partly")
     idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
@@ -1067,7 +1093,7 @@ def test_shaped_tidar_loss_equals_a_direct_computation():
     w = torch.randint(0, 256, (3, S + 1), generator=torch.Generator().manual_seed(3))
     c = SimpleNamespace(**{**train.DEFAULTS, "mode": "tidar", "block_size": K, "pos_decay": 2.0, "slot0": 0.3,
                            "kl": 0.6, "tv": 0.5, "alpha": 0.7, "loss_chunk": 5})
-    idx, V = w[:, :S], m.config.vocab_size
+    idx = w[:, :S]
     logits_m = m.embed_tokens.weight @ tidar_hidden(m, idx, K)[:, S:].transpose(1, 2)       # [B, V, S]
     num = den = 0.0
     for b in range(3):

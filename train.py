@@ -1,22 +1,18 @@
 """
 Train ZAYA1 (zaya.py) on text: autoregressive pre-training, or TiDAR conversion of an AR checkpoint.
 
-  python train.py                    # the small reproduction (--pipeline=default): AR pretraining,
-                                     # TiDAR conversion (K=16), held-out decoding report
+  python train.py                    # the reproduction (--pipeline=default): the bundled base
+                                     # converted, then reported beside the bundled conversion
   python train.py --pipeline=convert --init_from=out/ar/ckpt.pt --out_dir=out-conv
-                                     # convert an existing AR checkpoint (the default recipe)
   python train.py --mode=ar --preset=tiny --max_iters=300          # one AR run, ~15 s on a CPU
-  python train.py --mode=tidar --init_from=out/ar/ckpt.pt --out_dir=out-tidar   # the paper's loss
   torchrun --nproc_per_node=8 train.py --mode=ar --preset=medium   # DDP; add --fsdp=True for FSDP2
   python train.py --preset=zaya1-8b --dry_run=True --gpus=64  # params, memory, FLOPs; no allocation
 
-Without --mode (or --dry_run, --export, --init_from=resume) train.py runs a pipeline, and every
-flag reaches each of its stages. TiDAR (docs/tidar.md): section 1 gives the layout
-[x_0..x_{S-1} | S masks], both halves at positions 0..S-1, the labels (clean i -> x_{i+1},
-mask i -> x_i) and the loss (alpha CE_AR + CE_diff) / (1 + alpha); section 2 the CCA predecessor
-chain (both built by zaya.tidar_train_layout, for tidar_loss). The conversion recipe that shapes
-the loss for acceptance: docs/acceptance.md. MoE balance without an auxiliary loss: a bias
-controller (DeepSeek-V3, arXiv 2412.19437 section 2.1.2), see update_balancing_biases.
+Without --mode (or --dry_run, --export, --init_from=resume) train.py runs a pipeline (reproduce),
+and every flag reaches each of its stages. TiDAR's layout, mask, labels and loss: docs/tidar.md
+sections 1-2 (zaya.tidar_train_layout, tidar_loss); the recipe shaping it for acceptance:
+docs/acceptance.md. MoE balance without an auxiliary loss (DeepSeek-V3, arXiv 2412.19437 section
+2.1.2): update_balancing_biases.
 """
 import functools
 import gc
