@@ -1,19 +1,24 @@
 """
-Tests for every program file. Run: python -m pytest -q test_zaya.py (about 7 minutes on 2 cores);
+Tests for every program file. Run: python -m pytest -q test_zaya.py (about 11 minutes on 2 cores);
 python -m pytest -q -m "not slow" test_zaya.py runs the fast subset (about a minute): every test but
 those marked slow (pipelines, compiled paths, several processes, statistical tests; see pytest.ini).
 
 What they prove, with small random models and data made here:
-- the model computes exactly what transformers' ZayaForCausalLM (the reference, v5.24.0) computes, with every
-  parameter randomised; checkpoints round-trip in the native and legacy layouts; the exact 8B builds on meta;
+- the model computes exactly what transformers' ZayaForCausalLM (the reference, v5.24.0) computes,
+  with every parameter randomised; checkpoints round-trip in the native and legacy layouts; the
+  exact 8B builds on meta;
 - the TiDAR layouts are the masks and predecessor chains of docs/tidar.md, and the training layout
   computes the same function as the inference layout;
-- greedy TiDAR decoding is token-for-token greedy AR decoding, and the lossless sampler at temperature 1 draws
-  from the AR distribution (chi-square test, false-failure probability written there);
+- greedy TiDAR decoding is token-for-token greedy AR decoding, and the lossless sampler at
+  temperature 1 draws from the AR distribution (chi-square test, false-failure probability written
+  there);
 - bad input gets one clear line and a non-zero exit.
-Tolerances: fp32 comparisons against the reference use 1e-4 on logits of size ~1-10 (float32 rounding of
-different but equivalent op orders, ~1e-6 seen); float64 comparisons of the same math use 1e-10.
+
+Tolerances: fp32 comparisons against the reference use 1e-4 on logits of size ~1-10 (float32
+rounding of different but equivalent op orders, ~1e-6 seen); float64 comparisons of the same math
+use 1e-10.
 """
+
 import ast
 import json
 import math
@@ -31,7 +36,15 @@ import torch.nn.functional as F
 import kernels
 import sample
 import train
-from zaya import (CheckpointError, KVCache, Zaya, ZayaConfig, causal_layout, tidar_step_layout, tidar_train_layout)
+from zaya import (
+    CheckpointError,
+    KVCache,
+    Zaya,
+    ZayaConfig,
+    causal_layout,
+    tidar_step_layout,
+    tidar_train_layout,
+)
 from sample import generate_ar, generate_tidar
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,7 +52,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads up to 50x slower."""
+    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads up to 50x
+    slower."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -47,16 +61,32 @@ def one_thread():
 
 
 def small_config(**kw):
-    base = dict(vocab_size=97, hidden_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=16, num_experts=4, moe_intermediate_size=32, router_hidden_size=24,
-                max_position_embeddings=512, rope_theta=1000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                mask_token_id=3, block_size=4)
+    base = dict(
+        vocab_size=97,
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        moe_intermediate_size=32,
+        router_hidden_size=24,
+        max_position_embeddings=512,
+        rope_theta=1000.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        mask_token_id=3,
+        block_size=4,
+    )
     return ZayaConfig(**{**base, **kw})
 
 
 def randomised(config, seed=0, std=0.2, dtype=torch.float32, device="cpu"):
-    """A model with EVERY parameter random: weights N(0, std); 1-D scales/norms/temps 1 + N(0, 0.3); biases,
-    residual biases and balancing biases random too (the skip class stays at -1: the reference forces it)."""
+    """A model with EVERY parameter random: weights N(0, std); 1-D scales/norms/temps 1 + N(0, 0.3);
+    biases, residual biases and balancing biases random too (the skip class stays at -1: the
+    reference forces it).
+    """
     torch.manual_seed(seed)
     m = Zaya(config)
     with torch.no_grad():
@@ -65,20 +95,36 @@ def randomised(config, seed=0, std=0.2, dtype=torch.float32, device="cpu"):
             if n.endswith(("scale", "temp")) or (n.endswith("weight") and p.dim() == 1):
                 p.add_(1.0)
         for layer in m.layers:
-            layer.mlp.gate.balancing_biases.copy_(torch.cat([torch.randn(config.num_experts) * 0.05, torch.tensor([-1.0])]))
+            layer.mlp.gate.balancing_biases.copy_(
+                torch.cat([torch.randn(config.num_experts) * 0.05, torch.tensor([-1.0])])
+            )
     return m.to(device=device, dtype=dtype).eval()
 
 
 def reference(path, dtype=torch.float32):
-    transformers = pytest.importorskip("transformers") if not os.environ.get("CI") else __import__("transformers")
+    transformers = (
+        pytest.importorskip("transformers")
+        if not os.environ.get("CI")
+        else __import__("transformers")
+    )
     return transformers.ZayaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
 
 # -----------------------------------------------------------------------------
 # the model against the reference
 
 
-CONFIGS = {"gqa2": {}, "gqa3-odd-rope": dict(num_attention_heads=6, num_key_value_heads=3, head_dim=8,
-                                               partial_rotary_factor=0.75, num_hidden_layers=2, num_experts=3)}
+CONFIGS = {
+    "gqa2": {},
+    "gqa3-odd-rope": dict(
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=8,
+        partial_rotary_factor=0.75,
+        num_hidden_layers=2,
+        num_experts=3,
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -89,7 +135,7 @@ def test_logits_match_reference(tmp_path, name):
     idx = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = m(idx)[0], ref(idx).logits
-    assert ours.abs().max() > 1.0                                  # not a degenerate, all-zero model
+    assert ours.abs().max() > 1.0  # not a degenerate, all-zero model
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     # the routing is exercised: several experts chosen in every layer, and the skip class somewhere
     assert all(int((l.mlp.load[:-1] > 0).sum()) >= 2 for l in m.layers)
@@ -138,7 +184,7 @@ def test_greedy_generation_matches_reference(tmp_path):
     ours, stats = generate_ar(m, idx, 32)
     theirs = ref.generate(idx, max_new_tokens=32, min_new_tokens=32, do_sample=False)
     assert ours.shape == (2, 42) and stats.forwards == 31 and stats.tokens_per_forward == 1.0
-    assert len(set(ours[0, 10:].tolist())) > 3                    # a non-trivial continuation
+    assert len(set(ours[0, 10:].tolist())) > 3  # a non-trivial continuation
     assert torch.equal(ours, theirs)
 
 
@@ -153,14 +199,23 @@ def test_cached_decode_equals_full_forward():
         cache.commit(torch.tensor([12, 12]))
         one = torch.ones(1, 1, dtype=torch.bool)
         for t in range(12, 30):
-            parts.append(m.forward_hidden(idx[:, t:t + 1], cache.lengths[:, None], torch.ones(2, 1, dtype=torch.long), one, cache))
+            parts.append(
+                m.forward_hidden(
+                    idx[:, t : t + 1],
+                    cache.lengths[:, None],
+                    torch.ones(2, 1, dtype=torch.long),
+                    one,
+                    cache,
+                )
+            )
             cache.commit(torch.tensor([1, 1]))
     torch.testing.assert_close(m.lm_head(torch.cat(parts, 1)), full, atol=1e-4, rtol=0)
     assert cache.lengths.tolist() == [30, 30]
 
 
 def test_cache_commit_truncates_rejected_tokens():
-    """A forward over 5 tokens that commits only 2 leaves the cache exactly as a 2-token forward would."""
+    """A forward over 5 tokens that commits only 2 leaves the cache exactly as a 2-token forward
+    would."""
     m = randomised(small_config(), dtype=torch.float64)
     idx = torch.randint(0, 97, (1, 13), generator=torch.Generator().manual_seed(4))
     a, b = KVCache(m.config, 1, 32, torch.float64), KVCache(m.config, 1, 32, torch.float64)
@@ -170,12 +225,13 @@ def test_cache_commit_truncates_rejected_tokens():
             m.forward_hidden(idx[:, :8], pos, pred, mask, cache)
             cache.commit(torch.tensor([8]))
             pos, pred, mask = causal_layout(extra)
-            m.forward_hidden(idx[:, 8:8 + extra], pos + 8, pred, mask, cache)
+            m.forward_hidden(idx[:, 8 : 8 + extra], pos + 8, pred, mask, cache)
             cache.commit(torch.tensor([2]))
     assert a.lengths.item() == b.lengths.item() == 10
     torch.testing.assert_close(a.k[..., :10, :], b.k[..., :10, :], atol=1e-12, rtol=0)
     torch.testing.assert_close(a.conv, b.conv, atol=1e-12, rtol=0)
     torch.testing.assert_close(a.vdel, b.vdel, atol=1e-12, rtol=0)
+
 
 # -----------------------------------------------------------------------------
 # checkpoints
@@ -185,11 +241,22 @@ def _to_legacy(m):
     """Our state dict written by hand in the legacy Megatron layout of docs/zaya1.md section 3.2 (80
     sub-layers)."""
     out, L = {}, len(m.layers)
-    attn = {"qkv_proj.q_proj": "qkv.linear_q", "qkv_proj.k_proj": "qkv.linear_k", "qkv_proj.v_proj_current": "qkv.val_proj1",
-            "qkv_proj.v_proj_delayed": "qkv.val_proj2", "qkv_proj.conv_qk_depthwise": "qkv.conv_qk.0",
-            "qkv_proj.conv_qk_grouped": "qkv.conv_qk.1", "qk_norm.temp": "qkv.temp", "o_proj": "o_proj"}
-    router = {"router_mlp.norm": "rmsnorm_eda", "router_mlp.fc1": "router_mlp.0", "router_mlp.fc2": "router_mlp.2",
-              "router_mlp.out_proj": "router_mlp.4"}
+    attn = {
+        "qkv_proj.q_proj": "qkv.linear_q",
+        "qkv_proj.k_proj": "qkv.linear_k",
+        "qkv_proj.v_proj_current": "qkv.val_proj1",
+        "qkv_proj.v_proj_delayed": "qkv.val_proj2",
+        "qkv_proj.conv_qk_depthwise": "qkv.conv_qk.0",
+        "qkv_proj.conv_qk_grouped": "qkv.conv_qk.1",
+        "qk_norm.temp": "qkv.temp",
+        "o_proj": "o_proj",
+    }
+    router = {
+        "router_mlp.norm": "rmsnorm_eda",
+        "router_mlp.fc1": "router_mlp.0",
+        "router_mlp.fc2": "router_mlp.2",
+        "router_mlp.out_proj": "router_mlp.4",
+    }
     for k, v in m.state_dict().items():
         if k.startswith("input_hidden_states_"):
             out[f"model.layers.0.res_scale.{k[len('input_'):]}"] = v
@@ -205,44 +272,80 @@ def _to_legacy(m):
             elif rest.startswith("post_attention_layernorm."):
                 out[f"model.layers.{2 * i + 1}.input_norm.{rest.split('.', 1)[1]}"] = v
             elif rest.startswith("self_attn."):
-                r = rest[len("self_attn."):]
+                r = rest[len("self_attn.") :]
                 a = next(a for a in attn if (r + ".").startswith(a + "."))
                 out[f"model.layers.{2 * i}.self_attn.{attn[a]}{r[len(a):]}"] = v
             elif rest.startswith("mlp.gate."):
-                r = rest[len("mlp.gate."):]
+                r = rest[len("mlp.gate.") :]
                 a = next((a for a in router if r.startswith(a + ".")), None)
-                out[f"model.layers.{2 * i + 1}.zaya_block.router.{router[a] + r[len(a):] if a else r}"] = v
+                name = router[a] + r[len(a) :] if a else r
+                out[f"model.layers.{2 * i + 1}.zaya_block.router.{name}"] = v
             elif rest.startswith("mlp.experts."):
                 fc = "linear_fc1" if rest.endswith("gate_up_proj") else "linear_fc2"
                 for e in range(v.shape[0]):
-                    out[f"model.layers.{2 * i + 1}.zaya_block.experts.local_experts.{e}.{fc}.weight"] = v[e].clone()
+                    out[
+                        f"model.layers.{2 * i + 1}.zaya_block.experts.local_experts.{e}.{fc}.weight"
+                    ] = v[e].clone()
             elif rest.startswith("post_attention_residual_scale."):
                 out[f"model.layers.{2 * i + 1}.res_scale.{rest.split('.', 1)[1]}"] = v
             elif rest.startswith("post_mlp_residual_scale."):
                 s = rest.split(".", 1)[1]
-                out[f"model.res_scale.{s}" if i == L - 1 else f"model.layers.{2 * i + 2}.res_scale.{s}"] = v
+                out[
+                    (
+                        f"model.res_scale.{s}"
+                        if i == L - 1
+                        else f"model.layers.{2 * i + 2}.res_scale.{s}"
+                    )
+                ] = v
     return out
 
 
 def test_legacy_checkpoint_loads_to_same_logits(tmp_path):
     from safetensors.torch import save_file
+
     m = randomised(small_config())
     c = m.config
     sd = {k: v.contiguous() for k, v in _to_legacy(m).items()}
-    assert not any(".mlp." in k for k in sd)                       # really the other layout
+    assert not any(".mlp." in k for k in sd)  # really the other layout
     half = len(sd) // 2
     keys = sorted(sd)
     save_file({k: sd[k] for k in keys[:half]}, tmp_path / "a.safetensors")
     save_file({k: sd[k] for k in keys[half:]}, tmp_path / "b.safetensors")
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {k: ("a.safetensors" if i < half else "b.safetensors") for i, k in enumerate(keys)}}))
-    (tmp_path / "config.json").write_text(json.dumps(dict(
-        num_hidden_layers=2 * c.num_hidden_layers, ffn_hidden_size=2 * c.moe_intermediate_size,
-        zaya_mlp_expansion=c.router_hidden_size, num_query_groups=c.num_key_value_heads, norm_epsilon=c.rms_norm_eps,
-        hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads, kv_channels=c.head_dim,
-        num_experts=c.num_experts, vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings,
-        rotary_base=c.rope_theta, rotary_percent=c.partial_rotary_factor, moe_router_topk=1, zaya_use_eda=True,
-        zaya_use_mod=True, cca=True, scale_residual_merge=True, residual_in_fp32=True)))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    k: ("a.safetensors" if i < half else "b.safetensors")
+                    for i, k in enumerate(keys)
+                }
+            }
+        )
+    )
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            dict(
+                num_hidden_layers=2 * c.num_hidden_layers,
+                ffn_hidden_size=2 * c.moe_intermediate_size,
+                zaya_mlp_expansion=c.router_hidden_size,
+                num_query_groups=c.num_key_value_heads,
+                norm_epsilon=c.rms_norm_eps,
+                hidden_size=c.hidden_size,
+                num_attention_heads=c.num_attention_heads,
+                kv_channels=c.head_dim,
+                num_experts=c.num_experts,
+                vocab_size=c.vocab_size,
+                max_position_embeddings=c.max_position_embeddings,
+                rotary_base=c.rope_theta,
+                rotary_percent=c.partial_rotary_factor,
+                moe_router_topk=1,
+                zaya_use_eda=True,
+                zaya_use_mod=True,
+                cca=True,
+                scale_residual_merge=True,
+                residual_in_fp32=True,
+            )
+        )
+    )
     loaded = Zaya.from_pretrained(str(tmp_path))
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
@@ -257,27 +360,41 @@ def test_legacy_checkpoint_loads_to_same_logits(tmp_path):
 def test_sharded_save_loads_in_reference_and_back(tmp_path):
     m = randomised(small_config())
     m.save_pretrained(tmp_path, max_shard_bytes=60_000)
-    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").exists()
-    assert not list(tmp_path.glob("tmp-*"))                        # no temp files left behind
+    assert (
+        len(list(tmp_path.glob("model-*.safetensors"))) > 1
+        and (tmp_path / "model.safetensors.index.json").exists()
+    )
+    assert not list(tmp_path.glob("tmp-*"))  # no temp files left behind
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         want = m(idx)[0]
         torch.testing.assert_close(reference(tmp_path)(idx).logits, want, atol=1e-4, rtol=0)
-        torch.testing.assert_close(Zaya.from_pretrained(str(tmp_path))(idx)[0], want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            Zaya.from_pretrained(str(tmp_path))(idx)[0], want, atol=1e-6, rtol=0
+        )
 
 
 def test_8b_on_meta_has_the_reference_parameter_count():
     transformers = __import__("transformers")
     c = ZayaConfig.from_name("zaya1-8b")
-    assert (c.hidden_size, c.num_hidden_layers, c.vocab_size, c.mask_token_id, c.eos_token_id) == (2048, 40, 262272, 4, 106)
+    assert (c.hidden_size, c.num_hidden_layers, c.vocab_size, c.mask_token_id, c.eos_token_id) == (
+        2048,
+        40,
+        262272,
+        4,
+        106,
+    )
     with torch.device("meta"):
         m = Zaya(c)
         ref = transformers.ZayaForCausalLM(transformers.ZayaConfig())
         logits, _ = m(torch.zeros(1, 8, dtype=torch.long))
     n, active = m.num_params(), m.num_params(active=True)
     n_ref = sum(p.numel() for p in ref.parameters())
-    print(f"\nZAYA1-8B: {n:,} parameters ({n - m.embed_tokens.weight.numel():,} without the tied embedding), "
-          f"{active / 1e6:.1f}M active per token")
+    print(
+        f"\nZAYA1-8B: {n:,} parameters ({n - m.embed_tokens.weight.numel():,} without the tied "
+        "embedding), "
+        f"{active / 1e6:.1f}M active per token"
+    )
     assert logits.shape == (1, 8, 262272)
     assert n == n_ref == 8_840_488_784
     # An older published figure, 8,840,479,224 (docs/results.md), counts the 17 balancing biases of
@@ -289,18 +406,23 @@ def test_8b_on_meta_has_the_reference_parameter_count():
 
 def test_checkpoint_mismatch_names_every_problem(tmp_path):
     from safetensors.torch import load_file, save_file
+
     m = randomised(small_config())
     m.save_pretrained(tmp_path)
     sd = load_file(tmp_path / "model.safetensors")
-    del sd["model.layers.1.self_attn.o_proj.weight"]                              # missing
-    sd["model.layers.0.mlp.gate.extra_thing"] = torch.zeros(3)                    # unexpected
-    sd["model.layers.2.mlp.experts.down_proj"] = torch.zeros(4, 48, 31)           # wrong shape
+    del sd["model.layers.1.self_attn.o_proj.weight"]  # missing
+    sd["model.layers.0.mlp.gate.extra_thing"] = torch.zeros(3)  # unexpected
+    sd["model.layers.2.mlp.experts.down_proj"] = torch.zeros(4, 48, 31)  # wrong shape
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError) as e:
         Zaya.from_pretrained(str(tmp_path))
     msg = str(e.value)
     assert "\n" not in msg
-    for name in ("layers.1.self_attn.o_proj.weight", "layers.0.mlp.gate.extra_thing", "layers.2.mlp.experts.down_proj"):
+    for name in (
+        "layers.1.self_attn.o_proj.weight",
+        "layers.0.mlp.gate.extra_thing",
+        "layers.2.mlp.experts.down_proj",
+    ):
         assert name in msg
 
 
@@ -308,19 +430,29 @@ def test_input_longer_than_context_raises():
     m = randomised(small_config(max_position_embeddings=64))
     with pytest.raises(ValueError, match="max_position_embeddings=64"):
         m(torch.zeros(1, 65, dtype=torch.long))
-    m(torch.zeros(1, 64, dtype=torch.long))                                       # the limit itself is fine
+    m(torch.zeros(1, 64, dtype=torch.long))  # the limit itself is fine
     with pytest.raises(ValueError, match="64 tokens"):
         generate_ar(m, torch.zeros(1, 60, dtype=torch.long), 5)
 
 
 def test_config_defaults_and_presets():
-    c = ZayaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                   head_dim=8, num_experts=2, moe_intermediate_size=8, router_hidden_size=8)
+    c = ZayaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=2,
+        moe_intermediate_size=8,
+        router_hidden_size=8,
+    )
     Zaya(c)(torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="unknown preset"):
         ZayaConfig.from_name("gpt5")
     with pytest.raises(ValueError, match="mask_token_id"):
         ZayaConfig(vocab_size=10, mask_token_id=10)
+
 
 # -----------------------------------------------------------------------------
 # TiDAR: training layout == inference layout
@@ -341,13 +473,21 @@ def test_training_blocks_equal_inference_mask_groups():
             cache = KVCache(m.config, 2, 64, torch.float64)
             if b:
                 pos, pred, mask = causal_layout(b * K)
-                m.forward_hidden(idx[:, :b * K], pos, pred, mask, cache)
+                m.forward_hidden(idx[:, : b * K], pos, pred, mask, cache)
                 cache.commit(torch.tensor([b * K] * 2))
             j = torch.arange(K)
-            h = m.forward_hidden(torch.full((2, K), M), b * K + j, torch.where(j == 0, 1, j + 1),
-                                 torch.ones(K, K, dtype=torch.bool), cache)
-            torch.testing.assert_close(m.lm_head(h), diff[:, b * K:(b + 1) * K], atol=1e-10, rtol=0)
-        # (b) the decode step: committed prefix L, drafts d_j = x_{L+j}; group g (L+g+1 = 8) predicts block 2
+            h = m.forward_hidden(
+                torch.full((2, K), M),
+                b * K + j,
+                torch.where(j == 0, 1, j + 1),
+                torch.ones(K, K, dtype=torch.bool),
+                cache,
+            )
+            torch.testing.assert_close(
+                m.lm_head(h), diff[:, b * K : (b + 1) * K], atol=1e-10, rtol=0
+            )
+        # (b) the decode step: committed prefix L, drafts d_j = x_{L+j}; group g (L+g+1 = 8)
+        # predicts block 2
         for g in (0, 2, 3):
             L = 8 - g - 1
             cache = KVCache(m.config, 2, 64, torch.float64)
@@ -355,11 +495,15 @@ def test_training_blocks_equal_inference_mask_groups():
             m.forward_hidden(idx[:, :L], pos, pred, mask, cache)
             cache.commit(torch.tensor([L] * 2))
             offs, spred, smask = tidar_step_layout(K, None)
-            q = torch.cat([idx[:, L:L + K], torch.full((2, K * K), M)], 1)
+            q = torch.cat([idx[:, L : L + K], torch.full((2, K * K), M)], 1)
             h = m.forward_hidden(q, L + offs, spred, smask, cache)
-            torch.testing.assert_close(m.lm_head(h[:, K + g * K:K + (g + 1) * K]), diff[:, 8:12], atol=1e-10, rtol=0)
+            torch.testing.assert_close(
+                m.lm_head(h[:, K + g * K : K + (g + 1) * K]), diff[:, 8:12], atol=1e-10, rtol=0
+            )
             # and the draft slots d_j are the plain AR logits
-            torch.testing.assert_close(m.lm_head(h[:, :K]), m(idx[:, :L + K])[0][:, L:], atol=1e-10, rtol=0)
+            torch.testing.assert_close(
+                m.lm_head(h[:, :K]), m(idx[:, : L + K])[0][:, L:], atol=1e-10, rtol=0
+            )
 
 
 def test_step_layout_brute_force():
@@ -381,19 +525,24 @@ def test_step_layout_brute_force():
             assert offs[q] == groups[gi] + 1 + s
             assert pred[q] == (groups[gi] + 2 if s == 0 else q + 1)
 
+
 # -----------------------------------------------------------------------------
 # samplers
 
 
 def model_accepting(kind, dtype=torch.float64):
     """Models whose drafts are accepted always / partly / never (checked by the caller)."""
-    if kind == "always":           # a large constant bias on the last residual: every position predicts one token
+    if (
+        kind == "always"
+    ):  # a large constant bias on the last residual: every position predicts one token
         m = randomised(small_config(), seed=0, std=1.0, dtype=dtype)
         with torch.no_grad():
-            m.layers[-1].post_mlp_residual_scale.hidden_states_bias.add_(1e6 * torch.randn(m.config.hidden_size, dtype=dtype))
+            m.layers[-1].post_mlp_residual_scale.hidden_states_bias.add_(
+                1e6 * torch.randn(m.config.hidden_size, dtype=dtype)
+            )
     elif kind == "partly":
         m = randomised(small_config(), seed=1, std=0.5, dtype=dtype)
-    else:                          # the mask embedding drowns everything else: drafts ignore the context
+    else:  # the mask embedding drowns everything else: drafts ignore the context
         m = randomised(small_config(), seed=1, std=1.0, dtype=dtype)
         with torch.no_grad():
             m.embed_tokens.weight[m.config.mask_token_id] *= 1000
@@ -428,7 +577,8 @@ def test_greedy_tidar_with_sparse_groups_is_lossless():
 
 
 def _wilson_hilferty(df, z=3.0902):
-    """Chi-square upper quantile for false-failure probability 1e-3 (z = Phi^-1(0.999)); accurate to <1% for df > 10."""
+    """Chi-square upper quantile for false-failure probability 1e-3 (z = Phi^-1(0.999)); accurate to
+    <1% for df > 10."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
@@ -441,30 +591,46 @@ def test_lossless_sampling_matches_ar_distribution(draft_scale):
     continuations on a 5-token vocabulary (the mask token is never emitted: 4 tokens, 64 cells).
     12,000 rows are decoded in one batch (rows draw independently). Pearson chi-square against the
     0.999 quantile: each case fails falsely with probability 1e-3."""
-    cfg = small_config(vocab_size=5, mask_token_id=4, pad_token_id=0, bos_token_id=0, eos_token_id=0, block_size=4,
-                       num_hidden_layers=2)
+    cfg = small_config(
+        vocab_size=5,
+        mask_token_id=4,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        block_size=4,
+        num_hidden_layers=2,
+    )
     m = randomised(cfg, seed=3, std=0.5)
     prompt = torch.tensor([1, 3, 2, 0])
     with torch.no_grad():
-        seqs = torch.tensor([[a, b] for a in range(4) for b in range(4)])                      # [16, 2]
+        seqs = torch.tensor([[a, b] for a in range(4) for b in range(4)])  # [16, 2]
         x = torch.cat([prompt.expand(16, -1), seqs], 1)
-        lp = m(x)[0][..., :4].double().log_softmax(-1)                                          # exclude the mask
+        lp = m(x)[0][..., :4].double().log_softmax(-1)  # exclude the mask
     p1 = lp[0, 3].exp()
-    p2 = lp[::4, 4].exp()                                                                       # [a] -> p(b | a)
-    p3 = lp[:, 5].exp().view(4, 4, 4)                                                           # [a, b] -> p(c | a, b)
+    p2 = lp[::4, 4].exp()  # [a] -> p(b | a)
+    p3 = lp[:, 5].exp().view(4, 4, 4)  # [a, b] -> p(c | a, b)
     exact = (p1[:, None, None] * p2[:, :, None] * p3).flatten()
     n = 12_000
-    got, st = generate_tidar(m, prompt.expand(n, -1), 3, temperature=1.0, block_size=4,
-                             generator=torch.Generator().manual_seed(0), draft_scale=draft_scale)
-    assert sum((k - 1) * c for k, c in st.histogram.items()) > 1000                         # drafts accepted...
-    assert st.histogram.get(1, 0) > 1000                                                     # ...and rejected
+    got, st = generate_tidar(
+        m,
+        prompt.expand(n, -1),
+        3,
+        temperature=1.0,
+        block_size=4,
+        generator=torch.Generator().manual_seed(0),
+        draft_scale=draft_scale,
+    )
+    assert sum((k - 1) * c for k, c in st.histogram.items()) > 1000  # drafts accepted...
+    assert st.histogram.get(1, 0) > 1000  # ...and rejected
     chi2, df = _chi_square(got[:, 4:], exact)
     assert chi2 < _wilson_hilferty(df), (chi2, df)
 
 
 def _chi_square(new, exact):
-    """Pearson chi-square of 3-token draws new [n, 3] over a 4-token vocabulary against the exact joint
-    law exact [64]; cells expected below 5 are pooled into one. Returns (chi2, degrees of freedom)."""
+    """Pearson chi-square of 3-token draws new [n, 3] over a 4-token vocabulary against the exact
+    joint law exact [64]; cells expected below 5 are pooled into one. Returns (chi2, degrees of
+    freedom).
+    """
     counts = torch.bincount(new[:, 0] * 16 + new[:, 1] * 4 + new[:, 2], minlength=64).double()
     expected = exact * len(new)
     keep = expected >= 5
@@ -477,91 +643,133 @@ def test_prompt_lookup_drafts_copy_the_latest_longest_match():
     """lookup_drafts on hand-worked rows, then against a direct Python search on 64 random rows: the
     longest n <= 3 whose last n tokens occur earlier, its latest occurrence, the tokens after it."""
     from sample import lookup_drafts
-    ctx = torch.tensor([[1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3, 0, 0],       # "1 2 3" last seen at 4
-                        [4, 5, 6, 4, 8, 6, 4, 0, 0, 0, 0, 0, 0, 0],       # "6 4" at 2 (n=3 fails)
-                        [1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0]])      # no repeat at all
+
+    ctx = torch.tensor(
+        [
+            [1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3, 0, 0],  # "1 2 3" last seen at 4
+            [4, 5, 6, 4, 8, 6, 4, 0, 0, 0, 0, 0, 0, 0],  # "6 4" at 2 (n=3 fails)
+            [1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ]
+    )  # no repeat at all
     lengths = torch.tensor([12, 7, 5])
     drafts, valid = lookup_drafts(ctx, lengths, 3, 4)
     assert drafts[0].tolist() == [7, 5, 1, 2] and valid[0].all()
     assert drafts[1, :3].tolist() == [8, 6, 4] and valid[1].tolist() == [True, True, True, False]
     assert not valid[2].any()
 
-    def direct(row, n_max, D):                       # the rule, one Python search per row
+    def direct(row, n_max, D):  # the rule, one Python search per row
         for n in range(n_max, 0, -1):
-            ends = [i for i in range(len(row) - n) if row[i:i + n] == row[len(row) - n:]]
+            ends = [i for i in range(len(row) - n) if row[i : i + n] == row[len(row) - n :]]
             if ends and len(row) > n:
-                return row[ends[-1] + n:ends[-1] + n + D]
+                return row[ends[-1] + n : ends[-1] + n + D]
         return []
+
     g = torch.Generator().manual_seed(0)
-    ctx = torch.randint(0, 3, (64, 30), generator=g)                 # 3 symbols: many repeats
+    ctx = torch.randint(0, 3, (64, 30), generator=g)  # 3 symbols: many repeats
     lengths = torch.randint(1, 31, (64,), generator=g)
     drafts, valid = lookup_drafts(ctx, lengths, 3, 5)
     for b in range(64):
-        want = direct(ctx[b, :lengths[b]].tolist(), 3, 5)
-        assert drafts[b, :int(valid[b].sum())].tolist() == want and valid[b].sum() == len(want), b
+        want = direct(ctx[b, : lengths[b]].tolist(), 3, 5)
+        assert drafts[b, : int(valid[b].sum())].tolist() == want and valid[b].sum() == len(want), b
 
 
 def test_prompt_lookup_is_lossless():
     """Prompt-lookup decoding verifies with the lossless rule: greedy output equals greedy AR in
-    float64 (ragged prompts, with drafts accepted and rejected), and at temperature 1 the first 3 new
-    tokens follow the exact AR distribution (chi-square, false-failure probability 1e-3, as in
+    float64 (ragged prompts, with drafts accepted and rejected), and at temperature 1 the first 3
+    new tokens follow the exact AR distribution (chi-square, false-failure probability 1e-3, as in
     test_lossless_sampling_matches_ar_distribution)."""
     from sample import generate_lookup
+
     m = model_accepting("partly")
     prompts = [torch.tensor([5, 6, 7, 8] * 3), torch.tensor([9, 10, 11, 9, 10])]
     want, _ = generate_ar(m, prompts, 48)
     got, st = generate_lookup(m, prompts, 48, num_draft=6)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    assert max(st.histogram) > 1 and 1 in st.histogram                   # accepted and rejected
+    assert max(st.histogram) > 1 and 1 in st.histogram  # accepted and rejected
 
-    cfg = small_config(vocab_size=5, mask_token_id=4, pad_token_id=0, bos_token_id=0, eos_token_id=0,
-                       num_hidden_layers=2)
+    cfg = small_config(
+        vocab_size=5,
+        mask_token_id=4,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        num_hidden_layers=2,
+    )
     m = randomised(cfg, seed=3, std=0.5)
     prompt = torch.tensor([1, 3, 2, 0, 1, 3])
     with torch.no_grad():
-        seqs = torch.tensor([[a, b] for a in range(4) for b in range(4)])                  # [16, 2]
+        seqs = torch.tensor([[a, b] for a in range(4) for b in range(4)])  # [16, 2]
         lp = m(torch.cat([prompt.expand(16, -1), seqs], 1))[0][..., :4].double().log_softmax(-1)
     p1 = lp[0, 5].exp()
     p2 = lp[::4, 6].exp()
     p3 = lp[:, 7].exp().view(4, 4, 4)
     exact = (p1[:, None, None] * p2[:, :, None] * p3).flatten()
     n = 12_000
-    got, st = generate_lookup(m, prompt.expand(n, -1), 3, temperature=1.0, num_draft=3,
-                              generator=torch.Generator().manual_seed(0))
+    got, st = generate_lookup(
+        m,
+        prompt.expand(n, -1),
+        3,
+        temperature=1.0,
+        num_draft=3,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert sum((k - 1) * c for k, c in st.histogram.items()) > 1000 and st.histogram[1] > 1000
     chi2, df = _chi_square(got[:, 6:], exact)
     assert chi2 < _wilson_hilferty(df), (chi2, df)
 
 
 def test_evaluation_counts_copies_and_scores_text_with_the_ar_head(tmp_path, capsys):
-    """decode_report's two new measures. Copies: in its recorded lossless runs, a step is a copy exactly when its
-    2+ committed tokens occur in order in the context before it (checked against a direct search over the
-    rebuilt context), summed over prompts with the runs' steps and tokens. Log-likelihood: a row's mean over
-    prompts of the AR head's mean log p(x_t | x_<t) over the new tokens, each term from its own forward over the
-    prefix (float64), here of the T=1 row's sampled text, drafted at the draft_scale asked for."""
+    """decode_report's two new measures. Copies: in its recorded lossless runs, a step is a copy
+    exactly when its 2+ committed tokens occur in order in the context before it (checked against a
+    direct search over the rebuilt context), summed over prompts with the runs' steps and tokens.
+    Log-likelihood: a row's mean over prompts of the AR head's mean log p(x_t | x_<t) over the new
+    tokens, each term from its own forward over the prefix (float64), here of the T=1 row's sampled
+    text, drafted at the draft_scale asked for."""
     from sample import decode_report
-    m = model_accepting("always")                       # one token forever: long accepted copies
-    K, prompts = m.config.block_size, [torch.tensor([5, 6, 7, 8, 5, 6, 7, 8, 5, 6]), torch.tensor([9, 5, 6])]
+
+    m = model_accepting("always")  # one token forever: long accepted copies
+    K, prompts = m.config.block_size, [
+        torch.tensor([5, 6, 7, 8, 5, 6, 7, 8, 5, 6]),
+        torch.tensor([9, 5, 6]),
+    ]
     res = decode_report(m, prompts, tmp_path, K, seeds=(), new_tokens=40)
     copies = made = steps = total = 0
-    for prompt in prompts:                              # the report's lossless runs, again
+    for prompt in prompts:  # the report's lossless runs, again
         _, st = generate_tidar(m, prompt[None], 40, block_size=K, record=True)
         ctx, steps = prompt.tolist() + [st.log[0][1]], steps + st.forwards
         for acc, own in st.log[1:]:
             step = acc + [own]
             text = " " + " ".join(map(str, ctx)) + " "
             copy = len(step) > 1 and (" " + " ".join(map(str, step)) + " ") in text
-            copies, made, total, ctx = copies + copy, made + copy * len(step), total + len(step), ctx + step
+            copies, made, total, ctx = (
+                copies + copy,
+                made + copy * len(step),
+                total + len(step),
+                ctx + step,
+            )
     assert res["copies"] == dict(steps=copies, of=steps, tokens=made) and 0 < copies < steps
-    assert f"the other steps {(total - made) / (steps - copies):.2f} tokens/forward" in capsys.readouterr().out
+    assert (
+        f"the other steps {(total - made) / (steps - copies):.2f} tokens/forward"
+        in capsys.readouterr().out
+    )
     m = model_accepting("partly")
-    prompts = [torch.randint(5, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (6, 9)]
-    rows = decode_report(m, prompts, tmp_path, K, seeds=(0,), new_tokens=12,
-                         draft_scale=0.5)["rows"]
+    prompts = [
+        torch.randint(5, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (6, 9)
+    ]
+    rows = decode_report(m, prompts, tmp_path, K, seeds=(0,), new_tokens=12, draft_scale=0.5)[
+        "rows"
+    ]
     means = []
-    for p in prompts:                                   # the report's T=1 seed 0 run, again
-        toks = generate_tidar(m, p[None], 12, block_size=K, temperature=1.0, draft_scale=0.5,
-                              generator=torch.Generator().manual_seed(0))[0][0]
+    for p in prompts:  # the report's T=1 seed 0 run, again
+        toks = generate_tidar(
+            m,
+            p[None],
+            12,
+            block_size=K,
+            temperature=1.0,
+            draft_scale=0.5,
+            generator=torch.Generator().manual_seed(0),
+        )[0][0]
         terms = []
         for t in range(len(p), len(toks)):
             h = m.forward_hidden(toks[None, :t], *causal_layout(t))
@@ -584,27 +792,33 @@ def test_batches_and_ragged_prompts_equal_per_row_decoding():
     batch = torch.stack([p[:3] for p in prompts])
     together, _ = generate_tidar(m, batch, 25)
     for b in range(3):
-        assert torch.equal(together[b], generate_tidar(m, batch[b:b + 1], 25)[0][0])
+        assert torch.equal(together[b], generate_tidar(m, batch[b : b + 1], 25)[0][0])
 
 
 def final_cache(monkeypatch, generate, *args, **kw):
     """(generate(*args, **kw), the KVCache its decoding made, as the run left it)."""
     import sample
+
     made = []
 
     def make(*a, **k):
         made.append(KVCache(*a, **k))
         return made[-1]
+
     with monkeypatch.context() as mp:
         mp.setattr(sample, "KVCache", make)
         return generate(*args, **kw), made[-1]
 
 
 def test_cache_after_tidar_holds_exactly_the_committed_tokens(monkeypatch):
-    """After decoding, each row's cache equals a fresh prefill of exactly its committed tokens: K/V of every
-    slot below the row's length, and the CCA state. The committed tokens are the greedy AR sequence."""
+    """After decoding, each row's cache equals a fresh prefill of exactly its committed tokens: K/V
+    of every slot below the row's length, and the CCA state. The committed tokens are the greedy AR
+    sequence.
+    """
     m = model_accepting("partly")
-    prompts = [torch.randint(5, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (4, 11)]
+    prompts = [
+        torch.randint(5, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (4, 11)
+    ]
     _, cache = final_cache(monkeypatch, generate_tidar, m, prompts, 17, block_size=4)
     full, _ = generate_ar(m, prompts, 17 + 8)
     for b, seq in enumerate(full):
@@ -622,18 +836,26 @@ def test_cache_after_tidar_holds_exactly_the_committed_tokens(monkeypatch):
 
 
 def test_mask_token_never_emitted_and_bad_arguments():
-    m = model_accepting("never")                    # the mask token's own logit is huge at mask positions
+    m = model_accepting("never")  # the mask token's own logit is huge at mask positions
     idx = torch.randint(5, 97, (2, 6), generator=torch.Generator().manual_seed(8))
     for t in (0.0, 1.0):
-        out, _ = generate_tidar(m, idx, 30, temperature=t, generator=torch.Generator().manual_seed(0))
+        out, _ = generate_tidar(
+            m, idx, 30, temperature=t, generator=torch.Generator().manual_seed(0)
+        )
         assert out.shape == (2, 36) and not (out[:, 6:] == m.config.mask_token_id).any()
-    for kw, msg in ((dict(mix_weight=1.5, sampler="mix"), "mix_weight"), (dict(block_size=0), "block_size"),
-                    (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
-                    (dict(sampler="best"), "sampler"), (dict(draft_scale=0.0), "draft_scale")):
+    for kw, msg in (
+        (dict(mix_weight=1.5, sampler="mix"), "mix_weight"),
+        (dict(block_size=0), "block_size"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(sampler="best"), "sampler"),
+        (dict(draft_scale=0.0), "draft_scale"),
+    ):
         with pytest.raises(ValueError, match=msg):
             generate_tidar(m, idx, 5, **kw)
     with pytest.raises(ValueError, match="context"):
         generate_tidar(m, torch.zeros(1, 510, dtype=torch.long), 5)
+
 
 # -----------------------------------------------------------------------------
 # proposal levels chosen per machine (groups="auto")
@@ -641,10 +863,13 @@ def test_mask_token_never_emitted_and_bad_arguments():
 
 def test_level_chooser_on_synthetic_latency_curves():
     from levels import choose_levels, level_rate
+
     K = 16
-    c = [0.0] + [0.8] * (K - 1) + [0.0]                         # c[s]: slot s accepted given all before were
-    flat = {n: 1.0 for n in range(1, K * (K + 1) + 1)}          # memory-bound: every query size costs the same
-    linear = {n: float(n) for n in flat}                        # compute-bound: cost grows with the query
+    c = [0.0] + [0.8] * (K - 1) + [0.0]  # c[s]: slot s accepted given all before were
+    flat = {
+        n: 1.0 for n in range(1, K * (K + 1) + 1)
+    }  # memory-bound: every query size costs the same
+    linear = {n: float(n) for n in flat}  # compute-bound: cost grows with the query
     levels, rate = choose_levels(c, flat.get, K)
     assert levels == list(range(K)) and rate == pytest.approx(level_rate(levels, c, K))
     levels, rate = choose_levels(c, linear.get, K)
@@ -654,29 +879,35 @@ def test_level_chooser_on_synthetic_latency_curves():
     assert level_rate(list(range(K)), [1.0] * (K + 1), K) == pytest.approx(K)
     # and with no draft ever accepted, one token per step whatever the set
     assert level_rate([0, 5], [0.0] * (K + 1), K) == pytest.approx(1.0)
-    # {0} alone alternates: a fully accepted block leaves no drafts for the next step (K, 1, K, 1, ...)
-    for k in (4, K, 32):                                        # (a periodic chain: the lazy chain must converge)
+    # {0} alone alternates: a fully accepted block leaves no drafts for the next step
+    # (K, 1, K, 1, ...)
+    for k in (4, K, 32):  # (a periodic chain: the lazy chain must converge)
         assert level_rate([0], [1.0] * (k + 1), k) == pytest.approx((k + 1) / 2)
 
 
 def simulated_machine(model, cost):
-    """A fake clock that a forward over n query tokens advances by cost(n): a machine with a known latency curve,
-    without timing anything. Returns (clock, sizes): sizes lists n for every forward after the prefill."""
+    """A fake clock that a forward over n query tokens advances by cost(n): a machine with a known
+    latency curve, without timing anything. Returns (clock, sizes): sizes lists n for every forward
+    after the prefill.
+    """
     clock, sizes, forward = [0.0], [], model.forward_hidden
 
     def timed_forward(idx, *args, **kw):
         clock[0] += cost(idx.shape[1])
         sizes.append(idx.shape[1])
         return forward(idx, *args, **kw)
+
     model.forward_hidden = timed_forward
     return (lambda: clock[0]), sizes
 
 
 def test_auto_falls_back_to_ar_where_no_level_set_can_win():
-    """A machine where one AR step is 1000x cheaper than any TiDAR step: auto says so, decodes plain AR steps (one
-    token per forward) without ever probing, and the output is still the greedy AR output."""
+    """A machine where one AR step is 1000x cheaper than any TiDAR step: auto says so, decodes plain
+    AR steps (one token per forward) without ever probing, and the output is still the greedy AR
+    output."""
     from levels import AutoLevels
-    m = model_accepting("always")                               # even drafts that are always accepted cannot win
+
+    m = model_accepting("always")  # even drafts that are always accepted cannot win
     fake = {n: 1.0 if n > 1 else 1e-3 for n in range(1, 21)}
     idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
     got, st = generate_tidar(m, idx, 20, groups=AutoLevels(latency=fake), block_size=4)
@@ -686,11 +917,13 @@ def test_auto_falls_back_to_ar_where_no_level_set_can_win():
 
 @pytest.mark.parametrize("kind", ["always", "never"])
 def test_auto_schedule_on_a_compute_bound_machine(kind):
-    """t(n) = 1 + n/8 (K = 4: AR 1.125, {0} 2, dense 3.5). Drafts always accepted: TiDAR wins and auto never leaves
-    it. Never accepted: each 4-step probe loses 4 x (2 - 1.125) = 3.5 to AR, so with a 10% probe budget the next probe
-    comes after 3.5 / (0.1 x 1.125) = 31.1 -> 32 AR steps, exactly as documented; auto's simulated time exceeds
-    plain AR's by at most the first probe's loss + 10% of its own time."""
+    """t(n) = 1 + n/8 (K = 4: AR 1.125, {0} 2, dense 3.5). Drafts always accepted: TiDAR wins and
+    auto never leaves it. Never accepted: each 4-step probe loses 4 x (2 - 1.125) = 3.5 to AR, so
+    with a 10% probe budget the next probe comes after 3.5 / (0.1 x 1.125) = 31.1 -> 32 AR steps,
+    exactly as documented; auto's simulated time exceeds plain AR's by at most the first probe's
+    loss + 10% of its own time."""
     from levels import AutoLevels
+
     K, cost = 4, (lambda n: 1 + n / 8)
     m = model_accepting(kind)
     idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
@@ -706,7 +939,9 @@ def test_auto_schedule_on_a_compute_bound_machine(kind):
         probe = [2 * K] * 4
         assert steps == probe + [1] * 32 + probe + [1] * 32 + probe + [1] * 3
         assert t_auto - t_ar <= 4 * (cost(2 * K) - cost(1)) + 0.1 * t_auto
-        assert auto.lost == pytest.approx(3 * 4 * (cost(2 * K) - cost(1))) and "probes lost" in st.note
+        assert (
+            auto.lost == pytest.approx(3 * 4 * (cost(2 * K) - cost(1))) and "probes lost" in st.note
+        )
         assert st.groups == ()
 
 
@@ -717,6 +952,7 @@ def test_auto_resumes_its_schedule_in_the_next_reply():
     probes again (a fresh one would probe first). groups="auto" keeps one per model and sampling
     setting, and a fresh one once the weights change."""
     from levels import AutoLevels
+
     K, cost = 4, (lambda n: 1 + n / 8)
     m = model_accepting("never")
     idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
@@ -730,27 +966,33 @@ def test_auto_resumes_its_schedule_in_the_next_reply():
     assert torch.equal(got, generate_ar(m, idx, 80)[0])
     setting = (K, 0.0, None, "lossless", 0.5, 1.5)
     one = AutoLevels.shared(m, setting)
-    assert one is AutoLevels.shared(m, setting) and one is not AutoLevels.shared(m, (K, 1.0, *setting[2:]))
+    assert one is AutoLevels.shared(m, setting) and one is not AutoLevels.shared(
+        m, (K, 1.0, *setting[2:])
+    )
     with torch.no_grad():
-        m.embed_tokens.weight.add_(0.0)                     # an optimizer step: new weights
+        m.embed_tokens.weight.add_(0.0)  # an optimizer step: new weights
     assert AutoLevels.shared(m, setting) is not one
 
 
 def test_auto_trusts_measured_step_times_over_the_calibration():
-    """The calibration claims a flat curve, the machine is compute-bound (t(n) = 1 + n/8). With drafts partly
-    accepted TiDAR would win on the flat curve but loses on the real one: the measured step times make auto pick AR.
-    Ignoring them (latency only) makes this test fail."""
+    """The calibration claims a flat curve, the machine is compute-bound (t(n) = 1 + n/8). With
+    drafts partly accepted TiDAR would win on the flat curve but loses on the real one: the measured
+    step times make auto pick AR. Ignoring them (latency only) makes this test fail."""
     from levels import AutoLevels
+
     K, cost = 4, (lambda n: 1 + n / 8)
     m = model_accepting("partly")
     idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
-    for groups in ([0], None):                          # the regime: drafts pay on a flat curve, not on this one
+    for groups in ([0], None):  # the regime: drafts pay on a flat curve, not on this one
         tpf = generate_tidar(m, idx, 80, groups=groups, block_size=K)[1].tokens_per_forward
-        assert 1.1 < tpf < cost(K + K * len(groups or range(K))) / cost(1), (groups, tpf)  # 1.1: above the margin
+        assert 1.1 < tpf < cost(K + K * len(groups or range(K))) / cost(1), (
+            groups,
+            tpf,
+        )  # 1.1: above the margin
     clock, sizes = simulated_machine(m, cost)
     auto = AutoLevels(latency={n: 1.0 for n in range(1, 21)}, clock=clock)
     got, st = generate_tidar(m, idx, 80, groups=auto, block_size=K)
-    assert min(sizes[1:5]) > 1 and set(sizes[5:]) == {1}, sizes                 # probe, then AR for good
+    assert min(sizes[1:5]) > 1 and set(sizes[5:]) == {1}, sizes  # probe, then AR for good
     assert torch.equal(got, generate_ar(m, idx, 80)[0])
 
 
@@ -759,9 +1001,10 @@ def test_auto_calibrates_on_a_cache_as_large_as_the_decode_cache(monkeypatch):
     caches of the capacity decoding made (a calibration on a prefix-sized cache underestimated
     compiled steps): every calibration cache is at least that large."""
     import levels
+
     m = model_accepting("partly")
     made, real = [], levels.KVCache
-    spy = lambda c, B, n, **kw: made.append(n) or real(c, B, n, **kw)          # noqa: E731
+    spy = lambda c, B, n, **kw: made.append(n) or real(c, B, n, **kw)  # noqa: E731
     monkeypatch.setattr(levels, "KVCache", spy)
     monkeypatch.setattr(levels, "_CURVES", {})
     idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
@@ -770,15 +1013,20 @@ def test_auto_calibrates_on_a_cache_as_large_as_the_decode_cache(monkeypatch):
 
 
 def test_acceptance_from_a_dense_histogram_predicts_its_tokens_per_forward():
-    """A dense run starts every block at slot 1, so its histogram gives the per-slot acceptance exactly, and
-    level_rate on that acceptance must give back the run's own tokens per forward."""
+    """A dense run starts every block at slot 1, so its histogram gives the per-slot acceptance
+    exactly, and level_rate on that acceptance must give back the run's own tokens per forward."""
     from levels import acceptance_from_histogram, level_rate
+
     m = model_accepting("partly")
     for K in (4, 8):
-        st = generate_tidar(m, torch.randint(5, 97, (3, 8), generator=torch.Generator().manual_seed(K)), 60,
-                            block_size=K)[1]
+        st = generate_tidar(
+            m,
+            torch.randint(5, 97, (3, 8), generator=torch.Generator().manual_seed(K)),
+            60,
+            block_size=K,
+        )[1]
         c = acceptance_from_histogram(st.histogram, K)
-        assert len(set(st.histogram)) > 2 and 0 < c[1] < 1                                  # a mixed regime
+        assert len(set(st.histogram)) > 2 and 0 < c[1] < 1  # a mixed regime
         steps = sum(st.histogram.values())
         want = sum(n * v for n, v in st.histogram.items()) / steps
         assert level_rate(list(range(K)), c, K) == pytest.approx(want, rel=1e-9)
@@ -799,9 +1047,10 @@ def test_speed_report_measures_every_setting_side_by_side(capsys, monkeypatch):
     ]
     calls, real = [], sample.report_decode
 
-    def spy(*a, **kw):                               # records each run's kind, levels, temperature
+    def spy(*a, **kw):  # records each run's kind, levels, temperature
         calls.append((kw.get("kind", "tidar"), kw.get("groups"), kw["temperature"]))
         return real(*a, **kw)
+
     monkeypatch.setattr(sample, "report_decode", spy)
     runs = {
         **SPEED_RUNS,
@@ -829,12 +1078,15 @@ def test_speed_report_measures_every_setting_side_by_side(capsys, monkeypatch):
 
 def test_auto_levels_are_lossless_and_rows_independent():
     m = model_accepting("partly")
-    prompts = [torch.randint(5, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 12)]
+    prompts = [
+        torch.randint(5, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 12)
+    ]
     want, _ = generate_ar(m, prompts, 40)
     got, st = generate_tidar(m, prompts, 40, groups="auto", block_size=8)
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and st.note
     alone, _ = generate_tidar(m, prompts[1][None], 40, groups="auto", block_size=8)
     assert torch.equal(alone[0], want[1])
+
 
 # -----------------------------------------------------------------------------
 # reliability: broken checkpoints, numerics
@@ -859,15 +1111,16 @@ def test_broken_checkpoints_give_one_clear_error(tmp_path):
     (tmp_path / "trunc").mkdir()
     (tmp_path / "trunc" / "config.json").write_text((good / "config.json").read_text())
     data = (good / "model.safetensors").read_bytes()
-    (tmp_path / "trunc" / "model.safetensors").write_bytes(data[:len(data) // 2])
+    (tmp_path / "trunc" / "model.safetensors").write_bytes(data[: len(data) // 2])
     cases["truncated safetensors"] = tmp_path / "trunc"
     from dataclasses import asdict
+
     torch.save({"config": asdict(m.config), "model": m.state_dict()}, tmp_path / "own.pt")
     (tmp_path / "own_trunc.pt").write_bytes((tmp_path / "own.pt").read_bytes()[:5000])
     cases["truncated own checkpoint"] = tmp_path / "own_trunc.pt"
     (tmp_path / "own_garbage.pt").write_bytes(b"\x00" * 100)
     cases["garbage own checkpoint"] = tmp_path / "own_garbage.pt"
-    assert Zaya.from_pretrained(str(tmp_path / "own.pt")).config == m.config        # the intact one loads
+    assert Zaya.from_pretrained(str(tmp_path / "own.pt")).config == m.config  # the intact one loads
     for what, path in cases.items():
         with pytest.raises(CheckpointError) as e:
             Zaya.from_pretrained(str(path))
@@ -876,25 +1129,59 @@ def test_broken_checkpoints_give_one_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_sample_cli_bad_input_is_one_line(tmp_path, capsys):
-    m = randomised(small_config(vocab_size=320, mask_token_id=257, eos_token_id=256, bos_token_id=256,
-                                pad_token_id=258, max_position_embeddings=64))
+    m = randomised(
+        small_config(
+            vocab_size=320,
+            mask_token_id=257,
+            eos_token_id=256,
+            bos_token_id=256,
+            pad_token_id=258,
+            max_position_embeddings=64,
+        )
+    )
     from dataclasses import asdict
-    torch.save({"config": asdict(m.config), "model": m.state_dict(), "tokenizer": "bytes"}, tmp_path / "ckpt.pt")
-    ok = subprocess.run([sys.executable, "sample.py", f"--init_from={tmp_path}", "--max_new_tokens=8", "--json"],
-                        cwd=HERE, capture_output=True, text=True, timeout=120)
+
+    torch.save(
+        {"config": asdict(m.config), "model": m.state_dict(), "tokenizer": "bytes"},
+        tmp_path / "ckpt.pt",
+    )
+    ok = subprocess.run(
+        [sys.executable, "sample.py", f"--init_from={tmp_path}", "--max_new_tokens=8", "--json"],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout.strip().splitlines()[-1])["new_tokens"] == 8
-    bad = {"--init_from=/nonexistent/ckpt": "nonexistent", "--mix_weight=1.5 --sampler=mix": "mix_weight",
-           "--block_size=-1": "block_size", "--temperature=-1": "temperature", "--top_k=-3": "top_k",
-           "--sampler=fast": "sampler", "--max_new_tokens=60": "context", "--colour=red": "unknown",
-           "--max_new_tokens=ten": "int", "--groups=0,99": "groups",
-           "--draft_scale=-1": "draft_scale"}
+    bad = {
+        "--init_from=/nonexistent/ckpt": "nonexistent",
+        "--mix_weight=1.5 --sampler=mix": "mix_weight",
+        "--block_size=-1": "block_size",
+        "--temperature=-1": "temperature",
+        "--top_k=-3": "top_k",
+        "--sampler=fast": "sampler",
+        "--max_new_tokens=60": "context",
+        "--colour=red": "unknown",
+        "--max_new_tokens=ten": "int",
+        "--groups=0,99": "groups",
+        "--draft_scale=-1": "draft_scale",
+    }
     from sample import cli_main as cli
+
     for args, word in bad.items():
         extra = [] if "init_from" in args else [f"--init_from={tmp_path}"]
-        if args in ("--init_from=/nonexistent/ckpt", "--colour=red"):       # through the real entry point
-            r = subprocess.run([sys.executable, "sample.py", *extra, *args.split()], cwd=HERE, capture_output=True,
-                               text=True, timeout=120)
+        if args in (
+            "--init_from=/nonexistent/ckpt",
+            "--colour=red",
+        ):  # through the real entry point
+            r = subprocess.run(
+                [sys.executable, "sample.py", *extra, *args.split()],
+                cwd=HERE,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             code, err = r.returncode, r.stderr
         else:
             capsys.readouterr()
@@ -905,19 +1192,34 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_sample_compile_auto_times_a_step_and_compiled_gives_the_eager_text(tmp_path, capsys, monkeypatch):
-    """--compile=auto compiles on a CPU only when new_tokens eager AR steps (one timed) cost more than
-    COMPILE_SECONDS plus the same steps at a third of the time; --compile=True decodes compiled and prints
-    the eager text; a bad value is one line."""
+def test_sample_compile_auto_times_a_step_and_compiled_gives_the_eager_text(
+    tmp_path, capsys, monkeypatch
+):
+    """--compile=auto compiles on a CPU only when new_tokens eager AR steps (one timed) cost more
+    than COMPILE_SECONDS plus the same steps at a third of the time; --compile=True decodes compiled
+    and prints the eager text; a bad value is one line."""
     import sample
-    m = randomised(small_config(vocab_size=320, mask_token_id=257, eos_token_id=256, bos_token_id=256,
-                                pad_token_id=258, max_position_embeddings=64))
-    assert not sample.compile_pays(m, 128, 16) and sample.compile_pays(m, 10 ** 12, 16)
+
+    m = randomised(
+        small_config(
+            vocab_size=320,
+            mask_token_id=257,
+            eos_token_id=256,
+            bos_token_id=256,
+            pad_token_id=258,
+            max_position_embeddings=64,
+        )
+    )
+    assert not sample.compile_pays(m, 128, 16) and sample.compile_pays(m, 10**12, 16)
     step = sample.calibrate(m, 1, m.config.block_size, 16)[1]
-    monkeypatch.setattr(sample, "COMPILE_SECONDS", 1000 * step)         # pays from 1,500 steps on
+    monkeypatch.setattr(sample, "COMPILE_SECONDS", 1000 * step)  # pays from 1,500 steps on
     assert not sample.compile_pays(m, 1400, 16) and sample.compile_pays(m, 1600, 16)
     from dataclasses import asdict
-    torch.save({"config": asdict(m.config), "model": m.state_dict(), "tokenizer": "bytes"}, tmp_path / "ckpt.pt")
+
+    torch.save(
+        {"config": asdict(m.config), "model": m.state_dict(), "tokenizer": "bytes"},
+        tmp_path / "ckpt.pt",
+    )
     args = [f"--init_from={tmp_path}", "--sampler=ar", "--max_new_tokens=8", "--json"]
     texts = {}
     for c in ("False", "True"):
@@ -925,7 +1227,11 @@ def test_sample_compile_auto_times_a_step_and_compiled_gives_the_eager_text(tmp_
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         sample.main(args + [f"--compile={c}"])
         texts[c], report = capsys.readouterr().out.split("\n---\n")
-        assert json.loads(report.splitlines()[-1])["compiled"] == (c == "True") == ("(compiled)" in report)
+        assert (
+            json.loads(report.splitlines()[-1])["compiled"]
+            == (c == "True")
+            == ("(compiled)" in report)
+        )
         assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs) == (c == "True")
     assert texts["True"] == texts["False"] and len(texts["False"]) > len("def main(")
     capsys.readouterr()
@@ -936,10 +1242,12 @@ def test_sample_compile_auto_times_a_step_and_compiled_gives_the_eager_text(tmp_
 
 @pytest.mark.slow
 def test_verify_logits_fp32_and_bf16_divergence_rate():
-    """Greedy TiDAR must equal greedy AR in float32 and float64. In bf16 the multi-token step and the one-token
-    AR step round differently, so near-ties can flip; the verify logits are fp32 (for exactly that reason) and
-    the measured rate of diverging rows is printed (README: 'lossless under bf16')."""
+    """Greedy TiDAR must equal greedy AR in float32 and float64. In bf16 the multi-token step and
+    the one-token AR step round differently, so near-ties can flip; the verify logits are fp32 (for
+    exactly that reason) and the measured rate of diverging rows is printed (README: 'lossless under
+    bf16')."""
     from sample import head_logits as _logits
+
     prompts = torch.randint(5, 97, (48, 12), generator=torch.Generator().manual_seed(0))
     rates = {}
     for dt in (torch.float32, torch.bfloat16):
@@ -948,10 +1256,13 @@ def test_verify_logits_fp32_and_bf16_divergence_rate():
         a, _ = generate_ar(m, prompts, 24)
         b, _ = generate_tidar(m, prompts, 24, block_size=8)
         rates[dt] = float((a != b).any(1).float().mean())
-    print(f"\nrows whose greedy TiDAR and AR continuations differ: fp32 {rates[torch.float32]:.0%}, "
-          f"bf16 {rates[torch.bfloat16]:.0%} (48 prompts x 24 tokens, random model)")
+    print(
+        f"\nrows whose greedy TiDAR and AR continuations differ: fp32 {rates[torch.float32]:.0%}, "
+        f"bf16 {rates[torch.bfloat16]:.0%} (48 prompts x 24 tokens, random model)"
+    )
     assert rates[torch.float32] == 0.0
     assert rates[torch.bfloat16] < 0.9
+
 
 # -----------------------------------------------------------------------------
 # train.py: layouts, data, losses, resume, distributed, bad input
@@ -960,17 +1271,45 @@ def test_verify_logits_fp32_and_bf16_divergence_rate():
 def write_corpus(path, n_lines=400, seed=0):
     """A small, learnable text: lines of Python-like assignments over a fixed vocabulary."""
     rng = np.random.default_rng(seed)
-    words = ["alpha", "beta", "gamma", "delta", "token", "mask", "block", "expert", "router", "value"]
-    lines = [f"{rng.choice(words)}_{i % 7} = {rng.choice(words)}({int(rng.integers(100))})\n" for i in range(n_lines)]
+    words = [
+        "alpha",
+        "beta",
+        "gamma",
+        "delta",
+        "token",
+        "mask",
+        "block",
+        "expert",
+        "router",
+        "value",
+    ]
+    lines = [
+        f"{rng.choice(words)}_{i % 7} = {rng.choice(words)}({int(rng.integers(100))})\n"
+        for i in range(n_lines)
+    ]
     path.write_text("".join(lines))
     return str(path)
 
 
 def tiny_args(tmp_path, data, out, **kw):
     """One run's flags (--mode=ar unless given, or a resume, which keeps the run's own mode)."""
-    args = dict(preset="tiny", data=data, out_dir=str(tmp_path / out), data_cache=str(tmp_path / "cache"),
-                batch_size=8, seq_len=32, block_size=8, max_iters=20, warmup_iters=2, lr=3e-3, min_lr=3e-4,
-                eval_interval=1000, eval_iters=1, log_interval=1000, seed=0)
+    args = dict(
+        preset="tiny",
+        data=data,
+        out_dir=str(tmp_path / out),
+        data_cache=str(tmp_path / "cache"),
+        batch_size=8,
+        seq_len=32,
+        block_size=8,
+        max_iters=20,
+        warmup_iters=2,
+        lr=3e-3,
+        min_lr=3e-4,
+        eval_interval=1000,
+        eval_iters=1,
+        log_interval=1000,
+        seed=0,
+    )
     if kw.get("init_from") != "resume":
         args["mode"] = "ar"
     args.update(kw)
@@ -980,6 +1319,7 @@ def tiny_args(tmp_path, data, out, **kw):
 def tiny_model(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
     return Zaya(ZayaConfig.from_name("tiny")).to(dtype).eval()
+
 
 # -----------------------------------------------------------------------------
 # TiDAR layouts and forward
@@ -996,17 +1336,17 @@ def reference_layout(S, K):
         for k in range(2 * S):
             pk, k_is_mask = k % S, k >= S
             if not q_is_mask and not k_is_mask:
-                mask[q, k] = pk <= pq                            # clean -> clean: causal
+                mask[q, k] = pk <= pq  # clean -> clean: causal
             elif q_is_mask and not k_is_mask:
-                mask[q, k] = pk < (pq // K) * K                  # mask -> clean: strictly before own block
+                mask[q, k] = pk < (pq // K) * K  # mask -> clean: strictly before own block
             elif q_is_mask and k_is_mask:
-                mask[q, k] = pk // K == pq // K                  # mask -> mask: own block, both ways
+                mask[q, k] = pk // K == pq // K  # mask -> mask: own block, both ways
         if not q_is_mask:
-            p = q - 1 if pq > 0 else None                        # clean t -> clean t-1
+            p = q - 1 if pq > 0 else None  # clean t -> clean t-1
         elif pq % K == 0:
-            p = pq - 1 if pq > 0 else None                       # first mask of a block -> clean bK-1
+            p = pq - 1 if pq > 0 else None  # first mask of a block -> clean bK-1
         else:
-            p = q - 1                                            # other masks -> the mask before
+            p = q - 1  # other masks -> the mask before
         pred.append(1 if p is None else p + 2)
     return torch.cat([torch.arange(S), torch.arange(S)]), torch.tensor(pred), mask
 
@@ -1024,15 +1364,19 @@ def test_tidar_train_layout_rejects_partial_blocks():
 
 
 def forward_tidar(m, idx, K=None):
-    """(AR logits, diffusion logits), each [B, S, V], of one TiDAR training forward over [idx | S masks]."""
+    """(AR logits, diffusion logits), each [B, S, V], of one TiDAR training forward over [idx | S
+    masks]."""
     logits = m.lm_head(tidar_hidden(m, idx, K))
-    return logits[:, :idx.shape[1]], logits[:, idx.shape[1]:]
+    return logits[:, : idx.shape[1]], logits[:, idx.shape[1] :]
 
 
 def tidar_hidden(m, idx, K=None):
-    """Hidden states [B, 2S, d] of one TiDAR training forward over [idx | S masks], as train.tidar_loss builds it."""
+    """Hidden states [B, 2S, d] of one TiDAR training forward over [idx | S masks], as
+    train.tidar_loss builds it."""
     pos, pred, mask = tidar_train_layout(idx.shape[1], K or m.config.block_size, idx.device)
-    return m.forward_hidden(torch.cat([idx, torch.full_like(idx, m.config.mask_token_id)], 1), pos, pred, mask)
+    return m.forward_hidden(
+        torch.cat([idx, torch.full_like(idx, m.config.mask_token_id)], 1), pos, pred, mask
+    )
 
 
 def test_forward_tidar_ar_half_is_the_causal_model():
@@ -1052,14 +1396,17 @@ def test_forward_tidar_mask_block_sees_only_the_prefix_before_it():
         for b in range(S // K):
             blk = slice(b * K, (b + 1) * K)
             later = idx.clone()
-            later[:, b * K:] = torch.randint(0, 256, (2, S - b * K))         # positions >= bK: no effect
-            torch.testing.assert_close(forward_tidar(model, later, K)[1][:, blk], diff[:, blk], atol=1e-10, rtol=0)
-            _, short = forward_tidar(model, idx[:, :(b + 1) * K], K)           # the truncated sequence
+            later[:, b * K :] = torch.randint(0, 256, (2, S - b * K))  # positions >= bK: no effect
+            torch.testing.assert_close(
+                forward_tidar(model, later, K)[1][:, blk], diff[:, blk], atol=1e-10, rtol=0
+            )
+            _, short = forward_tidar(model, idx[:, : (b + 1) * K], K)  # the truncated sequence
             torch.testing.assert_close(short[:, blk], diff[:, blk], atol=1e-10, rtol=0)
-            if b > 0:                                                           # the last clean token it sees
+            if b > 0:  # the last clean token it sees
                 prev = idx.clone()
                 prev[:, b * K - 1] = (prev[:, b * K - 1] + 1) % 256
                 assert (forward_tidar(model, prev, K)[1][:, blk] - diff[:, blk]).abs().max() > 1e-3
+
 
 # -----------------------------------------------------------------------------
 # pieces of train.py
@@ -1070,8 +1417,10 @@ def test_chunked_cross_entropy_equals_full_value_and_gradient():
     h = torch.randn(3, 13, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 50, (3, 13))
-    y[0, :4] = -1                                                               # ignored labels
-    full = torch.nn.functional.cross_entropy((h @ weight.T).flatten(0, 1), y.flatten(), ignore_index=-1)
+    y[0, :4] = -1  # ignored labels
+    full = torch.nn.functional.cross_entropy(
+        (h @ weight.T).flatten(0, 1), y.flatten(), ignore_index=-1
+    )
     g_full = torch.autograd.grad(full, (h, weight))
     loss, hits = train.chunked_cross_entropy(h, weight, y, chunk=5)
     g = torch.autograd.grad(loss, (h, weight))
@@ -1088,13 +1437,25 @@ def test_shaped_tidar_loss_equals_a_direct_computation():
     AR loss on distilled rows, real_diffusion=False (real rows causal, diffusion on the distilled
     ones). float64: agreement to 1e-9 is rounding only."""
     from types import SimpleNamespace
+
     m = tiny_model()
     K, S = 4, 12
     w = torch.randint(0, 256, (3, S + 1), generator=torch.Generator().manual_seed(3))
-    c = SimpleNamespace(**{**train.DEFAULTS, "mode": "tidar", "block_size": K, "pos_decay": 2.0, "slot0": 0.3,
-                           "kl": 0.6, "tv": 0.5, "alpha": 0.7, "loss_chunk": 5})
+    c = SimpleNamespace(
+        **{
+            **train.DEFAULTS,
+            "mode": "tidar",
+            "block_size": K,
+            "pos_decay": 2.0,
+            "slot0": 0.3,
+            "kl": 0.6,
+            "tv": 0.5,
+            "alpha": 0.7,
+            "loss_chunk": 5,
+        }
+    )
     idx = w[:, :S]
-    logits_m = m.embed_tokens.weight @ tidar_hidden(m, idx, K)[:, S:].transpose(1, 2)       # [B, V, S]
+    logits_m = m.embed_tokens.weight @ tidar_hidden(m, idx, K)[:, S:].transpose(1, 2)  # [B, V, S]
     num = den = 0.0
     for b in range(3):
         for i in range(S):
@@ -1102,26 +1463,29 @@ def test_shaped_tidar_loss_equals_a_direct_computation():
             wt = 0.3 if k == 0 else math.exp(-(k - 1) / 2.0)
             logq = logits_m[b, :, i].log_softmax(-1)
             ce = -logq[idx[b, i]]
-            if i > 0:                                         # the AR head over x_<i, run on its own
-                h = m.forward_hidden(idx[b:b + 1, :i], *causal_layout(i))
+            if i > 0:  # the AR head over x_<i, run on its own
+                h = m.forward_hidden(idx[b : b + 1, :i], *causal_layout(i))
                 p = (h[0, -1] @ m.embed_tokens.weight.T).softmax(-1)
                 ce = 0.4 * ce - 0.6 * (p * logq).sum()
-                ce = ce + 0.5 * (1 - torch.minimum(p, logq.exp()).sum())    # tv: TV(p, q)
+                ce = ce + 0.5 * (1 - torch.minimum(p, logq.exp()).sum())  # tv: TV(p, q)
             num, den = num + wt * ce, den + wt
     diff = num / den
-    ar_real = F.cross_entropy((m.embed_tokens.weight @ m.forward_hidden(
-        idx[:2], *causal_layout(S)).transpose(1, 2)), w[:2, 1:])                         # rows 0, 1 are real
+    ar_real = F.cross_entropy(
+        (m.embed_tokens.weight @ m.forward_hidden(idx[:2], *causal_layout(S)).transpose(1, 2)),
+        w[:2, 1:],
+    )  # rows 0, 1 are real
     loss, ar, d, _ = train.tidar_loss(m, w, c, real=2)
     torch.testing.assert_close(d, diff, atol=1e-9, rtol=0)
     torch.testing.assert_close(ar, ar_real, atol=1e-9, rtol=0)
     torch.testing.assert_close(loss, (0.7 * ar_real + diff) / 1.7, atol=1e-9, rtol=0)
-    # real_diffusion=False: the same AR loss from a causal forward of the real rows, diffusion from the rest
+    # real_diffusion=False: the same AR loss from a causal forward of the real rows, diffusion
+    # from the rest
     c.real_diffusion = False
     loss2, ar2, d2, _ = train.TrainLoss(m, c)(w[:2], w[2:])
     _, _, d_extra, _ = train.tidar_loss(m, w[2:], c, real=0)
     torch.testing.assert_close(ar2, ar_real, atol=1e-9, rtol=0)
     torch.testing.assert_close(d2, d_extra, atol=1e-9, rtol=0)
-    assert not torch.allclose(d_extra, diff)                                    # a different set of rows
+    assert not torch.allclose(d_extra, diff)  # a different set of rows
     # the paper's settings give the plain mean of the hard CE over every slot
     paper = SimpleNamespace(**{**train.DEFAULTS, "mode": "tidar", "block_size": K})
     want = F.cross_entropy(logits_m, idx)
@@ -1129,39 +1493,67 @@ def test_shaped_tidar_loss_equals_a_direct_computation():
 
 
 def test_self_distillation_comes_from_the_model_and_the_training_split(tmp_path):
-    """The distillation rows: prompts are training-split windows, continuations are the teacher's own greedy
-    tokens (generate_ar), regenerating with the same seed gives the same tokens, and a conversion run trains on
-    them (its cache file appears and training proceeds)."""
+    """The distillation rows: prompts are training-split windows, continuations are the teacher's
+    own greedy tokens (generate_ar), regenerating with the same seed gives the same tokens, and a
+    conversion run trains on them (its cache file appears and training proceeds)."""
     data = write_corpus(tmp_path / "corpus.txt")
     ar = train.main(tiny_args(tmp_path, data, "ar", max_iters=10))
-    td = train.main(tiny_args(tmp_path, data, "td", mode="tidar", init_from=ar["ckpt"], max_iters=3,
-                              distill=0.5, distill_rows=6, distill_prompt=8, distill_len=40,
-                              real_diffusion=False, pos_decay=7.0, slot0=0.0, kl=1.0))
+    td = train.main(
+        tiny_args(
+            tmp_path,
+            data,
+            "td",
+            mode="tidar",
+            init_from=ar["ckpt"],
+            max_iters=3,
+            distill=0.5,
+            distill_rows=6,
+            distill_prompt=8,
+            distill_len=40,
+            real_diffusion=False,
+            pos_decay=7.0,
+            slot0=0.0,
+            kl=1.0,
+        )
+    )
     assert len(td["losses"]) == 3 and all(math.isfinite(h["diff"]) for h in td["losses"])
     (path,) = (tmp_path / "cache").glob("distill-*.bin")
     train_ids, val_ids = train.load_corpus(data, "bytes", str(tmp_path / "cache"), 33)
     rows = torch.from_numpy(np.fromfile(path, dtype=train_ids.dtype).astype(np.int64)).view(6, 40)
     tr = bytes(train_ids.astype(np.uint8))
-    assert all(bytes(r[:8].tolist()) in tr for r in rows)                      # prompts: training split
+    assert all(bytes(r[:8].tolist()) in tr for r in rows)  # prompts: training split
     teacher = Zaya.from_pretrained(ar["ckpt"]).eval()
-    assert torch.equal(generate_ar(teacher, rows[:, :8], 32)[0], rows)          # the teacher's greedy text
+    assert torch.equal(generate_ar(teacher, rows[:, :8], 32)[0], rows)  # the teacher's greedy text
     from types import SimpleNamespace
-    c = SimpleNamespace(**{**train.DEFAULTS, "distill_from": ar["ckpt"], "distill_rows": 6, "distill_prompt": 8,
-                           "distill_len": 40, "seed": 0})
+
+    c = SimpleNamespace(
+        **{
+            **train.DEFAULTS,
+            "distill_from": ar["ckpt"],
+            "distill_rows": 6,
+            "distill_prompt": 8,
+            "distill_len": 40,
+            "seed": 0,
+        }
+    )
     again = train.distill_corpus(c, train_ids, str(tmp_path / "again"))
-    assert np.array_equal(again, rows.numpy())                                  # same seed, same tokens
-    windows = train.get_batch(again, 64, 16)                                    # within a row, never across
-    assert all(any(r[o:o + 17].tolist() == w.tolist() for r in rows for o in range(24)) for w in windows)
+    assert np.array_equal(again, rows.numpy())  # same seed, same tokens
+    windows = train.get_batch(again, 64, 16)  # within a row, never across
+    assert all(
+        any(r[o : o + 17].tolist() == w.tolist() for r in rows for o in range(24)) for w in windows
+    )
     c.seed = 1
-    assert not np.array_equal(train.distill_corpus(c, train_ids, str(tmp_path / "other"))[:, :8], rows[:, :8].numpy())
-    c.seed, c.distill_temp = 0, 1.0                              # sampled, as train.RECIPE distils
+    assert not np.array_equal(
+        train.distill_corpus(c, train_ids, str(tmp_path / "other"))[:, :8], rows[:, :8].numpy()
+    )
+    c.seed, c.distill_temp = 0, 1.0  # sampled, as train.RECIPE distils
     hot = train.distill_corpus(c, train_ids, str(tmp_path / "hot"))
-    gen = torch.Generator().manual_seed(c.seed + 2)              # distill_corpus's own draw order
+    gen = torch.Generator().manual_seed(c.seed + 2)  # distill_corpus's own draw order
     starts = torch.randint(len(train_ids) - 8, (6,), generator=gen).tolist()
-    x = torch.from_numpy(np.stack([train_ids[i:i + 8].astype(np.int64) for i in starts]))
-    assert torch.equal(torch.from_numpy(hot[:, :8].astype(np.int64)), x)   # training-split prompts
+    x = torch.from_numpy(np.stack([train_ids[i : i + 8].astype(np.int64) for i in starts]))
+    assert torch.equal(torch.from_numpy(hot[:, :8].astype(np.int64)), x)  # training-split prompts
     assert np.array_equal(generate_ar(teacher, x, 32, 1.0, generator=gen)[0].numpy(), hot)
-    assert not np.array_equal(hot, again)                        # sampled, not the greedy text
+    assert not np.array_equal(hot, again)  # sampled, not the greedy text
     assert np.array_equal(train.distill_corpus(c, train_ids, str(tmp_path / "hot2")), hot)
 
 
@@ -1169,14 +1561,16 @@ def test_balancing_controller_balances_and_never_touches_skip():
     model = tiny_model(dtype=torch.float32)
     E = model.config.num_experts
     for layer in model.layers:
-        layer.mlp.load = torch.tensor([30, 0, 8, 2, 0])                       # E = 4 experts + skip; mean 10
+        layer.mlp.load = torch.tensor([30, 0, 8, 2, 0])  # E = 4 experts + skip; mean 10
     train.update_balancing_biases(model, 0.01)
     for layer in model.layers:
         b = layer.mlp.gate.balancing_biases
         assert b[0] < 0 and (b[1:E] > 0).all() and b[E] == -1.0
     # closed loop on a skewed synthetic router: argmax(p + b) with fixed probabilities p
     gen = torch.Generator().manual_seed(0)
-    p = torch.softmax(torch.randn(4000, E + 1, generator=gen) + torch.tensor([2.0, 1.0, 0.0, -1.0, 0.0]), -1)
+    p = torch.softmax(
+        torch.randn(4000, E + 1, generator=gen) + torch.tensor([2.0, 1.0, 0.0, -1.0, 0.0]), -1
+    )
     gate = model.layers[0].mlp.gate
     imbalance = []
     for _ in range(300):
@@ -1188,8 +1582,12 @@ def test_balancing_controller_balances_and_never_touches_skip():
 
 
 def test_parse_args_is_strict_and_typed():
-    o = train.parse_args(["--lr=1e-3", "--max_iters=7", "--compile=True", "--mode=tidar"], train.DEFAULTS)
-    assert o == dict(lr=1e-3, max_iters=7, compile=True, mode="tidar") and type(o["max_iters"]) is int
+    o = train.parse_args(
+        ["--lr=1e-3", "--max_iters=7", "--compile=True", "--mode=tidar"], train.DEFAULTS
+    )
+    assert (
+        o == dict(lr=1e-3, max_iters=7, compile=True, mode="tidar") and type(o["max_iters"]) is int
+    )
     for bad in (["--nope=1"], ["--max_iters=1.5"], ["--compile=yes"], ["max_iters=3"], ["--lr"]):
         with pytest.raises(train.UsageError):
             train.parse_args(bad, train.DEFAULTS)
@@ -1197,36 +1595,58 @@ def test_parse_args_is_strict_and_typed():
 
 def test_bytes_tokenizer_and_corpus_cache(tmp_path):
     enc, ids = train.get_tokenizer("bytes")
-    assert ids == dict(eot=256, mask=257, pad=258, vocab_size=320) == {
-        "eot": ZayaConfig.from_name("tiny").eos_token_id, "mask": ZayaConfig.from_name("tiny").mask_token_id,
-        "pad": 258, "vocab_size": ZayaConfig.from_name("tiny").vocab_size}
+    assert (
+        ids
+        == dict(eot=256, mask=257, pad=258, vocab_size=320)
+        == {
+            "eot": ZayaConfig.from_name("tiny").eos_token_id,
+            "mask": ZayaConfig.from_name("tiny").mask_token_id,
+            "pad": 258,
+            "vocab_size": ZayaConfig.from_name("tiny").vocab_size,
+        }
+    )
     text = "héllo <|endoftext|>\n"
-    assert enc.encode_ordinary(text) == list(text.encode()) and enc.decode(enc.encode_ordinary(text)) == text
+    assert (
+        enc.encode_ordinary(text) == list(text.encode())
+        and enc.decode(enc.encode_ordinary(text)) == text
+    )
     data = tmp_path / "docs"
     data.mkdir()
     for i in range(30):
         write_corpus(data / f"f{i}.txt", n_lines=5, seed=i)
-    (data / "blob.bin").write_bytes(b"\0\1\2")                                 # binary: skipped
+    (data / "blob.bin").write_bytes(b"\0\1\2")  # binary: skipped
     train1, val1 = train.load_corpus(str(data), "bytes", str(tmp_path / "c"), 33)
     train2, val2 = train.load_corpus(str(data), "bytes", str(tmp_path / "c"), 33)  # from the cache
-    assert train1.dtype == np.uint16 and np.array_equal(train1, train2) and np.array_equal(val1, val2)
-    assert train1[0] == val1[0] == 256 and (train1 == 256).sum() == 27 and (val1 == 256).sum() == 3  # f2, f3, f19
+    assert (
+        train1.dtype == np.uint16 and np.array_equal(train1, train2) and np.array_equal(val1, val2)
+    )
+    assert (
+        train1[0] == val1[0] == 256 and (train1 == 256).sum() == 27 and (val1 == 256).sum() == 3
+    )  # f2, f3, f19
 
 
 def test_stdlib_corpus_files_are_sorted_sources_without_tests():
     files = train.corpus_files("stdlib")
-    assert len(files) > 100 and files == sorted(files) and all(rel.endswith(".py") for rel, _ in files)
+    assert (
+        len(files) > 100 and files == sorted(files) and all(rel.endswith(".py") for rel, _ in files)
+    )
     assert not any(set(rel.split(os.sep)) & {"test", "tests", "site-packages"} for rel, _ in files)
 
 
 def test_dry_run_8b_prints_parameters_in_seconds(capsys):
     t = time.time()
-    out = train.main(["--preset=zaya1-8b", "--dry_run=True", "--gpus=64", "--seq_len=4096", "--batch_size=1"])
+    out = train.main(
+        ["--preset=zaya1-8b", "--dry_run=True", "--gpus=64", "--seq_len=4096", "--batch_size=1"]
+    )
     printed = capsys.readouterr().out
     assert time.time() - t < 20 and out["params"] > 8.8e9 and 7e8 < out["active"] < 8e8
     assert f"{out['params']:,} parameters" in printed and "TiDAR" in printed and "GFLOP" in printed
-    assert f"checkpoint (DCP): {12 * out['params'] / 2**30:.1f} GiB on disk" in printed and "no full copy" in printed
-    assert f"its own {12 * out['params'] / 64 / 2**30:.1f} GiB" in printed               # 8.8e9 x 12 / 64 GPUs
+    assert (
+        f"checkpoint (DCP): {12 * out['params'] / 2**30:.1f} GiB on disk" in printed
+        and "no full copy" in printed
+    )
+    assert f"its own {12 * out['params'] / 64 / 2**30:.1f} GiB" in printed  # 8.8e9 x 12 / 64 GPUs
+
 
 # -----------------------------------------------------------------------------
 # training runs
@@ -1236,12 +1656,16 @@ def test_ar_then_tidar_lower_both_losses(tmp_path):
     data = write_corpus(tmp_path / "corpus.txt")
     ar = train.main(tiny_args(tmp_path, data, "ar", max_iters=30))
     a = [h["ar"] for h in ar["losses"]]
-    assert np.mean(a[-5:]) < a[0] - 1.0                                        # ~5.6 -> ~3 on this corpus
-    td = train.main(tiny_args(tmp_path, data, "td", mode="tidar", init_from=ar["ckpt"], max_iters=40))
+    assert np.mean(a[-5:]) < a[0] - 1.0  # ~5.6 -> ~3 on this corpus
+    td = train.main(
+        tiny_args(tmp_path, data, "td", mode="tidar", init_from=ar["ckpt"], max_iters=40)
+    )
     ar_l, diff_l = [h["ar"] for h in td["losses"]], [h["diff"] for h in td["losses"]]
-    assert np.mean(diff_l[-5:]) < diff_l[0] - 0.3                              # 3.68 -> 3.17
-    assert np.mean(ar_l[-5:]) < ar_l[0]                                          # AR keeps improving
-    assert len(td["evals"][-1]["acc"]) == 8 and Zaya.from_pretrained(td["ckpt"]).config.block_size == 8
+    assert np.mean(diff_l[-5:]) < diff_l[0] - 0.3  # 3.68 -> 3.17
+    assert np.mean(ar_l[-5:]) < ar_l[0]  # AR keeps improving
+    assert (
+        len(td["evals"][-1]["acc"]) == 8 and Zaya.from_pretrained(td["ckpt"]).config.block_size == 8
+    )
 
 
 def test_resume_continues_with_identical_losses(tmp_path):
@@ -1251,40 +1675,60 @@ def test_resume_continues_with_identical_losses(tmp_path):
     train.main(tiny_args(tmp_path, data, "split", **{**common, "max_iters": 4}))
     rest = train.main(tiny_args(tmp_path, data, "split", init_from="resume", max_iters=8))
     assert [h["iter"] for h in rest["losses"]] == [4, 5, 6, 7]
-    assert rest["losses"] == full["losses"][4:]                                  # exact, every float
+    assert rest["losses"] == full["losses"][4:]  # exact, every float
     ck = torch.load(rest["ckpt"], weights_only=True)
     assert ck["iter_num"] == 8 and ck["mode"] == "tidar" and ck["tokenizer"] == "bytes"
     assert set(ck) >= {"config", "model", "optimizer", "best_val_loss", "data", "rng", "train_cfg"}
-    whole = torch.load(full["ckpt"], weights_only=True)["model"]                 # and the same weights, bit for bit
+    whole = torch.load(full["ckpt"], weights_only=True)[
+        "model"
+    ]  # and the same weights, bit for bit
     assert all(torch.equal(whole[k], v) for k, v in ck["model"].items())
 
 
 def _train_proc(tmp_path, data, out, **kw):
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *tiny_args(tmp_path, data, out, **kw)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "train.py"), *tiny_args(tmp_path, data, out, **kw)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 @pytest.mark.slow
 def test_sigkill_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
-    """A run that writes a checkpoint every iteration is SIGKILLed at several moments: each time the checkpoint on
-    disk loads and a resumed run continues from it (atomic temp file + rename: never a half-written ckpt.pt)."""
+    """A run that writes a checkpoint every iteration is SIGKILLed at several moments: each time the
+    checkpoint on disk loads and a resumed run continues from it (atomic temp file + rename: never a
+    half-written ckpt.pt).
+    """
     import signal
+
     data = write_corpus(tmp_path / "corpus.txt")
     ckpt = tmp_path / "run" / "ckpt.pt"
     for delay in (0.5, 1.3, 2.1):
-        p = _train_proc(tmp_path, data, "run", max_iters=10_000, eval_interval=1, eval_iters=1,
-                        **({"init_from": "resume"} if ckpt.exists() else {}))
+        p = _train_proc(
+            tmp_path,
+            data,
+            "run",
+            max_iters=10_000,
+            eval_interval=1,
+            eval_iters=1,
+            **({"init_from": "resume"} if ckpt.exists() else {}),
+        )
         t0 = time.time()
         while not ckpt.exists() and time.time() - t0 < 60:
             time.sleep(0.05)
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
-        ck = torch.load(ckpt, weights_only=True)                                 # loads: not half-written
+        ck = torch.load(ckpt, weights_only=True)  # loads: not half-written
         assert ck["iter_num"] >= 1
     before = torch.load(ckpt, weights_only=True)["iter_num"]
-    rest = train.main(tiny_args(tmp_path, data, "run", init_from="resume", max_iters=before + 2, eval_interval=1000))
+    rest = train.main(
+        tiny_args(
+            tmp_path, data, "run", init_from="resume", max_iters=before + 2, eval_interval=1000
+        )
+    )
     assert [h["iter"] for h in rest["losses"]] == [before, before + 1]
 
 
@@ -1294,22 +1738,37 @@ def test_seq_len_beyond_context_and_unknown_tokenizer_are_one_line(tmp_path, cap
         train.main(tiny_args(tmp_path, data, "long", seq_len=4096))
     m = train.main(tiny_args(tmp_path, data, "ok", max_iters=1))
     ck = torch.load(m["ckpt"], weights_only=True)
-    torch.save({**ck, "tokenizer": "no-such-encoding"}, tmp_path / "odd.pt")       # a tokenizer nobody can load
+    torch.save(
+        {**ck, "tokenizer": "no-such-encoding"}, tmp_path / "odd.pt"
+    )  # a tokenizer nobody can load
     from sample import cli_main as cli
+
     capsys.readouterr()
     assert cli([f"--init_from={tmp_path / 'odd.pt'}", "--max_new_tokens=4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-such-encoding" in err[0]
-    with pytest.raises(train.UsageError, match="no-such-encoding"):             # and training from it says so too
-        train.main(tiny_args(tmp_path, data, "conv", mode="tidar", init_from=str(tmp_path / "odd.pt"), max_iters=1))
+    with pytest.raises(
+        train.UsageError, match="no-such-encoding"
+    ):  # and training from it says so too
+        train.main(
+            tiny_args(
+                tmp_path,
+                data,
+                "conv",
+                mode="tidar",
+                init_from=str(tmp_path / "odd.pt"),
+                max_iters=1,
+            )
+        )
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     import signal
+
     data = write_corpus(tmp_path / "corpus.txt")
     p = _train_proc(tmp_path, data, "run", max_iters=10_000, log_interval=1)
-    p.stdout.readline()                                                           # the run is under way
+    p.stdout.readline()  # the run is under way
     while "iter" not in p.stdout.readline():
         pass
     p.send_signal(signal.SIGINT)
@@ -1324,7 +1783,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     first = train.main(tiny_args(tmp_path, data, "run", max_iters=2, lr_decay_iters=6))
     before = open(first["ckpt"], "rb").read()
     real = train.chunked_cross_entropy
-    monkeypatch.setattr(train, "chunked_cross_entropy", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
+    monkeypatch.setattr(
+        train, "chunked_cross_entropy", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1])
+    )
     with pytest.raises(train.Diverged, match="at iter 2;"):
         train.main(tiny_args(tmp_path, data, "run", init_from="resume", max_iters=6))
     assert open(first["ckpt"], "rb").read() == before
@@ -1333,20 +1794,27 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fsdp", [False, True])
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, fsdp):
-    """Runs in CI on the CPU (gloo), never skipped: DDP (or FSDP2) with batch_size 4 per rank x 2 processes gives
-    the losses of 1 process with batch_size 8, at iter 0 and after two optimizer steps (gradients averaged, the
-    balancing biases updated from the all-reduced load)."""
+    """Runs in CI on the CPU (gloo), never skipped: DDP (or FSDP2) with batch_size 4 per rank x 2
+    processes gives the losses of 1 process with batch_size 8, at iter 0 and after two optimizer
+    steps (gradients averaged, the balancing biases updated from the all-reduced load)."""
     data = write_corpus(tmp_path / "corpus.txt")
     one = train.main(tiny_args(tmp_path, data, "one", mode="tidar", max_iters=3))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two_args = tiny_args(tmp_path, data, "two", mode="tidar", max_iters=3, batch_size=4, fsdp=fsdp)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"{HERE}/train.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        f"{HERE}/train.py",
+    ]
     r = subprocess.run(cmd + two_args, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(tmp_path / "two" / "log.json") as f:
         two = json.load(f)
-    assert len(two["losses"]) == len(one["losses"]) == 3                       # measured differences: <= 1e-6
-    for a, b in zip(two["losses"], one["losses"]):                              # iter 0, and after updates
+    assert len(two["losses"]) == len(one["losses"]) == 3  # measured differences: <= 1e-6
+    for a, b in zip(two["losses"], one["losses"]):  # iter 0, and after updates
         assert all(abs(a[k] - b[k]) < 1e-5 for k in ("loss", "ar", "diff")), (a, b)
 
 
@@ -1362,8 +1830,12 @@ rank, log = int(os.environ["RANK"]), dict(saves=[], reads=[])
 real_save, real_load, real_write = dcp.save, zaya.load_checkpoint, FileSystemWriter.write_data
 
 
+def local(v):  # a DTensor's local shard, else the tensor itself
+    return v.to_local() if hasattr(v, "to_local") else v
+
+
 def save(state, **kw):  # every tensor a rank hands to DCP: its type, global and local shapes
-    log["saves"].append([[k, type(v).__name__, list(v.shape), list(getattr(v, "to_local", lambda: v)().shape)]
+    log["saves"].append([[k, type(v).__name__, list(v.shape), list(local(v).shape)]
                          for k, v in [*state["model"].items(), *[(p + "." + n, t)
                          for p, d in state["optimizer"]["state"].items() for n, t in d.items()]]
                          if hasattr(v, "shape") and v.dim()])
@@ -1381,7 +1853,8 @@ def load_checkpoint(path):  # every read of a checkpoint tensor: its name, rows 
     config, parts, meta = real_load(path)
     def probe(k, shape, read):
         def r(sl):
-            log["reads"].append([k, list(range(*sl.indices(shape[0])))[:1] + [len(range(*sl.indices(shape[0])))], shape[0]])
+            rows = range(*sl.indices(shape[0]))
+            log["reads"].append([k, list(rows)[:1] + [len(rows)], shape[0]])
             return read(sl)
         return shape, r
     return config, {{k: probe(k, *v) for k, v in parts.items()}}, meta
@@ -1391,41 +1864,63 @@ dcp.save, zaya.load_checkpoint, FileSystemWriter.write_data = save, load_checkpo
 try:
     runpy.run_path({train!r}, run_name="__main__")
 finally:
-    with open(os.path.join({probes!r}, f"probe-{{os.environ['PROBE_ID']}}-{{rank}}.json"), "w") as f:
+    name = f"probe-{{os.environ['PROBE_ID']}}-{{rank}}.json"
+    with open(os.path.join({probes!r}, name), "w") as f:
         json.dump(log, f)
 """
 
 
 def run_two(tmp_path, args, run_id, kill_at_save=0, timeout=300):
-    """train.py on 2 gloo processes under the probe above -> (completed process, [probe of rank 0, 1])."""
+    """train.py on 2 gloo processes under the probe above -> (completed process, [probe of rank 0,
+    1])."""
     script = tmp_path / "probe.py"
-    script.write_text(PROBE.format(here=HERE, train=os.path.join(HERE, "train.py"), probes=str(tmp_path)))
+    script.write_text(
+        PROBE.format(here=HERE, train=os.path.join(HERE, "train.py"), probes=str(tmp_path))
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", KILL_AT_SAVE=str(kill_at_save), PROBE_ID=run_id)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+    ]
     r = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout)
-    probes = [json.loads((tmp_path / f"probe-{run_id}-{i}.json").read_text())
-              if (tmp_path / f"probe-{run_id}-{i}.json").exists() else None for i in range(2)]
+    probes = [
+        (
+            json.loads((tmp_path / f"probe-{run_id}-{i}.json").read_text())
+            if (tmp_path / f"probe-{run_id}-{i}.json").exists()
+            else None
+        )
+        for i in range(2)
+    ]
     return r, probes
 
 
 def assert_every_save_sharded(probes):
-    """No rank ever holds a full copy: every model and AdamW tensor handed to DCP is a DTensor whose local
-    shard is at most ceil(n / 2) of its n rows."""
+    """No rank ever holds a full copy: every model and AdamW tensor handed to DCP is a DTensor whose
+    local shard is at most ceil(n / 2) of its n rows."""
     for p in probes:
         assert p["saves"]
         for save in p["saves"]:
-            assert len(save) > 3 * 20                                              # model + exp_avg + exp_avg_sq
+            assert len(save) > 3 * 20  # model + exp_avg + exp_avg_sq
             for name, kind, shape, local in save:
-                if not name.endswith("balancing_biases"):                          # a buffer, replicated
-                    assert kind == "DTensor" and local[0] <= -(-shape[0] // 2), (name, kind, shape, local)
+                if not name.endswith("balancing_biases"):  # a buffer, replicated
+                    assert kind == "DTensor" and local[0] <= -(-shape[0] // 2), (
+                        name,
+                        kind,
+                        shape,
+                        local,
+                    )
 
 
 @pytest.mark.slow
 def test_fsdp_sharded_checkpoint_resumes_exactly_and_reshards_onto_one_process(tmp_path):
-    """N=2 iterations, a DCP save, a resume for M=2 more: the losses and weights of 4 uninterrupted ones, bit for bit.
-    The same DCP checkpoint also resumes on 1 process (DCP reshards): its weights arrive exactly (checked with lr 0)
-    and AdamW's step count continues. A new run from the DCP folder (not a resume: converting an
-    FSDP run) starts from its weights."""
+    """N=2 iterations, a DCP save, a resume for M=2 more: the losses and weights of 4 uninterrupted
+    ones, bit for bit. The same DCP checkpoint also resumes on 1 process (DCP reshards): its weights
+    arrive exactly (checked with lr 0) and AdamW's step count continues. A new run from the DCP
+    folder (not a resume: converting an FSDP run) starts from its weights."""
     data = write_corpus(tmp_path / "corpus.txt")
     common = dict(mode="tidar", batch_size=4, eval_interval=2, lr_decay_iters=4, fsdp=True)
     r, probes = run_two(tmp_path, tiny_args(tmp_path, data, "full", max_iters=4, **common), "full")
@@ -1434,39 +1929,61 @@ def test_fsdp_sharded_checkpoint_resumes_exactly_and_reshards_onto_one_process(t
     r, _ = run_two(tmp_path, tiny_args(tmp_path, data, "split", max_iters=2, **common), "a")
     assert r.returncode == 0, r.stderr[-3000:]
     import shutil
+
     shutil.copytree(tmp_path / "split", tmp_path / "one")
-    r, _ = run_two(tmp_path, tiny_args(tmp_path, data, "split", max_iters=4, init_from="resume", **common), "b")
+    r, _ = run_two(
+        tmp_path, tiny_args(tmp_path, data, "split", max_iters=4, init_from="resume", **common), "b"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     full, rest = (json.loads((tmp_path / d / "log.json").read_text()) for d in ("full", "split"))
     assert [h["iter"] for h in rest["losses"]] == [2, 3] and rest["losses"] == full["losses"][2:]
-    assert os.listdir(tmp_path / "split" / "ckpt-dcp") == ["iter-00000004"]        # older folders removed
-    a, b = Zaya.from_pretrained(str(tmp_path / "full")), Zaya.from_pretrained(str(tmp_path / "split"))
+    assert os.listdir(tmp_path / "split" / "ckpt-dcp") == ["iter-00000004"]  # older folders removed
+    a, b = Zaya.from_pretrained(str(tmp_path / "full")), Zaya.from_pretrained(
+        str(tmp_path / "split")
+    )
     assert a.checkpoint_meta["iter_num"] == b.checkpoint_meta["iter_num"] == 4
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
-    saved = Zaya.from_pretrained(str(tmp_path / "one")).state_dict()                # iteration 2, on 2 ranks
-    one = train.main(tiny_args(tmp_path, data, "one", init_from="resume", max_iters=3, lr=0, min_lr=0, fsdp=False))
+    saved = Zaya.from_pretrained(str(tmp_path / "one")).state_dict()  # iteration 2, on 2 ranks
+    one = train.main(
+        tiny_args(
+            tmp_path, data, "one", init_from="resume", max_iters=3, lr=0, min_lr=0, fsdp=False
+        )
+    )
     assert [h["iter"] for h in one["losses"]] == [2] and one["ckpt"].endswith("ckpt.pt")
     ck = torch.load(one["ckpt"], weights_only=True)
-    assert ck["iter_num"] == 3 and all(torch.equal(v, ck["model"][k]) for k, v in saved.items()
-                                       if not k.endswith("balancing_biases"))    # lr 0: unchanged
+    assert ck["iter_num"] == 3 and all(
+        torch.equal(v, ck["model"][k])
+        for k, v in saved.items()
+        if not k.endswith("balancing_biases")
+    )  # lr 0: unchanged
     assert {int(s["step"]) for s in ck["optimizer"]["state"].values()} == {3}  # 2 loaded + 1
-    dcp_dir = str(tmp_path / "full" / "ckpt-dcp" / "iter-00000004")    # a new run from it: weights
-    conv = train.main(tiny_args(tmp_path, data, "conv", mode="tidar", init_from=dcp_dir,
-                                max_iters=1, lr=0, min_lr=0))
+    dcp_dir = str(tmp_path / "full" / "ckpt-dcp" / "iter-00000004")  # a new run from it: weights
+    conv = train.main(
+        tiny_args(
+            tmp_path, data, "conv", mode="tidar", init_from=dcp_dir, max_iters=1, lr=0, min_lr=0
+        )
+    )
     ck = torch.load(conv["ckpt"], weights_only=True)
-    assert all(torch.equal(v, ck["model"][k]) for k, v in a.state_dict().items()
-               if not k.endswith("balancing_biases"))
+    assert all(
+        torch.equal(v, ck["model"][k])
+        for k, v in a.state_dict().items()
+        if not k.endswith("balancing_biases")
+    )
 
 
 @pytest.mark.slow
 def test_sigkill_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
-    """Rank 1 is SIGKILLed after writing its shards of the second save (iteration 2), before the save completes:
-    the folder of iteration 1 stays the newest checkpoint, loads, and a run resumes from it."""
+    """Rank 1 is SIGKILLed after writing its shards of the second save (iteration 2), before the
+    save completes: the folder of iteration 1 stays the newest checkpoint, loads, and a run resumes
+    from it."""
     data = write_corpus(tmp_path / "corpus.txt")
     args = tiny_args(tmp_path, data, "run", max_iters=3, eval_interval=1, batch_size=4, fsdp=True)
     r, _ = run_two(tmp_path, args, "kill", kill_at_save=2)
-    assert r.returncode != 0 and "SIGKILL" in r.stderr, r.stderr[-3000:]          # rank 1, in save 2
-    assert sorted(os.listdir(tmp_path / "run" / "ckpt-dcp")) == ["iter-00000001", "tmp-iter-00000002"]
+    assert r.returncode != 0 and "SIGKILL" in r.stderr, r.stderr[-3000:]  # rank 1, in save 2
+    assert sorted(os.listdir(tmp_path / "run" / "ckpt-dcp")) == [
+        "iter-00000001",
+        "tmp-iter-00000002",
+    ]
     assert Zaya.from_pretrained(str(tmp_path / "run")).checkpoint_meta["iter_num"] == 1
     rest = train.main(tiny_args(tmp_path, data, "run", init_from="resume", max_iters=2, fsdp=False))
     assert [h["iter"] for h in rest["losses"]] == [1]
@@ -1474,29 +1991,53 @@ def test_sigkill_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_init_from_hf_reads_only_each_ranks_rows_and_exports_to_the_reference(tmp_path):
-    """--init_from of a sharded native HF directory and of a legacy one, with --fsdp=True: each rank reads only the
-    rows it owns (at most ceil(n/2) of each parameter's n), and after one step at lr 0 the DCP checkpoint holds
-    exactly Zaya.from_pretrained's weights (same logits). Its export loads in transformers with the same logits."""
+    """--init_from of a sharded native HF directory and of a legacy one, with --fsdp=True: each rank
+    reads only the rows it owns (at most ceil(n/2) of each parameter's n), and after one step at lr
+    0 the DCP checkpoint holds exactly Zaya.from_pretrained's weights (same logits). Its export
+    loads in transformers with the same logits.
+    """
     from safetensors.torch import save_file
-    m = randomised(small_config(vocab_size=320, mask_token_id=257, eos_token_id=256, bos_token_id=256, pad_token_id=258))
+
+    m = randomised(
+        small_config(
+            vocab_size=320, mask_token_id=257, eos_token_id=256, bos_token_id=256, pad_token_id=258
+        )
+    )
     m.save_pretrained(tmp_path / "native", max_shard_bytes=60_000)
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     save_file({k: v.contiguous() for k, v in _to_legacy(m).items()}, legacy / "model.safetensors")
     c = m.config
-    (legacy / "config.json").write_text(json.dumps(dict(
-        json.loads((tmp_path / "native" / "config.json").read_text()), num_hidden_layers=2 * c.num_hidden_layers,
-        ffn_hidden_size=2 * c.moe_intermediate_size, zaya_mlp_expansion=c.router_hidden_size)))
+    (legacy / "config.json").write_text(
+        json.dumps(
+            dict(
+                json.loads((tmp_path / "native" / "config.json").read_text()),
+                num_hidden_layers=2 * c.num_hidden_layers,
+                ffn_hidden_size=2 * c.moe_intermediate_size,
+                zaya_mlp_expansion=c.router_hidden_size,
+            )
+        )
+    )
     data = write_corpus(tmp_path / "corpus.txt")
     idx = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         want = m(idx)[0]
         for src in ("native", "legacy"):
-            args = tiny_args(tmp_path, data, f"from-{src}", init_from=str(tmp_path / src), max_iters=1, lr=0,
-                             min_lr=0, bias_update_rate=0, batch_size=4, fsdp=True)
+            args = tiny_args(
+                tmp_path,
+                data,
+                f"from-{src}",
+                init_from=str(tmp_path / src),
+                max_iters=1,
+                lr=0,
+                min_lr=0,
+                bias_update_rate=0,
+                batch_size=4,
+                fsdp=True,
+            )
             r, probes = run_two(tmp_path, args, src)
             assert r.returncode == 0, r.stderr[-3000:]
-            assert r.stdout.count("peak host memory") == 2                        # one line per rank
+            assert r.stdout.count("peak host memory") == 2  # one line per rank
             reads = {}
             for p in probes:
                 for name, (first, rows), n in ([k, v, n] for k, (*v,), n in p["reads"]):
@@ -1504,50 +2045,94 @@ def test_fsdp_init_from_hf_reads_only_each_ranks_rows_and_exports_to_the_referen
             assert set(reads) == set(m.state_dict())
             for name, got in reads.items():
                 n = got[0][2]
-                if name.endswith("balancing_biases"):                              # buffers: whole, on each rank
+                if name.endswith("balancing_biases"):  # buffers: whole, on each rank
                     assert [r[1] for r in got] == [n, n]
-                else:                                                              # a rank's own rows, together all
-                    assert max(r[1] for r in got) <= -(-n // 2) and sum(r[1] for r in got) == n, (name, got)
+                else:  # a rank's own rows, together all
+                    assert max(r[1] for r in got) <= -(-n // 2) and sum(r[1] for r in got) == n, (
+                        name,
+                        got,
+                    )
             converted = Zaya.from_pretrained(str(tmp_path / f"from-{src}"))
             torch.testing.assert_close(converted(idx)[0], want, atol=1e-6, rtol=0)
         train.main([f"--export={tmp_path / 'hf'}", f"--init_from={tmp_path / 'from-native'}"])
         torch.testing.assert_close(reference(tmp_path / "hf")(idx).logits, want, atol=1e-4, rtol=0)
-        torch.testing.assert_close(Zaya.from_pretrained(str(tmp_path / "hf"))(idx)[0], want, atol=1e-6, rtol=0)
-        train.main([f"--export={tmp_path / 'native-from-legacy'}", f"--init_from={legacy}", "--dtype=bfloat16"])
-        back = Zaya.from_pretrained(str(tmp_path / "native-from-legacy"))              # legacy -> native, in bf16
-        assert back.embed_tokens.weight.dtype == torch.bfloat16 and not list((tmp_path / "native-from-legacy").glob("tmp-*"))
-        assert all(torch.equal(v, m.state_dict()[k].to(v.dtype)) for k, v in back.state_dict().items())
+        torch.testing.assert_close(
+            Zaya.from_pretrained(str(tmp_path / "hf"))(idx)[0], want, atol=1e-6, rtol=0
+        )
+        train.main(
+            [
+                f"--export={tmp_path / 'native-from-legacy'}",
+                f"--init_from={legacy}",
+                "--dtype=bfloat16",
+            ]
+        )
+        back = Zaya.from_pretrained(
+            str(tmp_path / "native-from-legacy")
+        )  # legacy -> native, in bf16
+        assert back.embed_tokens.weight.dtype == torch.bfloat16 and not list(
+            (tmp_path / "native-from-legacy").glob("tmp-*")
+        )
+        assert all(
+            torch.equal(v, m.state_dict()[k].to(v.dtype)) for k, v in back.state_dict().items()
+        )
 
 
 def hf_tokenizer_file(path, corpus, vocab_size, special=("<eos>", "<mask>", "<pad>")):
     """A BPE tokenizer.json trained here by the `tokenizers` package on the corpus."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train([corpus], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
-                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.pre_tokenizer, tok.decoder = (
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        decoders.ByteLevel(),
+    )
+    tok.train(
+        [corpus],
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(special),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.save(str(path))
     return tok
 
 
 def test_training_and_decoding_on_a_hugging_face_tokenizer(tmp_path, capsys):
-    """--tokenizer=PATH trains on a tokenizer.json (here one trained by the `tokenizers` package): its <mask> is the
-    TiDAR mask, the corpus cache holds its ids, and sample.py decodes with it. A missing file, and a vocabulary
-    larger than the model's, are one line each."""
+    """--tokenizer=PATH trains on a tokenizer.json (here one trained by the `tokenizers` package):
+    its <mask> is the TiDAR mask, the corpus cache holds its ids, and sample.py decodes with it. A
+    missing file, and a vocabulary larger than the model's, are one line each."""
     from sample import cli_main as cli
     from cli import load_tokenizer
+
     data = write_corpus(tmp_path / "corpus.txt")
     tok = hf_tokenizer_file(tmp_path / "tokenizer.json", data, 300)
-    assert tok.get_vocab_size() > 280                                                # BPE merges beyond the bytes
-    out = train.main(tiny_args(tmp_path, data, "hf", mode="tidar", tokenizer=str(tmp_path / "tokenizer.json"),
-                               max_iters=3))
+    assert tok.get_vocab_size() > 280  # BPE merges beyond the bytes
+    out = train.main(
+        tiny_args(
+            tmp_path,
+            data,
+            "hf",
+            mode="tidar",
+            tokenizer=str(tmp_path / "tokenizer.json"),
+            max_iters=3,
+        )
+    )
     m = Zaya.from_pretrained(out["ckpt"])
-    assert m.config.mask_token_id == tok.token_to_id("<mask>") and m.config.eos_token_id == tok.token_to_id("<eos>")
-    assert m.config.vocab_size == 320                                                # 300 rounded up to 64s
+    assert m.config.mask_token_id == tok.token_to_id(
+        "<mask>"
+    ) and m.config.eos_token_id == tok.token_to_id("<eos>")
+    assert m.config.vocab_size == 320  # 300 rounded up to 64s
     cache = np.fromfile(next((tmp_path / "cache").glob("tokenizer-*.train.bin")), dtype=np.uint16)
-    assert cache[0] == tok.token_to_id("<eos>") and list(cache[1:9]) == tok.encode(open(data).read()).ids[:8]
+    assert (
+        cache[0] == tok.token_to_id("<eos>")
+        and list(cache[1:9]) == tok.encode(open(data).read()).ids[:8]
+    )
     encode, decode = load_tokenizer(m)
-    assert decode(encode("alpha_3 = beta(12)")) == "alpha_3 = beta(12)" and encode("alpha") == tok.encode("alpha").ids
+    assert (
+        decode(encode("alpha_3 = beta(12)")) == "alpha_3 = beta(12)"
+        and encode("alpha") == tok.encode("alpha").ids
+    )
     capsys.readouterr()
     assert cli([f"--init_from={tmp_path / 'hf'}", "--prompt=alpha_3 = ", "--max_new_tokens=6"]) == 0
     assert "alpha_3 = " in capsys.readouterr().out
@@ -1556,8 +2141,12 @@ def test_training_and_decoding_on_a_hugging_face_tokenizer(tmp_path, capsys):
     big = tmp_path / "big"
     big.mkdir()
     hf_tokenizer_file(big / "tokenizer.json", data, 400)
-    with pytest.raises(train.UsageError, match=r"has 3[3-9]\d ids but the model's vocab_size is 320; do ") as e:
-        train.main(tiny_args(tmp_path, data, "y", mode="tidar", init_from=out["ckpt"], tokenizer=str(big)))
+    with pytest.raises(
+        train.UsageError, match=r"has 3[3-9]\d ids but the model's vocab_size is 320; do "
+    ) as e:
+        train.main(
+            tiny_args(tmp_path, data, "y", mode="tidar", init_from=out["ckpt"], tokenizer=str(big))
+        )
     assert "\n" not in str(e.value)
 
 
@@ -1571,7 +2160,11 @@ BAD_INPUTS = {
     "no resume ckpt": ["--init_from=resume", "--out_dir={tmp}/fresh"],
     "corrupt ckpt": ["--mode=tidar", "--init_from={junk}"],
     "missing tokenizer": ["--tokenizer={tmp}/nope/tokenizer.json"],
-    "export without checkpoint": ["--export={tmp}/hf", "--init_from=resume", "--out_dir={tmp}/fresh"],
+    "export without checkpoint": [
+        "--export={tmp}/hf",
+        "--init_from=resume",
+        "--out_dir={tmp}/fresh",
+    ],
 }
 
 
@@ -1581,10 +2174,21 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
     empty.write_text("")
     junk.write_bytes(b"not a checkpoint")
     fmt = dict(tmp=tmp_path, empty=empty, junk=junk)
-    procs = {name: subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path}/out",
-                                     *[a.format(**fmt) for a in args]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-             for name, args in BAD_INPUTS.items()}
+    procs = {
+        name: subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(HERE, "train.py"),
+                f"--out_dir={tmp_path}/out",
+                *[a.format(**fmt) for a in args],
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+        for name, args in BAD_INPUTS.items()
+    }
     for name, p in procs.items():
         out, err = p.communicate(timeout=120)
         lines = err.strip().splitlines()
@@ -1592,10 +2196,13 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
         assert "; do " in lines[0] and "Traceback" not in err, (name, err)
 
 
-@pytest.mark.parametrize("args", [["--mode=bert"], ["--dtype=float16"], ["--lr=-1"], ["--data=/nothing/here"]])
+@pytest.mark.parametrize(
+    "args", [["--mode=bert"], ["--dtype=float16"], ["--lr=-1"], ["--data=/nothing/here"]]
+)
 def test_bad_settings_raise_usage_error_in_process(tmp_path, args):
     with pytest.raises(train.UsageError, match="; do "):
         train.main([f"--out_dir={tmp_path}", *args])
+
 
 # -----------------------------------------------------------------------------
 # kernels.py: each fast path equals the eager code
@@ -1606,9 +2213,22 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA/ROCm GPU")
 
 
 def tiny_config(**kw):
-    base = dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=16, num_experts=4, moe_intermediate_size=32, router_hidden_size=24,
-                max_position_embeddings=512, rope_theta=1000.0, eos_token_id=2, mask_token_id=3, block_size=4)
+    base = dict(
+        vocab_size=97,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        moe_intermediate_size=32,
+        router_hidden_size=24,
+        max_position_embeddings=512,
+        rope_theta=1000.0,
+        eos_token_id=2,
+        mask_token_id=3,
+        block_size=4,
+    )
     return ZayaConfig(**{**base, **kw})
 
 
@@ -1624,6 +2244,7 @@ def fast_model():
     yield m
     kernels.disable(m)
 
+
 # -----------------------------------------------------------------------------
 # experts
 
@@ -1631,8 +2252,8 @@ def fast_model():
 def _routing(N, E, d, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, d, generator=g).to(dtype)
-    choice = torch.randint(0, E + 1, (N,), generator=g)              # E = skip
-    choice[choice == 0] = 1                                           # expert 0 gets no token: an empty group
+    choice = torch.randint(0, E + 1, (N,), generator=g)  # E = skip
+    choice[choice == 0] = 1  # expert 0 gets no token: an empty group
     return x, choice, torch.rand(N, 1, generator=g).to(dtype)
 
 
@@ -1648,31 +2269,40 @@ def test_expert_paths_equal_reference(path, monkeypatch):
     monkeypatch.setattr(kernels, "grouped_mm_runs", lambda *a: path == "grouped")
     got = kernels.experts_forward(x, choice, w, ex.gate_up_proj, ex.down_proj)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert got[choice == c.num_experts].abs().max() == 0              # skipped tokens contribute exactly zero
+    assert got[choice == c.num_experts].abs().max() == 0  # skipped tokens contribute exactly zero
     for a, b in zip(torch.autograd.grad(got.square().sum(), (x, ex.gate_up_proj)), (gx, gw)):
         torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_compiled_experts_equal_reference_with_gradients():
-    """Compiled, the grouped path runs grouped_mm through the custom op (the compiler's own takes bf16 only)."""
+    """Compiled, the grouped path runs grouped_mm through the custom op (the compiler's own takes
+    bf16 only)."""
     c = tiny_config()
     ex = krandomised(c).layers[0].mlp.experts
     x, choice, w = _routing(40, c.num_experts, c.hidden_size)
-    assert kernels.grouped_mm_runs("cpu", torch.float32, 48, 32) and not kernels.grouped_mm_runs("cpu", torch.float64)
+    assert kernels.grouped_mm_runs("cpu", torch.float32, 48, 32) and not kernels.grouped_mm_runs(
+        "cpu", torch.float64
+    )
     x.requires_grad_()
     want = ex(x, choice, w)
     fast = torch.compile(kernels.experts_forward, dynamic=False, fullgraph=True)
     got = fast(x, choice, w, ex.gate_up_proj, ex.down_proj)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for a, b in zip(torch.autograd.grad(got.square().sum(), (x, ex.down_proj)),
-                    torch.autograd.grad(want.square().sum(), (x, ex.down_proj))):
+    for a, b in zip(
+        torch.autograd.grad(got.square().sum(), (x, ex.down_proj)),
+        torch.autograd.grad(want.square().sum(), (x, ex.down_proj)),
+    ):
         torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
     exb = krandomised(c, dtype=torch.bfloat16).layers[0].mlp.experts
     with torch.no_grad():
         want = exb(x.bfloat16(), choice, w.bfloat16())
-        got = kernels.experts_forward(x.bfloat16(), choice, w.bfloat16(), exb.gate_up_proj, exb.down_proj)
-    torch.testing.assert_close(got, want, atol=2e-2 * float(want.abs().max()), rtol=2e-2)   # bf16 rounding
+        got = kernels.experts_forward(
+            x.bfloat16(), choice, w.bfloat16(), exb.gate_up_proj, exb.down_proj
+        )
+    torch.testing.assert_close(
+        got, want, atol=2e-2 * float(want.abs().max()), rtol=2e-2
+    )  # bf16 rounding
 
 
 # -----------------------------------------------------------------------------
@@ -1681,7 +2311,7 @@ def test_compiled_experts_equal_reference_with_gradients():
 
 @pytest.mark.slow
 def test_compiled_training_forward_equals_eager(fast_model):
-    m, ref = fast_model, krandomised(tiny_config())                    # same seed: same weights
+    m, ref = fast_model, krandomised(tiny_config())  # same seed: same weights
     idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(5))
     m.train(), ref.train()
     outs = []
@@ -1702,7 +2332,9 @@ def test_compiled_training_forward_equals_eager(fast_model):
 @pytest.mark.slow
 def test_compiled_decode_gives_the_eager_tokens_and_cache(fast_model, monkeypatch):
     ref = krandomised(tiny_config())
-    idx = torch.randint(5, 97, (2, 24), generator=torch.Generator().manual_seed(2))   # prefill > K(1+K): eager
+    idx = torch.randint(
+        5, 97, (2, 24), generator=torch.Generator().manual_seed(2)
+    )  # prefill > K(1+K): eager
     want, _ = generate_ar(ref, idx, 24)
     got, st_ar = generate_ar(fast_model, idx, 24)
     assert torch.equal(got, want) and len(set(want[0, 24:].tolist())) > 3
@@ -1712,7 +2344,9 @@ def test_compiled_decode_gives_the_eager_tokens_and_cache(fast_model, monkeypatc
     assert st.histogram == st_ref.histogram and st.tokens_per_forward > 1
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert torch.equal(generate_ar(fast_model, idx, 30)[0], generate_ar(ref, idx, 30)[0])
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs   # a new cache capacity: no recompile
+    assert (
+        torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    )  # a new cache capacity: no recompile
     assert torch.equal(a.lengths, b.lengths)
     n = int(a.lengths.min())
     torch.testing.assert_close(a.k[..., :n, :], b.k[..., :n, :], atol=1e-5, rtol=0)
@@ -1725,33 +2359,41 @@ def test_compiled_cpu_decode_reads_the_cache_in_64_slot_buckets(fast_model, monk
     bucket holding its tokens, not the whole capacity (a TiDAR run's is sized for dense steps),
     through views whose writes land in the run's cache: the tokens stay the eager ones."""
     import copy
+
     made, real = [], copy.copy
     monkeypatch.setattr(kernels.copy, "copy", lambda x: made.append(real(x)) or made[-1])
     idx = torch.randint(5, 97, (1, 24), generator=torch.Generator().manual_seed(5))
     got, _ = generate_tidar(fast_model, idx, 40)
     monkeypatch.undo()
     assert torch.equal(got, generate_ar(krandomised(tiny_config()), idx, 40)[0])
-    made = [c for c in made if isinstance(c, KVCache)]            # (copy.copy has other callers)
-    capacity = made[0].capacity                                  # 24 + 40 + K(2 + K) = 88
-    assert {c.k.shape[3] for c in made} == {64, capacity - 1} and capacity == 88   # never all of it
+    made = [c for c in made if isinstance(c, KVCache)]  # (copy.copy has other callers)
+    capacity = made[0].capacity  # 24 + 40 + K(2 + K) = 88
+    assert {c.k.shape[3] for c in made} == {64, capacity - 1} and capacity == 88  # never all of it
     assert all(c.k.data_ptr() == made[0].k.data_ptr() for c in made)
 
 
 def test_compiled_tidar_pads_a_level_set_up_to_a_compiled_step_size(fast_model, monkeypatch):
-    """kernels.enable has graphs for m = 1, 2, 4 mask groups (K = 4). The level set {0, 2, 3} (m = 3) runs compiled,
-    padded with a copy of its last group to m = 4: the eager reference's tokens and committed cache, and the forward
-    never sees the unpadded size. The latency curve of the compiled model measures the padded step it will run."""
+    """kernels.enable has graphs for m = 1, 2, 4 mask groups (K = 4). The level set {0, 2, 3} (m =
+    3) runs compiled, padded with a copy of its last group to m = 4: the eager reference's tokens
+    and committed cache, and the forward never sees the unpadded size. The latency curve of the
+    compiled model measures the padded step it will run.
+    """
     from levels import LatencyCurve
+
     K = fast_model.config.block_size
     assert fast_model.step_sizes == [K * (1 + m) for m in (1, 2, 4)]
     ref = krandomised(tiny_config())
     idx = torch.randint(5, 97, (2, 24), generator=torch.Generator().manual_seed(3))
     sizes, real = [], fast_model.forward_hidden
-    monkeypatch.setattr(fast_model, "forward_hidden", lambda x, *a, **kw: sizes.append(x.shape[1]) or real(x, *a, **kw))
+    monkeypatch.setattr(
+        fast_model,
+        "forward_hidden",
+        lambda x, *a, **kw: sizes.append(x.shape[1]) or real(x, *a, **kw),
+    )
     (want, st_ref), b = final_cache(monkeypatch, generate_tidar, ref, idx, 24, groups=[0, 2, 3])
     (got, st), a = final_cache(monkeypatch, generate_tidar, fast_model, idx, 24, groups=[0, 2, 3])
     assert torch.equal(got, want) and st.histogram == st_ref.histogram and st.tokens_per_forward > 1
-    assert K * (1 + 4) in sizes and K * (1 + 3) not in sizes                  # padded, never the odd size
+    assert K * (1 + 4) in sizes and K * (1 + 3) not in sizes  # padded, never the odd size
     assert torch.equal(a.lengths, b.lengths)
     n = int(a.lengths.min())
     torch.testing.assert_close(a.k[..., :n, :], b.k[..., :n, :], atol=1e-5, rtol=0)
@@ -1759,7 +2401,7 @@ def test_compiled_tidar_pads_a_level_set_up_to_a_compiled_step_size(fast_model, 
     curve = LatencyCurve(fast_model, 1, K, 16, reps=1)
     assert curve[K * (1 + 3)] == curve[K * (1 + 4)] and set(curve) == {K * (1 + 3), K * (1 + 4)}
     other = krandomised(tiny_config())
-    kernels.enable(other)                                                        # compiles lazily: nothing yet
+    kernels.enable(other)  # compiles lazily: nothing yet
     assert other.step_sizes and not hasattr(kernels.disable(other), "step_sizes")
 
 
@@ -1768,13 +2410,21 @@ def test_fast_path_keeps_the_eager_errors_and_disable_restores(fast_model):
     one = torch.ones(1, 1, dtype=torch.bool)
     cache.lengths.fill_(4)
     with pytest.raises(ValueError, match="KV cache full"):
-        fast_model.forward_hidden(torch.tensor([[5]]), cache.lengths[:, None], torch.ones(1, 1, dtype=torch.long), one,
-                                  cache)
+        fast_model.forward_hidden(
+            torch.tensor([[5]]),
+            cache.lengths[:, None],
+            torch.ones(1, 1, dtype=torch.long),
+            one,
+            cache,
+        )
     m = krandomised(tiny_config())
     kernels.enable(m)
     assert "forward_hidden" in m.__dict__
     kernels.disable(m)
-    assert "forward_hidden" not in m.__dict__ and "_attend_cache" not in m.layers[0].self_attn.__dict__
+    assert (
+        "forward_hidden" not in m.__dict__ and "_attend_cache" not in m.layers[0].self_attn.__dict__
+    )
+
 
 # -----------------------------------------------------------------------------
 # the house: imports point one way, layouts live in zaya.py (STYLE.md)
@@ -1808,6 +2458,7 @@ def test_imports_point_one_way_towards_zaya():
     def reach(m, seen=()):
         assert m not in seen, f"import cycle through {m}: {seen}"
         return set().union({m}, *(reach(d, seen + (m,)) for d in graph[m]))
+
     for m in graph:
         reach(m)
     assert "bench" not in reach("train")
@@ -1818,6 +2469,7 @@ def test_imports_point_one_way_towards_zaya():
 def _expression_shape(node):
     """An expression with every name, attribute, constant and subscript index blanked:
     q.transpose(1, 2) and k.transpose(1, 2) have one shape, model.num_params() and 2**30 two."""
+
     class Blank(ast.NodeTransformer):
         def visit_Name(self, n):
             return ast.Name(id="_", ctx=ast.Load())
@@ -1831,6 +2483,7 @@ def _expression_shape(node):
         def visit_Subscript(self, n):
             blank = ast.Constant(value=0)
             return ast.Subscript(value=self.visit(n.value), slice=blank, ctx=ast.Load())
+
     return ast.dump(Blank().visit(ast.parse(ast.unparse(node), mode="eval")))
 
 
@@ -1854,12 +2507,20 @@ def test_no_program_squeezes_several_assignments_onto_one_line():
     the squeezed forms the code once had (a chain, a counter beside a list, a config beside a
     time)."""
     assert {p: _squeezed_assignments(open(os.path.join(HERE, p)).read()) for p in PROGRAMS} == {
-        p: [] for p in PROGRAMS}
-    squeezed = "\n".join(["c = self.config = config", "shards, size = [[]], 0",
-                          "nkv, hd = c.num_key_value_heads, c.head_dim",
-                          "x, n = tokens(c, (1, 8), d), a.new_tokens",
-                          "q, k = q.transpose(1, 2), k.transpose(1, 2)", "B, T = x.shape",
-                          "kl, tv = (f(x) for x in (kl, tv))", "lo, hi = 0.0, 1.0"])
+        p: [] for p in PROGRAMS
+    }
+    squeezed = "\n".join(
+        [
+            "c = self.config = config",
+            "shards, size = [[]], 0",
+            "nkv, hd = c.num_key_value_heads, c.head_dim",
+            "x, n = tokens(c, (1, 8), d), a.new_tokens",
+            "q, k = q.transpose(1, 2), k.transpose(1, 2)",
+            "B, T = x.shape",
+            "kl, tv = (f(x) for x in (kl, tv))",
+            "lo, hi = 0.0, 1.0",
+        ]
+    )
     assert _squeezed_assignments(squeezed) == [1, 2, 4]
 
 
@@ -1887,16 +2548,25 @@ def test_files_written_for_others_follow_the_umask(tmp_path):
 
 
 def _layout_violations(path):
-    """Calls of forward_hidden whose (pos, pred, mask) do not come straight from a zaya *_layout call
-    (or pass through the caller's own parameters), and attention calls made outside zaya.py."""
+    """Calls of forward_hidden whose (pos, pred, mask) do not come straight from a zaya *_layout
+    call (or pass through the caller's own parameters), and attention calls made outside zaya.py."""
     tree = ast.parse(open(os.path.join(HERE, path)).read())
     bad = []
     tops = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
-    tops += [m for c in tree.body if isinstance(c, ast.ClassDef) for m in c.body
-             if isinstance(m, ast.FunctionDef)]
-    for fn in tops:                                  # nested functions and lambdas count as their outer
-        params = {a.arg for n in ast.walk(fn) if isinstance(n, (ast.FunctionDef, ast.Lambda))
-                  for a in n.args.args}
+    tops += [
+        m
+        for c in tree.body
+        if isinstance(c, ast.ClassDef)
+        for m in c.body
+        if isinstance(m, ast.FunctionDef)
+    ]
+    for fn in tops:  # nested functions and lambdas count as their outer
+        params = {
+            a.arg
+            for n in ast.walk(fn)
+            if isinstance(n, (ast.FunctionDef, ast.Lambda))
+            for a in n.args.args
+        }
         from_layout = set()
         for node in ast.walk(fn):
             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
@@ -1906,18 +2576,28 @@ def _layout_violations(path):
                     for tgt in node.targets:
                         from_layout |= {n.id for n in ast.walk(tgt) if isinstance(n, ast.Name)}
         for node in ast.walk(fn):
-            if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "forward_hidden"):
+            if not (
+                isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "forward_hidden"
+            ):
                 continue
             args = node.args[1:4]
             if len(args) == 1 and isinstance(args[0], ast.Starred):
                 f = args[0].value.func
-                ok = isinstance(args[0].value, ast.Call) and getattr(f, "id", "").endswith("_layout")
+                ok = isinstance(args[0].value, ast.Call) and getattr(f, "id", "").endswith(
+                    "_layout"
+                )
             else:
                 ok = all(isinstance(a, ast.Name) and a.id in from_layout | params for a in args)
             if not ok:
                 bad.append(f"{path}:{node.lineno}")
     source = open(os.path.join(HERE, path)).read()
-    for word in ("scaled_dot_product_attention", "flex_attention", "create_block_mask", ".tril(", ".triu("):
+    for word in (
+        "scaled_dot_product_attention",
+        "flex_attention",
+        "create_block_mask",
+        ".tril(",
+        ".triu(",
+    ):
         if word in source:
             bad.append(f"{path}: {word}")
     return bad
@@ -1929,8 +2609,10 @@ def test_only_zaya_builds_masks_positions_and_predecessors():
     assert [v for p in PROGRAMS if p != "zaya.py" for v in _layout_violations(p)] == []
     probe = os.path.join(HERE, "tmp-layout-probe.py")
     with open(probe, "w") as f:
-        f.write("def f(m, x, cache):\n    t = torch.arange(4)\n"
-                "    return m.forward_hidden(x, t, t + 1, t[:, None] >= t[None, :], cache)\n")
+        f.write(
+            "def f(m, x, cache):\n    t = torch.arange(4)\n"
+            "    return m.forward_hidden(x, t, t + 1, t[:, None] >= t[None, :], cache)\n"
+        )
     try:
         assert _layout_violations("tmp-layout-probe.py") == ["tmp-layout-probe.py:3"]
     finally:
@@ -1943,10 +2625,14 @@ def test_kernels_holds_only_what_programs_call():
     tree = ast.parse(open(os.path.join(HERE, "kernels.py")).read())
     bodies = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     names_in = lambda node: {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-    roots = {n for n in bodies for p in ("train.py", "sample.py", "bench.py")
-             if f"kernels.{n}(" in open(os.path.join(HERE, p)).read()}
+    roots = {
+        n
+        for n in bodies
+        for p in ("train.py", "sample.py", "bench.py")
+        if f"kernels.{n}(" in open(os.path.join(HERE, p)).read()
+    }
     assert "enable" in roots
-    for stmt in tree.body:                             # module level: the custom ops' registrations
+    for stmt in tree.body:  # module level: the custom ops' registrations
         if not isinstance(stmt, ast.FunctionDef):
             roots |= names_in(stmt) & set(bodies)
     reachable, frontier = set(roots), set(roots)
@@ -1955,6 +2641,7 @@ def test_kernels_holds_only_what_programs_call():
         reachable |= new
         frontier |= new
     assert set(bodies) == reachable, set(bodies) - reachable
+
 
 # -----------------------------------------------------------------------------
 # GPU only (each has a CPU twin above)
@@ -1967,7 +2654,9 @@ def test_cuda_decode_graphs_and_grouped_experts():
     kernels.enable(fast)
     idx = torch.randint(5, 97, (2, 24), generator=torch.Generator().manual_seed(2)).cuda()
     want, _ = generate_ar(ref, idx, 24)
-    assert torch.equal(generate_ar(fast, idx, 24)[0], want) and torch.equal(generate_tidar(fast, idx, 24)[0], want)
+    assert torch.equal(generate_ar(fast, idx, 24)[0], want) and torch.equal(
+        generate_tidar(fast, idx, 24)[0], want
+    )
     ex = krandomised(tiny_config(), dtype=torch.bfloat16, device="cuda").layers[0].mlp.experts
     x, choice, w = (t.cuda() for t in _routing(64, 4, 48, torch.bfloat16))
     want = ex(x, choice, w)
@@ -2129,15 +2818,34 @@ def test_default_pipeline_converts_the_bundled_hf_base_and_reports_beside_the_bu
     )
 
 
-@pytest.mark.skipif(not os.environ.get("ZAYA1_8B"), reason="set ZAYA1_8B=/path/to/ZAYA1-8B (the real weights, ~18 GB)")
+@pytest.mark.skipif(
+    not os.environ.get("ZAYA1_8B"),
+    reason="set ZAYA1_8B=/path/to/ZAYA1-8B (the real weights, ~18 GB)",
+)
 def test_real_zaya1_8b_reference_numbers():
     """docs/zaya1.md section 4, the upstream integration test's numbers (real 8B weights, bf16):
     runs where they exist."""
     m = Zaya.from_pretrained(os.environ["ZAYA1_8B"], dtype=torch.bfloat16).eval()
     prompt = torch.tensor([[2, 9259, 236888, 2088, 740, 564, 6361, 611, 3124, 236881, 106]])
     out, _ = generate_ar(m, prompt, 16)
-    assert out[0, 11:].tolist() == [107, 262146, 108, 9259, 236888, 2088, 740, 564, 6361, 611, 3124, 236881, 108,
-                                    236769, 10282, 236787]
+    assert out[0, 11:].tolist() == [
+        107,
+        262146,
+        108,
+        9259,
+        236888,
+        2088,
+        740,
+        564,
+        6361,
+        611,
+        3124,
+        236881,
+        108,
+        236769,
+        10282,
+        236787,
+    ]
 
 
 def test_bench_runs_every_row_on_one_models_weights(tmp_path, monkeypatch, capsys):
@@ -2145,15 +2853,33 @@ def test_bench_runs_every_row_on_one_models_weights(tmp_path, monkeypatch, capsy
     weights no row changes (its training steps run at lr 0); the compiled path (here its
     bookkeeping, kernels.enable patched out) runs the same rows."""
     import bench
+
     randomised(tiny_config()).save_pretrained(tmp_path / "m")
     seen, real = [], bench.generate_tidar
     total = lambda m: float(sum(p.detach().double().sum() for p in m.parameters()))
     monkeypatch.setattr(bench.kernels, "enable", lambda m, **kw: None)
-    spy = lambda m, *a, **kw: seen.append(total(m)) or real(m, *a, **kw)       # noqa: E731
+    spy = lambda m, *a, **kw: seen.append(total(m)) or real(m, *a, **kw)  # noqa: E731
     monkeypatch.setattr(bench, "generate_tidar", spy)
-    bench.main(["--init_from", str(tmp_path / "m"), "--reps", "1", "--new_tokens", "8",
-                "--prompt_len", "8", "--train_batch", "2", "--train_len", "16", "--prefix", "16",
-                "--threads", "1"])
+    bench.main(
+        [
+            "--init_from",
+            str(tmp_path / "m"),
+            "--reps",
+            "1",
+            "--new_tokens",
+            "8",
+            "--prompt_len",
+            "8",
+            "--train_batch",
+            "2",
+            "--train_len",
+            "16",
+            "--prefix",
+            "16",
+            "--threads",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert len(set(seen)) == 1 and seen[0] == total(Zaya.from_pretrained(tmp_path / "m"))
     assert "transformers ZayaForCausalLM.generate" in out and "train AR step, ours compiled" in out
@@ -2261,10 +2987,21 @@ def test_every_flag_reaches_the_pipeline_and_convert_reuses_an_ar_checkpoint(tmp
     error."""
     data = write_corpus(tmp_path / "corpus.txt", n_lines=1500)
     out = tmp_path / "out"
-    common = [f"--data={data}", "--preset=tiny", "--max_iters=6", "--seq_len=32", "--batch_size=4",
-              "--distill_rows=16", "--distill_prompt=16", "--distill_len=64", "--eval_iters=1",
-              "--log_interval=1000"]
-    res = train.main([f"--out_dir={out}", "--pipeline=scratch", "--tokenizer=bytes", "--block_size=8", *common])
+    common = [
+        f"--data={data}",
+        "--preset=tiny",
+        "--max_iters=6",
+        "--seq_len=32",
+        "--batch_size=4",
+        "--distill_rows=16",
+        "--distill_prompt=16",
+        "--distill_len=64",
+        "--eval_iters=1",
+        "--log_interval=1000",
+    ]
+    res = train.main(
+        [f"--out_dir={out}", "--pipeline=scratch", "--tokenizer=bytes", "--block_size=8", *common]
+    )
     assert (out / "ar" / "ckpt.pt").exists() and (out / "ckpt.pt").exists()
     assert {r["block"] for r in res["rows"]} == {8} and len(res["acceptance"]) == 9
     assert "block 8, every level drafted" in capsys.readouterr().out
@@ -2272,8 +3009,15 @@ def test_every_flag_reaches_the_pipeline_and_convert_reuses_an_ar_checkpoint(tmp
     assert model.config.block_size == 8 and model.checkpoint_meta["train_cfg"]["max_iters"] == 6
     conv = tmp_path / "conv"
     base = str(out / "ar" / "ckpt.pt")
-    res = train.main(["--pipeline=convert", f"--init_from={base}", f"--out_dir={conv}",
-                      "--block_size=4", *common])
+    res = train.main(
+        [
+            "--pipeline=convert",
+            f"--init_from={base}",
+            f"--out_dir={conv}",
+            "--block_size=4",
+            *common,
+        ]
+    )
     assert not (conv / "ar").exists() and list((conv / "data").glob("distill-*.bin"))
     assert {r["block"] for r in res["rows"]} == {4}
     cfg = Zaya.from_pretrained(str(conv)).checkpoint_meta["train_cfg"]
@@ -2290,16 +3034,21 @@ def test_every_document_the_code_cites_is_in_the_repository():
     repository (to the team's reference shelf). The check itself fails on a citation of a missing
     section."""
     import re
+
     files = PROGRAMS + ["test_zaya.py", "README.md"]
     text = {f: open(os.path.join(HERE, f)).read() for f in files}
-    cited = {(m[1], m[2]) for t in text.values()
-             for m in re.finditer(r"docs/(\w+)\.md(?:,? sections? ([\d.]+))?", t)}
+    cited = {
+        (m[1], m[2])
+        for t in text.values()
+        for m in re.finditer(r"docs/(\w+)\.md(?:,? sections? ([\d.]+))?", t)
+    }
     assert {name for name, _ in cited} >= {"tidar", "zaya1", "acceptance", "results"}
 
     def has(name, section):
         path = os.path.join(HERE, "docs", f"{name}.md")
         heads = [l for l in open(path).read().splitlines() if l.startswith("#")]
         return not section or any(re.match(rf"#+ {re.escape(section)}\.? ", h) for h in heads)
+
     assert [c for c in cited if not has(*c)] == []
     assert not has("tidar", "99")
     assert not [f for f, t in text.items() if "shared" + "/docs" in t or "../" + "shared" in t]
@@ -2313,6 +3062,7 @@ def test_bpe_tokenizer_is_trained_on_the_training_files_only(tmp_path, capsys):
     names the file, and sample.py decodes with it."""
     import zlib
     from tokenizers import Tokenizer
+
     names = [f"m{i}.py" for i in range(400)]
     held = [n for n in names if zlib.crc32(n.encode()) % 20 == 0][:3]
     kept = [n for n in names if zlib.crc32(n.encode()) % 20][:3]
@@ -2326,14 +3076,24 @@ def test_bpe_tokenizer_is_trained_on_the_training_files_only(tmp_path, capsys):
     path = torch.load(run["ckpt"], weights_only=True)["tokenizer"]
     assert path.endswith(".json") and os.path.dirname(path) == str(tmp_path / "cache")
     tok = Tokenizer.from_file(path)
-    assert 261 < tok.get_vocab_size() <= 300                # fewer: no pair repeats past that
+    assert 261 < tok.get_vocab_size() <= 300  # fewer: no pair repeats past that
     assert [tok.token_to_id(t) for t in train.BPE_SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
     assert len(tok.encode("trainonlyword").ids) == 1 and len(tok.encode("heldoutonlyword").ids) > 4
     mtime = os.path.getmtime(path)
     train.main(tiny_args(tmp_path, data, "again", tokenizer="bpe300", max_iters=1))
-    assert os.path.getmtime(path) == mtime                             # cached, not retrained
+    assert os.path.getmtime(path) == mtime  # cached, not retrained
     from sample import cli_main
+
     capsys.readouterr()
-    assert cli_main([f"--init_from={tmp_path / 'bpe'}", "--sampler=ar", "--prompt=trainonlyword",
-                     "--max_new_tokens=4"]) == 0
+    assert (
+        cli_main(
+            [
+                f"--init_from={tmp_path / 'bpe'}",
+                "--sampler=ar",
+                "--prompt=trainonlyword",
+                "--max_new_tokens=4",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("trainonlyword")
