@@ -79,17 +79,16 @@ def choose_levels(c, seconds, K):
 
 
 class AutoLevels:
-    """groups="auto" (docs/tidar.md, "Proposal levels"): before each step, plain AR (None) or the
-    level set choose_levels predicts fastest here. seconds(n), a step over n query tokens: the
-    median of this run's steps of that size, else t(n) (calibrate) + the median time TiDAR steps
-    took beyond t(n). Per-slot acceptance is shrunk towards the pooled rate p, c[s] = (accepted[s] +
-    2 p) / (tried[s] + 2). A TiDAR probe of `probe` steps first (the prefill's drafts are free),
-    then a choice every `every` steps; TiDAR must beat AR by `margin`. A fall back to AR charges the
-    TiDAR steps just taken `lost` = their time - their tokens x an AR step's time (0 if they won);
-    the next probe comes after lost / (explore x AR step) AR steps: probing spends at most `explore`
-    (2%) of the time, over every reply: a second start (the next reply) keeps the acceptance
-    counts and where the schedule stood. An instance as `groups` sets these, the latency curve or
-    the clock; groups="auto" uses one per model and sampling setting (shared)."""
+    """groups="auto" (docs/tidar.md section 7): before each step, plain AR (None) or the level set
+    choose_levels predicts fastest. seconds(n), a step of n query tokens: the median of this reply's
+    steps of that size, else t(n) (calibrate) + the median time TiDAR steps took beyond t(n). Slot
+    acceptance, shrunk to the pooled rate p: c[s] = (accepted[s] + 2 p) / (tried[s] + 2). First a
+    TiDAR probe of `probe` steps (the prefill's drafts are free), then a choice every `every` steps
+    (fewer while TiDAR wins: choosing spends at most `explore` of the time); TiDAR must beat AR by
+    `margin`. Back to AR, the probe lost (`lost`, >= 0) its time - its tokens x an AR step's; the
+    next probe waits lost / (explore x AR step) AR steps: probes spend at most `explore` (2%) of the
+    time, over every reply (a second start goes on where the last reply stood). An instance as
+    `groups` sets these, the latency curve or the clock; "auto" takes one per model and setting."""
 
     def __init__(self, latency=None, clock=time.perf_counter, probe=4, every=8, explore=0.02,
                  margin=0.05):
@@ -147,8 +146,9 @@ class AutoLevels:
             levels, rate = choose_levels(c, self.seconds, self.K)
             ar = 1 / self.seconds(1)
             if rate >= ar * (1 + self.margin):  # TiDAR wins: keep going, re-choose soon
+                took = (self.clock() - now) / self.seconds(self.K * (1 + len(levels)))  # in steps
                 self.groups = levels
-                self.left = self.every
+                self.left = max(self.every, took / self.explore)
             elif self.groups is None:           # AR's turn is over: probe TiDAR again
                 self.groups = levels
                 self.left = self.probe

@@ -945,6 +945,37 @@ def test_auto_schedule_on_a_compute_bound_machine(kind):
         assert st.groups == ()
 
 
+def test_auto_spends_at_most_explore_of_the_time_choosing(monkeypatch):
+    """Choosing takes time too (about 30 ms a choice on a flat curve on this CPU; docs/tidar.md
+    section 7.6). While TiDAR wins, auto re-chooses so rarely that its choices cost at most
+    `explore` of the TiDAR steps' time (+ the first choice): here each choice costs 4 time units
+    on the simulated machine (t(n) = 1 + n/8, drafts always accepted, explore 0.1). Re-choosing
+    every 8 steps would spend about 4 / (8 x 1.5) = 33% of the time choosing. The output is still
+    the greedy AR output."""
+    import levels
+
+    K, cost = 4, (lambda n: 1 + n / 8)
+    m = model_accepting("always")
+    idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
+    clock, sizes = simulated_machine(m, cost)
+    spent = [0.0]  # the simulated time choices took
+    real = levels.choose_levels
+
+    def slow_choice(*args):
+        spent[0] += 4.0
+        return real(*args)
+
+    monkeypatch.setattr(levels, "choose_levels", slow_choice)
+    auto = levels.AutoLevels(
+        latency={n: cost(n) for n in range(1, 21)}, clock=lambda: clock() + spent[0], explore=0.1
+    )
+    got, st = generate_tidar(m, idx, 200, groups=auto, block_size=K)
+    steps = sum(cost(n) for n in sizes[1:])
+    assert min(sizes[1:]) > 1 and st.tokens_per_forward > 2.5  # TiDAR won throughout
+    assert spent[0] <= 0.1 * steps + 2 * 4.0, (spent[0], steps)  # + the start's and first choice
+    assert torch.equal(got, generate_ar(m, idx, 200)[0])
+
+
 def test_auto_resumes_its_schedule_in_the_next_reply():
     """Probing spends at most `explore` of the time over every reply, not per reply: on the
     machine above with drafts never accepted, the first 80-token reply ends 3 steps into a 32-step
