@@ -2244,23 +2244,10 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA/ROCm GPU")
 
 
 def tiny_config(**kw):
-    base = dict(
-        vocab_size=97,
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=4,
-        moe_intermediate_size=32,
-        router_hidden_size=24,
-        max_position_embeddings=512,
-        rope_theta=1000.0,
-        eos_token_id=2,
-        mask_token_id=3,
-        block_size=4,
+    """small_config with 2 layers and no pad or bos id: the compiled tests' model."""
+    return small_config(
+        **{"num_hidden_layers": 2, "pad_token_id": None, "bos_token_id": None, **kw}
     )
-    return ZayaConfig(**{**base, **kw})
 
 
 def krandomised(config, **kw):
