@@ -60,6 +60,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def byte_model(**kw):
+    """A random small model with the byte tokenizer's ids (eot 256, mask 257, pad 258; 320 ids)."""
+    ids = dict(vocab_size=320, mask_token_id=257, eos_token_id=256, bos_token_id=256)
+    return randomised(small_config(**{**ids, "pad_token_id": 258, **kw}))
+
+
 def small_config(**kw):
     base = dict(
         vocab_size=97,
@@ -1160,16 +1166,7 @@ def test_broken_checkpoints_give_one_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_sample_cli_bad_input_is_one_line(tmp_path, capsys):
-    m = randomised(
-        small_config(
-            vocab_size=320,
-            mask_token_id=257,
-            eos_token_id=256,
-            bos_token_id=256,
-            pad_token_id=258,
-            max_position_embeddings=64,
-        )
-    )
+    m = byte_model(max_position_embeddings=64)
     from dataclasses import asdict
 
     torch.save(
@@ -1231,16 +1228,7 @@ def test_sample_compile_auto_times_a_step_and_compiled_gives_the_eager_text(
     and prints the eager text; a bad value is one line."""
     import sample
 
-    m = randomised(
-        small_config(
-            vocab_size=320,
-            mask_token_id=257,
-            eos_token_id=256,
-            bos_token_id=256,
-            pad_token_id=258,
-            max_position_embeddings=64,
-        )
-    )
+    m = byte_model(max_position_embeddings=64)
     assert not sample.compile_pays(m, 128, 16) and sample.compile_pays(m, 10**12, 16)
     step = sample.calibrate(m, 1, m.config.block_size, 16)[1]
     monkeypatch.setattr(sample, "COMPILE_SECONDS", 1000 * step)  # pays from 1,500 steps on
@@ -2029,11 +2017,7 @@ def test_fsdp_init_from_hf_reads_only_each_ranks_rows_and_exports_to_the_referen
     """
     from safetensors.torch import save_file
 
-    m = randomised(
-        small_config(
-            vocab_size=320, mask_token_id=257, eos_token_id=256, bos_token_id=256, pad_token_id=258
-        )
-    )
+    m = byte_model()
     m.save_pretrained(tmp_path / "native", max_shard_bytes=60_000)
     legacy = tmp_path / "legacy"
     legacy.mkdir()
