@@ -83,12 +83,12 @@ class AutoLevels:
     choose_levels predicts fastest. seconds(n), a step of n query tokens: the median of this reply's
     steps of that size, else t(n) (calibrate) + the median time TiDAR steps took beyond t(n). Slot
     acceptance, shrunk to the pooled rate p: c[s] = (accepted[s] + 2 p) / (tried[s] + 2). First a
-    TiDAR probe of `probe` steps (the prefill's drafts are free), then a choice every `every` steps
-    (fewer while TiDAR wins: choosing spends at most `explore` of the time); TiDAR must beat AR by
-    `margin`. Back to AR, the probe lost (`lost`, >= 0) its time - its tokens x an AR step's; the
-    next probe waits lost / (explore x AR step) AR steps: probes spend at most `explore` (2%) of the
-    time, over every reply (a second start goes on where the last reply stood). An instance as
-    `groups` sets these, the latency curve or the clock; "auto" takes one per model and setting."""
+    TiDAR probe of `probe` steps, then a choice every `every` steps (fewer while TiDAR wins:
+    choosing spends at most `explore` of the time); TiDAR must beat AR by `margin`. A probe that AR
+    beats lost its time - its tokens x an AR step's; the next waits the losses of this row of losing
+    probes / (explore x AR step) AR steps: probing spends at most `explore` (2%) of the time, 2
+    explore / (n + 1) after n probes in a row (section 7.5), over every reply. An instance as
+    `groups` sets these, the latency curve or the clock; "auto": one per model, setting."""
 
     def __init__(self, latency=None, clock=time.perf_counter, probe=4, every=8, explore=0.02,
                  margin=0.05):
@@ -123,6 +123,7 @@ class AutoLevels:
         self.kept = (K, self.never)
         self.tries, self.succ = torch.zeros(K + 1), torch.zeros(K + 1)
         self.stretch = [0.0, 0.0]          # TiDAR steps since the last AR: seconds, tokens/row
+        self.losing = 0.0                  # seconds lost by the probes since TiDAR last won
         self.groups = None if self.never else choose_levels([0.5] * (K + 1), self.seconds, K)[0]
         self.left = float("inf") if self.never else self.probe
 
@@ -149,13 +150,15 @@ class AutoLevels:
                 took = (self.clock() - now) / self.seconds(self.K * (1 + len(levels)))  # in steps
                 self.groups = levels
                 self.left = max(self.every, took / self.explore)
+                self.losing = 0.0
             elif self.groups is None:           # AR's turn is over: probe TiDAR again
                 self.groups = levels
                 self.left = self.probe
             else:                               # AR wins: AR until the probe budget allows another
                 lost = max(0.0, self.stretch[0] - self.stretch[1] / ar)
+                self.losing = self.losing + lost if lost else 0.0   # one that lost nothing: over
                 self.groups = None
-                self.left = max(self.every, lost * ar / self.explore)
+                self.left = max(self.every, self.losing * ar / self.explore)
                 self.lost += lost
                 self.stretch = [0.0, 0.0]
             self.why = f"levels {levels} predict {rate:.0f} tokens/s vs AR {ar:.0f}"

@@ -530,9 +530,8 @@ def speed_report(model, prompts, K, new_tokens, decode, runs, rounds=2):
     return rows
 
 
-# speed_report's settings: sample.py's defaults (groups="auto"; --compile=auto keeps a 128-token
-# reply eager on a CPU: compile_pays) beside AR and prompt lookup; the eval pipeline adds AR again
-# (the timing noise) and every level drafted (docs/tidar.md section 7)
+# speed_report's: sample.py's defaults (groups="auto"; eager on a CPU at 128 tokens: compile_pays),
+# AR, prompt lookup; the eval pipeline adds AR again (the noise) and every level (docs/tidar.md 7)
 SPEED_RUNS = {"AR": dict(kind="ar"), "TiDAR lossless": dict(groups="auto"),
               "prompt lookup": dict(kind="lookup")}
 LEVEL_RUNS = {"AR again": dict(kind="ar"), "TiDAR dense": dict(groups=None)}

@@ -926,8 +926,8 @@ def test_auto_schedule_on_a_compute_bound_machine(kind):
     """t(n) = 1 + n/8 (K = 4: AR 1.125, {0} 2, dense 3.5). Drafts always accepted: TiDAR wins and
     auto never leaves it. Never accepted: each 4-step probe loses 4 x (2 - 1.125) = 3.5 to AR, so
     with a 10% probe budget the next probe comes after 3.5 / (0.1 x 1.125) = 31.1 -> 32 AR steps,
-    exactly as documented; auto's simulated time exceeds plain AR's by at most the first probe's
-    loss + 10% of its own time."""
+    and the second's after twice that, 62.2 -> 63, exactly as documented; auto's simulated time
+    exceeds plain AR's by at most the first probe's loss + 10% of its own time."""
     from levels import AutoLevels
 
     K, cost = 4, (lambda n: 1 + n / 8)
@@ -943,12 +943,38 @@ def test_auto_schedule_on_a_compute_bound_machine(kind):
         assert min(steps) > 1 and st.tokens_per_forward > 2.5 and t_auto < 0.8 * t_ar
     else:
         probe = [2 * K] * 4
-        assert steps == probe + [1] * 32 + probe + [1] * 32 + probe + [1] * 3
+        assert steps == probe + [1] * 32 + probe + [1] * 39
         assert t_auto - t_ar <= 4 * (cost(2 * K) - cost(1)) + 0.1 * t_auto
         assert (
-            auto.lost == pytest.approx(3 * 4 * (cost(2 * K) - cost(1))) and "probes lost" in st.note
+            auto.lost == pytest.approx(2 * 4 * (cost(2 * K) - cost(1))) and "probes lost" in st.note
         )
         assert st.groups == ()
+
+
+def test_auto_probes_ever_more_rarely_while_ar_wins():
+    """The n-th losing probe in a row waits n times as long as the first (on the machine above,
+    drafts never accepted: 32, 63, 94 AR steps), so probing's share of the time falls. The same
+    AutoLevels then decodes a model whose drafts are always accepted: its first probe loses
+    nothing, though the old counts still predict AR, and ends the row (without that, the next
+    probe would wait 94 steps); the probes that follow raise the counts until TiDAR wins."""
+    from levels import AutoLevels
+
+    K, cost = 4, (lambda n: 1 + n / 8)
+    idx = torch.randint(5, 97, (1, 8), generator=torch.Generator().manual_seed(3))
+    never = model_accepting("never")
+    clock, sizes = simulated_machine(never, cost)
+    auto = AutoLevels(latency={n: cost(n) for n in range(1, 21)}, clock=clock, explore=0.1)
+    generate_tidar(never, idx, 200, groups=auto, block_size=K)
+    probe = [2 * K] * 4
+    assert sizes[1:] == probe + [1] * 32 + probe + [1] * 63 + probe + [1] * 92
+    loss = 4 * (cost(2 * K) - cost(1))  # one probe's
+    assert auto.losing == pytest.approx(3 * loss)
+    assert auto.left == pytest.approx(3 * loss / (0.1 * cost(1)) - 92)  # 1.3 AR steps to go
+    always = model_accepting("always")
+    auto.clock, sizes = simulated_machine(always, cost)  # this model's forwards advance its clock
+    got, st = generate_tidar(always, idx, 80, groups=auto, block_size=K)
+    assert max(sizes[1:]) > 1 and auto.losing == 0.0  # TiDAR won: the streak is over
+    assert torch.equal(got, generate_ar(always, idx, 80)[0])
 
 
 def test_auto_spends_at_most_explore_of_the_time_choosing(monkeypatch):
@@ -984,10 +1010,11 @@ def test_auto_spends_at_most_explore_of_the_time_choosing(monkeypatch):
 
 def test_auto_resumes_its_schedule_in_the_next_reply():
     """Probing spends at most `explore` of the time over every reply, not per reply: on the
-    machine above with drafts never accepted, the first 80-token reply ends 3 steps into a 32-step
-    AR stretch; the next reply with the same AutoLevels takes the 29 AR steps left before it
-    probes again (a fresh one would probe first). groups="auto" keeps one per model and sampling
-    setting, and a fresh one once the weights change."""
+    machine above with drafts never accepted, the first 80-token reply ends 39 steps into a
+    63-step AR stretch; the next reply with the same AutoLevels takes the 24 AR steps left before
+    it probes again (a fresh one would probe first), then waits 3 probes' loss: 93.3 -> 94 steps.
+    groups="auto" keeps one per model and sampling setting, and a fresh one once the weights
+    change."""
     from levels import AutoLevels
 
     K, cost = 4, (lambda n: 1 + n / 8)
@@ -999,7 +1026,7 @@ def test_auto_resumes_its_schedule_in_the_next_reply():
     del sizes[:]
     got, _ = generate_tidar(m, idx, 80, groups=auto, block_size=K)
     probe = [2 * K] * 4
-    assert sizes[1:] == [1] * 29 + probe + [1] * 32 + probe + [1] * 10
+    assert sizes[1:] == [1] * 24 + probe + [1] * 51
     assert torch.equal(got, generate_ar(m, idx, 80)[0])
     setting = (K, 0.0, None, "lossless", 0.5, 1.5)
     one = AutoLevels.shared(m, setting)

@@ -737,8 +737,7 @@ def dry_run(c):
 
 
 # -----------------------------------------------------------------------------
-# the pipelines of `python train.py` (docs/results.md): the paper's loss (docs/tidar.md section 1)
-# and the default conversion recipe (docs/acceptance.md)
+# the pipelines of `python train.py` (docs/results.md); the paper's loss (docs/tidar.md 1), ours
 PAPER = dict(distill=0.0, real_diffusion=True, pos_decay=0.0, slot0=1.0, kl=0.0, alpha=1.0)
 RECIPE = dict(distill=0.5, distill_temp=1.0, real_diffusion=False, pos_decay=2.0, slot0=0.0, kl=1.0,
               tv=2.0, alpha=3.0)
@@ -760,14 +759,13 @@ EVERY_TABLE = dict(weights=(0.5, 0.75, 0.25), seeds=range(4),
 
 
 def reproduce(o):
-    """The pipelines (--pipeline=; docs/results.md section 2). default: the bundled base
-    (models/zaya-small) converted by CONVERT (self-distillation, then the TiDAR loss), reported
-    on held-out code beside the bundled conversion (models/zaya-small-tidar); convert: the same
-    from --init_from, alone; long: the bundled conversion's recipe; base: the bundled base's AR
-    pretraining; scratch: base, then convert; eval: the report alone on --init_from's model
-    (default out_dir's), every table; ablation: each ABLATION recipe from --init_from (default
-    the bundled base). --export=DIR: the trained model in the HF layout, tokenizer and log beside.
-    Every other flag reaches each stage (e.g. --block_size: the conversion and the report)."""
+    """--pipeline= (docs/results.md section 2). default: the bundled base (models/zaya-small)
+    converted by CONVERT (self-distillation, then the TiDAR loss), reported on held-out code beside
+    the bundled conversion (models/zaya-small-tidar); convert: the same from --init_from; long:
+    the bundled conversion's recipe; base: the bundled base's AR pretraining; scratch: base, then
+    convert; eval: the report alone on --init_from's model (default out_dir's), every table;
+    ablation: each ABLATION recipe from --init_from (default the bundled base). --export=DIR: the
+    model in the HF layout, tokenizer and log beside. Other flags reach every stage."""
     out = o.get("out_dir", DEFAULTS["out_dir"])
     p = o["pipeline"]
     check(p in (*PIPELINES, "eval", "ablation"), f"--pipeline={p} is unknown; do use default, "
